@@ -1,0 +1,201 @@
+"""The configuration file: tlshd.conf(5) keys, plus hsd's own sections.
+
+The format is the GLib key file the reference daemon reads (``[section]``,
+``key=value``, ``#`` comments, lists separated by ``;``), so an existing
+/etc/tlshd.conf works unchanged.  hsd-only settings live in ``[hsd...]``
+sections, which tlshd ignores.  Unknown keys warn with file and line; invalid
+values raise ConfigError with file and line.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+DEFAULT_PATHS = ("/etc/tlshd/config", "/etc/tlshd.conf")
+MODES = ("client.unauth", "client.x509", "client.psk", "server.x509", "server.psk")
+
+
+class ConfigError(Exception):
+    """A configuration that must stop start-up; the message names file and line."""
+
+
+@dataclass
+class RoleConfig:
+    truststore: str | None = None  # None: the system trust store
+    crl: str | None = None
+    certificate: str | None = None
+    private_key: str | None = None
+    pq_certificate: str | None = None
+    pq_private_key: str | None = None
+
+
+@dataclass
+class Config:
+    source: str | None = None
+    loglevel: int = 0
+    tls_debug: int = 0
+    nl_debug: int = 0
+    keyrings: list[str] = field(default_factory=list)
+    client: RoleConfig = field(default_factory=RoleConfig)
+    server: RoleConfig = field(default_factory=RoleConfig)
+    # hsd-only
+    backend: str = "openssl"
+    backends: dict[str, str] = field(default_factory=dict)  # "client.psk" -> backend name
+    max_inflight: int = 64
+    handshake_timeout_ms: int = 10000  # when ACCEPT carries no timeout
+    require_client_certificate: bool = False
+    allowed_client_sans: list[str] = field(default_factory=list)
+    verify_server: bool = True
+    psk_modes: list[str] = field(default_factory=lambda: ["psk_dhe_ke"])
+    enable_plugins: list[str] = field(default_factory=list)  # empty: all
+    disable_plugins: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def role(self, role: str) -> RoleConfig:
+        return self.server if role == "server" else self.client
+
+    def backend_for(self, role: str, auth: str) -> str:
+        return self.backends.get(f"{role}.{auth}", self.backend)
+
+
+def _int(value: str, where: str, lo: int = 0, hi: int = 1 << 31) -> int:
+    try:
+        n = int(value, 0)
+    except ValueError:
+        raise ConfigError(f"{where}: '{value}' is not an integer") from None
+    if not lo <= n <= hi:
+        raise ConfigError(f"{where}: {n} is outside {lo}..{hi}")
+    return n
+
+
+def _bool(value: str, where: str) -> bool:
+    low = value.strip().lower()
+    if low in ("true", "yes", "1", "on"):
+        return True
+    if low in ("false", "no", "0", "off"):
+        return False
+    raise ConfigError(f"{where}: '{value}' is not a boolean (true/false)")
+
+
+def _list(value: str) -> list[str]:
+    return [item.strip() for item in value.replace(",", ";").split(";") if item.strip()]
+
+
+def _path(value: str, where: str) -> str:
+    if not value:
+        raise ConfigError(f"{where}: empty path")
+    return value
+
+
+_ROLE_KEYS = {
+    "x509.truststore": "truststore", "x509.crl": "crl", "x509.certificate": "certificate",
+    "x509.private_key": "private_key", "x509.pq.certificate": "pq_certificate",
+    "x509.pq.private_key": "pq_private_key",
+}
+
+
+def parse(text: str, source: str = "<config>") -> Config:
+    """Parse config text; never raises anything but ConfigError."""
+    cfg = Config(source=source)
+    section: str | None = None
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        where = f"{source}:{lineno}"
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("["):
+            if not line.endswith("]") or len(line) < 3:
+                raise ConfigError(f"{where}: malformed section header {line!r}")
+            section = line[1:-1].strip()
+            continue
+        if "=" not in line:
+            raise ConfigError(f"{where}: expected key=value, got {line!r}")
+        if section is None:
+            raise ConfigError(f"{where}: key outside any [section]")
+        key, value = (part.strip() for part in line.split("=", 1))
+        if not _apply(cfg, section, key, value, where):
+            cfg.warnings.append(f"{where}: unknown key '{key}' in [{section}] ignored")
+    return cfg
+
+
+def _apply(cfg: Config, section: str, key: str, value: str, where: str) -> bool:
+    if section == "debug":
+        if key == "loglevel":
+            cfg.loglevel = _int(value, where, 0, 10)
+        elif key == "tls":
+            cfg.tls_debug = _int(value, where, 0, 10)
+        elif key == "nl":
+            cfg.nl_debug = _int(value, where, 0, 10)
+        else:
+            return False
+        return True
+    if section == "authenticate":
+        if key == "keyrings":
+            cfg.keyrings = _list(value)
+            return True
+        return False
+    if section in ("authenticate.client", "authenticate.server"):
+        attr = _ROLE_KEYS.get(key)
+        if attr is None:
+            return False
+        setattr(cfg.role(section.split(".")[1]), attr, _path(value, where))
+        return True
+    if section == "hsd":
+        if key == "backend":
+            cfg.backend = value
+        elif key == "max_inflight":
+            cfg.max_inflight = _int(value, where, 1, 100000)
+        elif key == "handshake_timeout":
+            cfg.handshake_timeout_ms = _int(value, where, 1, 3600_000)
+        elif key == "enable_plugins":
+            cfg.enable_plugins = _list(value)
+        elif key == "disable_plugins":
+            cfg.disable_plugins = _list(value)
+        else:
+            return False
+        return True
+    if section == "hsd.backends":
+        if key not in MODES:
+            raise ConfigError(f"{where}: '{key}' is not a mode (one of {', '.join(MODES)})")
+        cfg.backends[key] = value
+        return True
+    if section == "hsd.client":
+        if key == "verify_server":
+            cfg.verify_server = _bool(value, where)
+            return True
+        return False
+    if section == "hsd.server":
+        if key == "require_client_certificate":
+            cfg.require_client_certificate = _bool(value, where)
+        elif key == "allowed_client_sans":
+            cfg.allowed_client_sans = _list(value)
+        else:
+            return False
+        return True
+    if section == "hsd.psk":
+        if key == "modes":
+            modes = _list(value)
+            bad = [m for m in modes if m not in ("psk_dhe_ke", "psk_ke")]
+            if bad or not modes:
+                raise ConfigError(f"{where}: psk modes must be psk_dhe_ke and/or psk_ke, got {value!r}")
+            cfg.psk_modes = modes
+            return True
+        return False
+    return False
+
+
+def load(path: str | None) -> Config:
+    """Read the given file, or the first default that exists, or built-in defaults."""
+    candidates = [path] if path else [p for p in DEFAULT_PATHS if os.path.exists(p)][:1]
+    if not candidates:
+        return Config()
+    chosen = candidates[0]
+    try:
+        with open(chosen, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as exc:
+        raise ConfigError(f"{chosen}: cannot read config: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{chosen}: not a UTF-8 text file") from None
+    return parse(text, chosen)

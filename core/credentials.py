@@ -1,0 +1,147 @@
+"""Certificates, private keys, trust stores and CRLs for one handshake.
+
+They come from the config file (PEM) or, when the request names them, from key
+serials in kernel keyrings (PEM or DER payloads).  Backends receive parsed
+`cryptography` objects and translate them into their library's form.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from . import keyring
+from .config import Config
+from .errors import CredentialError
+from .protocol import HandshakeRequest
+
+MAX_CHAIN = 10
+
+
+@dataclass
+class X509Credentials:
+    chain: list[x509.Certificate] = field(default_factory=list)  # ours, leaf first
+    key: PrivateKeyTypes | None = None
+    trust: list[x509.Certificate] | None = None  # None: the system trust store
+    crls: list[x509.CertificateRevocationList] = field(default_factory=list)
+    verify_peer: bool = True  # client: verify the server; server: verify a client cert if sent
+    require_peer_cert: bool = False  # server: a client certificate is mandatory
+    allowed_sans: list[str] = field(default_factory=list)  # server: accepted client SANs (empty: any)
+
+    def __repr__(self) -> str:
+        return f"X509Credentials(chain={len(self.chain)}, key={'yes' if self.key else 'no'})"
+
+
+def parse_certificates(data: bytes, what: str) -> list[x509.Certificate]:
+    try:
+        if b"-----BEGIN" in data:
+            certs = x509.load_pem_x509_certificates(data)
+        else:
+            certs = [x509.load_der_x509_certificate(data)]
+    except ValueError as exc:
+        raise CredentialError(f"{what}: not a certificate ({exc})") from None
+    if not certs:
+        raise CredentialError(f"{what}: no certificate found")
+    return certs
+
+
+def parse_private_key(data: bytes, what: str) -> PrivateKeyTypes:
+    try:
+        if b"-----BEGIN" in data:
+            return serialization.load_pem_private_key(bytes(data), password=None)
+        return serialization.load_der_private_key(bytes(data), password=None)
+    except (ValueError, TypeError) as exc:
+        raise CredentialError(f"{what}: not an unencrypted private key ({exc})") from None
+
+
+def parse_crls(data: bytes, what: str) -> list[x509.CertificateRevocationList]:
+    try:
+        if b"-----BEGIN" not in data:
+            return [x509.load_der_x509_crl(data)]
+        blocks = data.split(b"-----END X509 CRL-----")
+        return [x509.load_pem_x509_crl(b + b"-----END X509 CRL-----\n") for b in blocks if b"-----BEGIN" in b]
+    except ValueError as exc:
+        raise CredentialError(f"{what}: not a CRL ({exc})") from None
+
+
+class _FileCache:
+    """Parsed files keyed by (path, mtime, size): a changed file is re-read, an unchanged one is not."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._items: dict[tuple[str, str], tuple[tuple[int, int], object]] = {}
+
+    def get(self, path: str, kind: str, parse) -> object:
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise CredentialError(f"{path}: {exc.strerror}") from None
+        stamp = (st.st_mtime_ns, st.st_size)
+        with self._lock:
+            hit = self._items.get((path, kind))
+            if hit and hit[0] == stamp:
+                return hit[1]
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except OSError as exc:
+            raise CredentialError(f"{path}: {exc.strerror}") from None
+        value = parse(data, path)
+        if kind != "key":  # private keys are never cached beyond the request
+            with self._lock:
+                self._items[(path, kind)] = (stamp, value)
+        return value
+
+
+_cache = _FileCache()
+
+
+def _from_keyring(serial: int, parse, what: str):
+    try:
+        payload = keyring.read_key(serial)
+    except keyring.KeyringError as exc:
+        raise CredentialError(f"{what} key {serial}: {exc.strerror}") from None
+    try:
+        return parse(bytes(payload), f"{what} key {serial}")
+    finally:
+        payload[:] = bytes(len(payload))
+
+
+def load_x509(config: Config, request: HandshakeRequest) -> X509Credentials:
+    """Credentials for this request's role: request serials first, config files second."""
+    role = request.role
+    rc = config.role(role)
+    creds = X509Credentials()
+    if rc.truststore:
+        creds.trust = list(_cache.get(rc.truststore, "trust", parse_certificates))
+    if rc.crl:
+        creds.crls = list(_cache.get(rc.crl, "crl", parse_crls))
+    if request.certificate:
+        creds.chain = _from_keyring(request.certificate, parse_certificates, "certificate")
+    elif rc.certificate:
+        creds.chain = list(_cache.get(rc.certificate, "chain", parse_certificates))
+    if len(creds.chain) > MAX_CHAIN:
+        raise CredentialError(f"certificate chain has {len(creds.chain)} certificates, at most {MAX_CHAIN}")
+    if request.privkey:
+        creds.key = _from_keyring(request.privkey, parse_private_key, "private")
+    elif rc.private_key:
+        creds.key = _cache.get(rc.private_key, "key", parse_private_key)
+    if bool(creds.chain) != bool(creds.key):
+        raise CredentialError(f"{role} certificate and private key must be configured together")
+    if role == "server":
+        if not creds.chain:
+            raise CredentialError("server x509 handshake but no server certificate is configured "
+                                  "([authenticate.server] x509.certificate / x509.private_key)")
+        creds.require_peer_cert = config.require_client_certificate
+        creds.allowed_sans = list(config.allowed_client_sans)
+    else:
+        creds.verify_peer = config.verify_server
+        if request.auth == "x509" and not creds.chain:
+            raise CredentialError("client x509 (mutual TLS) handshake but no client certificate is configured "
+                                  "([authenticate.client] x509.certificate / x509.private_key)")
+    return creds

@@ -1,0 +1,180 @@
+"""Kernel TLS: turn a Session into crypto_info structs and hand them to the socket.
+
+Layouts from include/uapi/linux/tls.h.  TCP_ULP "tls" first, then TLS_TX, then
+TLS_RX, like the reference daemon.  Keys are derived here from the traffic
+secrets (RFC 8446 7.3) so every backend gets identical, tested kTLS code.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import struct
+from dataclasses import dataclass
+from typing import Protocol
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+from .errors import KtlsError
+from .session import Session
+
+SOL_TLS = 282
+TCP_ULP = 31
+TLS_TX = 1
+TLS_RX = 2
+TLS_1_2_VERSION = 0x0303
+TLS_1_3_VERSION = 0x0304
+
+
+@dataclass(frozen=True)
+class CipherSpec:
+    name: str  # kernel name
+    cipher_type: int
+    iv_size: int
+    key_size: int
+    salt_size: int
+    hash: type[hashes.HashAlgorithm]
+
+    @property
+    def struct_size(self) -> int:
+        return 4 + self.iv_size + self.key_size + self.salt_size + 8
+
+
+CIPHERS: dict[str, CipherSpec] = {
+    "TLS_AES_128_GCM_SHA256": CipherSpec("AES_GCM_128", 51, 8, 16, 4, hashes.SHA256),
+    "TLS_AES_256_GCM_SHA384": CipherSpec("AES_GCM_256", 52, 8, 32, 4, hashes.SHA384),
+    "TLS_AES_128_CCM_SHA256": CipherSpec("AES_CCM_128", 53, 8, 16, 4, hashes.SHA256),
+    "TLS_CHACHA20_POLY1305_SHA256": CipherSpec("CHACHA20_POLY1305", 54, 12, 32, 0, hashes.SHA256),
+    "TLS_SM4_GCM_SM3": CipherSpec("SM4_GCM", 55, 8, 16, 4, hashes.SHA256),
+    "TLS_SM4_CCM_SM3": CipherSpec("SM4_CCM", 56, 8, 16, 4, hashes.SHA256),
+}
+BY_TYPE = {spec.cipher_type: spec for spec in CIPHERS.values()}
+
+# OpenSSL's and GnuTLS's spellings, so backends can pass what their library reports.
+ALIASES = {
+    "TLS_AES_128_GCM_SHA256": "TLS_AES_128_GCM_SHA256",
+    "AES128-GCM-SHA256": "TLS_AES_128_GCM_SHA256",
+    "TLS_AES_256_GCM_SHA384": "TLS_AES_256_GCM_SHA384",
+    "TLS_AES_128_CCM_SHA256": "TLS_AES_128_CCM_SHA256",
+    "TLS_CHACHA20_POLY1305_SHA256": "TLS_CHACHA20_POLY1305_SHA256",
+}
+
+
+def cipher_spec(suite: str) -> CipherSpec:
+    try:
+        return CIPHERS[ALIASES.get(suite, suite)]
+    except KeyError:
+        raise KtlsError(f"cipher suite {suite} has no kernel TLS equivalent", errno.EOPNOTSUPP) from None
+
+
+@dataclass(frozen=True)
+class CryptoInfo:
+    """One direction's tls12_crypto_info_* struct."""
+
+    version: int
+    cipher_type: int
+    key: bytes
+    iv: bytes
+    salt: bytes
+    rec_seq: int
+
+    def pack(self) -> bytes:
+        spec = BY_TYPE[self.cipher_type]
+        if (len(self.iv), len(self.key), len(self.salt)) != (spec.iv_size, spec.key_size, spec.salt_size):
+            raise ValueError(f"wrong field sizes for {spec.name}")
+        # field order in the uapi struct: info, iv, key, salt, rec_seq
+        return (struct.pack("=HH", self.version, self.cipher_type) + self.iv + self.key + self.salt
+                + self.rec_seq.to_bytes(8, "big"))
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> "CryptoInfo":
+        if len(raw) < 4:
+            raise ValueError("crypto_info shorter than its header")
+        version, cipher_type = struct.unpack_from("=HH", raw)
+        spec = BY_TYPE.get(cipher_type)
+        if spec is None:
+            raise ValueError(f"unknown cipher type {cipher_type}")
+        if version not in (TLS_1_2_VERSION, TLS_1_3_VERSION):
+            raise ValueError(f"unknown TLS version {version:#x}")
+        if len(raw) != spec.struct_size:
+            raise ValueError(f"{spec.name} crypto_info is {spec.struct_size} bytes, got {len(raw)}")
+        pos = 4
+        iv = raw[pos : pos + spec.iv_size]; pos += spec.iv_size
+        key = raw[pos : pos + spec.key_size]; pos += spec.key_size
+        salt = raw[pos : pos + spec.salt_size]; pos += spec.salt_size
+        return cls(version, cipher_type, bytes(key), bytes(iv), bytes(salt), int.from_bytes(raw[pos : pos + 8], "big"))
+
+    @property
+    def spec(self) -> CipherSpec:
+        return BY_TYPE[self.cipher_type]
+
+    def nonce_base(self) -> bytes:
+        """The 12-byte write IV (salt || iv) the record nonce is XORed into."""
+        return self.salt + self.iv
+
+    def __repr__(self) -> str:  # never print keys
+        return f"CryptoInfo({self.spec.name}, version={self.version:#x}, rec_seq={self.rec_seq})"
+
+
+def hkdf_expand_label(secret: bytes, label: str, context: bytes, length: int,
+                      algorithm: hashes.HashAlgorithm) -> bytes:
+    full = b"tls13 " + label.encode()
+    info = struct.pack("!H", length) + bytes([len(full)]) + full + bytes([len(context)]) + context
+    return HKDFExpand(algorithm=algorithm, length=length, info=info).derive(bytes(secret))
+
+
+def tls13_crypto_info(suite: str, secret: bytes, rec_seq: int) -> CryptoInfo:
+    """Key and IV for one direction from its application traffic secret (RFC 8446 7.3)."""
+    spec = cipher_spec(suite)
+    key = hkdf_expand_label(secret, "key", b"", spec.key_size, spec.hash())
+    write_iv = hkdf_expand_label(secret, "iv", b"", 12, spec.hash())
+    salt, iv = write_iv[: spec.salt_size], write_iv[spec.salt_size :]
+    return CryptoInfo(TLS_1_3_VERSION, spec.cipher_type, key, iv, salt, rec_seq)
+
+
+def tls12_crypto_info(suite: str, key: bytes, write_iv: bytes, rec_seq: int) -> CryptoInfo:
+    """TLS 1.2 layout: salt is the implicit IV, iv the explicit nonce (= sequence number)."""
+    spec = cipher_spec(suite)
+    if spec.salt_size == 0:  # ChaCha20: the whole 12-byte IV
+        return CryptoInfo(TLS_1_2_VERSION, spec.cipher_type, bytes(key), bytes(write_iv), b"", rec_seq)
+    return CryptoInfo(TLS_1_2_VERSION, spec.cipher_type, bytes(key), rec_seq.to_bytes(8, "big"),
+                      bytes(write_iv[: spec.salt_size]), rec_seq)
+
+
+def session_crypto_info(session: Session) -> tuple[CryptoInfo, CryptoInfo]:
+    """(TX, RX) crypto_info for a TLS 1.3 session."""
+    if session.version != TLS_1_3_VERSION:
+        raise KtlsError(f"TLS version {session.version:#x} is not supported for kTLS here", errno.EOPNOTSUPP)
+    return (tls13_crypto_info(session.cipher, session.tx_secret, session.tx_seq),
+            tls13_crypto_info(session.cipher, session.rx_secret, session.rx_seq))
+
+
+class KtlsInstaller(Protocol):
+    """Where session keys go: the kernel, or the simulator standing in for it."""
+
+    def install(self, sock: socket.socket, tx: CryptoInfo, rx: CryptoInfo) -> None: ...
+
+
+class KernelKtls:
+    """The real thing: setsockopt on the handed-over TCP socket."""
+
+    def install(self, sock: socket.socket, tx: CryptoInfo, rx: CryptoInfo) -> None:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                raise KtlsError("kernel TLS is not available (tls module missing: CONFIG_TLS)") from None
+            if exc.errno != errno.EEXIST:
+                raise KtlsError(f"cannot attach the tls ULP: {exc.strerror}") from None
+        for name, opt, info in (("TLS_TX", TLS_TX, tx), ("TLS_RX", TLS_RX, rx)):
+            try:
+                sock.setsockopt(SOL_TLS, opt, info.pack())
+            except OSError as exc:
+                raise KtlsError(f"kernel refused {name} ({info.spec.name}): {exc.strerror}") from None
+
+
+def install_session(installer: KtlsInstaller, sock: socket.socket, session: Session) -> None:
+    """Derive both directions and install them; secrets are left for the caller to wipe."""
+    tx, rx = session_crypto_info(session)
+    installer.install(sock, tx, rx)

@@ -1,0 +1,34 @@
+"""What a backend hands back after a successful TLS 1.3 handshake.
+
+The core, not the backend, installs kTLS from this: the traffic secrets, the
+negotiated suite and the record counters.  Secrets are kept in bytearrays so
+they can be overwritten as soon as the kernel has them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Session:
+    cipher: str  # IANA suite name, e.g. "TLS_AES_128_GCM_SHA256"
+    tx_secret: bytearray  # our application traffic secret (we write with it)
+    rx_secret: bytearray  # the peer's application traffic secret (we read with it)
+    tx_seq: int = 0  # records already sent under tx_secret
+    rx_seq: int = 0  # records already read under rx_secret
+    version: int = 0x0304
+    group: str | None = None  # key-exchange group, for logging
+    remote_auth: tuple[int, ...] = ()  # serials reported in DONE (PSK used, peer cert keys, ...)
+    peer_certificates: tuple[bytes, ...] = ()  # DER, leaf first (client x509: becomes remote-auth keys)
+    ktls_installed: bool = False  # True when the backend installed kTLS itself (offload hardware)
+    details: dict[str, str] = field(default_factory=dict)  # extra, loggable facts (never secrets)
+
+    def wipe(self) -> None:
+        """Overwrite the secrets in place; the session is useless afterwards."""
+        for buf in (self.tx_secret, self.rx_secret):
+            for i in range(len(buf)):
+                buf[i] = 0
+
+    def __repr__(self) -> str:  # never print secrets
+        return f"Session(cipher={self.cipher!r}, group={self.group!r}, tx_seq={self.tx_seq}, rx_seq={self.rx_seq})"
