@@ -54,6 +54,7 @@ class BackendInfo:
     modes: frozenset[Mode]
     api_version: int = API_VERSION
     description: str = ""
+    kind: str = "backend"  # "backend" runs TLS; "policy" (like psk) decides keys and delegates to a backend
     extra: dict[str, str] = field(default_factory=dict)
 
 

@@ -1,0 +1,108 @@
+"""`hsd`: the daemon's command line (tlshd's flags plus hsd's own, and a few subcommands).
+
+    hsd [-c FILE] [-s] [--backend NAME]           serve the kernel (like tlshd)
+    hsd --simulator SOCKET ...                    serve a kernel simulator instead
+    hsd check [-c FILE]                           validate the config, print effective settings
+    hsd plugins                                   installed plugins, their modes, who wins
+    hsd demo                                      watch hsd serve simulated requests against real peers
+
+Expected failures print one line and exit non-zero; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import __version__
+from . import config as config_mod
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hsd", description="TLS handshake daemon for the Linux kernel (a drop-in replacement for tlshd).")
+    parser.add_argument("-c", "--config", metavar="FILE",
+                        help="config file (default: /etc/tlshd/config, then /etc/tlshd.conf)")
+    parser.add_argument("-s", "--stderr", action="store_true", help="log to stderr as well as syslog")
+    parser.add_argument("-v", "--version", action="version", version=f"hsd {__version__}")
+    parser.add_argument("--backend", metavar="NAME", help="default TLS backend (openssl, tlslite, ...)")
+    parser.add_argument("--max-inflight", type=int, metavar="N", help="handshakes in flight at most")
+    parser.add_argument("--simulator", metavar="SOCKET", help="serve the kernel simulator at SOCKET (hsd-sim)")
+    parser.add_argument("--debug", action="store_true", help="debug logging (like [debug] loglevel=1)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("check", help="validate the config and print the effective settings")
+    sub.add_parser("plugins", help="list installed plugins, the modes they serve and which one wins")
+    demo = sub.add_parser("demo", help="serve simulated kernel requests against real openssl/gnutls peers")
+    demo.add_argument("--rounds", type=int, default=1, help="how many times to run the scenario list")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(f"hsd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.backend:
+        cfg.backend = args.backend
+    for warning in cfg.warnings:
+        print(f"hsd: warning: {warning}", file=sys.stderr)
+    if args.command == "check":
+        from .report import print_config
+
+        return print_config(cfg)
+    if args.command == "plugins":
+        from .report import print_plugins
+
+        return print_plugins(cfg)
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(cfg, rounds=args.rounds)
+    return _serve(args, cfg)
+
+
+def _serve(args: argparse.Namespace, cfg: config_mod.Config) -> int:
+    from .daemon import serve, setup_logging
+    from .plugins import PluginHost
+
+    level = logging.DEBUG if (args.debug or cfg.loglevel > 0) else logging.INFO
+    setup_logging(args.stderr, level, syslog=args.simulator is None)
+    host = PluginHost.discover(cfg)
+    if cfg.backend not in host.backends():
+        print(f"hsd: backend {cfg.backend!r} is not installed (installed: {', '.join(host.backends()) or 'none'})",
+              file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.simulator:
+            from .simulator import SimChannel
+
+            channel = SimChannel.connect(args.simulator)
+        else:
+            from .netlink_channel import KernelUnsupported, NetlinkChannel
+
+            try:
+                channel = NetlinkChannel()
+            except KernelUnsupported as exc:
+                print(f"hsd: {exc}", file=sys.stderr)
+                return EXIT_FAILURE
+        return serve(channel, cfg, backend=cfg.backend, config_path=args.config,
+                     max_inflight=args.max_inflight, host=host)
+    except PermissionError:
+        print("hsd: the kernel refused ACCEPT: hsd needs CAP_NET_ADMIN (run as root or grant the capability)",
+              file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:
+        print(f"hsd: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

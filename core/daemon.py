@@ -1,0 +1,105 @@
+"""Running the dispatcher as a service: logging, signals, readiness, reload.
+
+SIGTERM/SIGINT stop accepting; in-flight handshakes finish (or fail at their
+deadline), each with its DONE.  SIGHUP/SIGUSR1 re-read the config for new
+requests only.  READY=1 goes to systemd once the multicast group is joined.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import signal
+import socket
+import sys
+import threading
+from typing import Callable
+
+from . import config as config_mod
+from .channel import Channel
+from .dispatcher import Dispatcher
+from .plugins import PluginHost
+
+log = logging.getLogger("hsd")
+
+
+def setup_logging(to_stderr: bool, level: int, syslog: bool = True) -> None:
+    """syslog (LOG_AUTH, with pid) like tlshd, plus stderr with -s."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.setLevel(level)
+    if to_stderr or not syslog or not os.path.exists("/dev/log"):
+        err = logging.StreamHandler(sys.stderr)
+        err.setFormatter(logging.Formatter("%(asctime)s hsd[%(process)d]: %(message)s", "%H:%M:%S"))
+        root.addHandler(err)
+    if syslog and os.path.exists("/dev/log"):
+        try:
+            sys_handler = logging.handlers.SysLogHandler("/dev/log", logging.handlers.SysLogHandler.LOG_AUTH)
+            sys_handler.setFormatter(logging.Formatter(f"hsd[{os.getpid()}]: %(message)s"))
+            root.addHandler(sys_handler)
+        except OSError:
+            pass
+    for noisy in ("pyroute2", "stevedore"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def notify_systemd(state: str) -> None:
+    """sd_notify without libsystemd: one datagram to $NOTIFY_SOCKET."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        log.debug("sd_notify failed: %s", exc)
+
+
+def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
+          config_path: str | None, max_inflight: int | None = None, host: PluginHost | None = None,
+          stop: threading.Event | None = None, on_ready: Callable[[], None] | None = None) -> int:
+    """Run until a stop signal; returns the process exit code."""
+    stop = stop or threading.Event()
+    host = host or PluginHost.discover(config)
+    dispatcher = Dispatcher(channel, host, config, backend=backend, max_inflight=max_inflight)
+
+    def on_stop(signum: int, _frame: object) -> None:
+        log.info("received %s: finishing in-flight handshakes and stopping", signal.Signals(signum).name)
+        stop.set()
+
+    def on_reload(_signum: int, _frame: object) -> None:
+        try:
+            fresh = config_mod.load(config_path)
+        except config_mod.ConfigError as exc:
+            log.error("reload failed, keeping the running configuration: %s", exc)
+            return
+        for warning in fresh.warnings:
+            log.warning("%s", warning)
+        dispatcher.config = fresh  # new requests only; in-flight handshakes keep their context
+        host.config = fresh
+        log.info("configuration reloaded from %s", fresh.source or "built-in defaults")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGHUP, on_reload)
+        signal.signal(signal.SIGUSR1, on_reload)
+
+    def ready() -> None:
+        log.info("hsd ready: listening for handshake requests (backend %s, up to %d in flight)",
+                 backend or config.backend, dispatcher.max_inflight)
+        notify_systemd("READY=1")
+        if on_ready:
+            on_ready()
+
+    try:
+        dispatcher.run(stop, ready=ready)
+    finally:
+        notify_systemd("STOPPING=1")
+        channel.close()
+    return 0
