@@ -1,0 +1,978 @@
+"""A user-space stand-in for the kernel's `handshake` family and kTLS setsockopt.
+
+Why: the machines this project is developed on have neither net/handshake nor
+kTLS, yet the daemon must be exercised end to end with real bytes.  The
+simulator reproduces net/handshake's semantics (see the kernel notes): a FIFO
+of pending requests per "network namespace", READY multicast, ACCEPT handing
+over the consumer's very own socket, DONE looked up by socket, cancel, and the
+tls ULP's setsockopt checks.
+
+Transport: an AF_UNIX SOCK_SEQPACKET listening socket.  Each connection plays
+one netlink socket and gets a netlink port id.  Everything that crosses it is
+the real family's wire format, built and parsed by `hsd.protocol`
+(CTRL_CMD_GETFAMILY, ACCEPT, DONE, READY, NLMSG_ERROR with the echoed request).
+
+Three things are syscalls in the real world, not netlink messages; here they are
+netlink-framed messages of a private type, SIMCALL_TYPE (0x0f, inside the range
+netlink reserves for control messages, so it can never collide with a family id),
+with a generic-netlink header whose cmd says which call, and answered by an
+NLMSG_ERROR (0 = success, else the errno the syscall would set):
+  SIMCALL_ADD_MEMBERSHIP / SIMCALL_DROP_MEMBERSHIP: attr 1 = group id (u32);
+      setsockopt(SOL_NETLINK, NETLINK_ADD/DROP_MEMBERSHIP).
+  SIMCALL_SETSOCKOPT: attr 1 = level (u32), attr 2 = optname (u32),
+      attr 3 = optval (bytes); the target socket travels with SCM_RIGHTS.
+File descriptors also model the kernel's fd tables: ACCEPT's reply carries the
+consumer's socket with SCM_RIGHTS (the receiving edge rewrites the reply's
+sockfd to the number it was installed at, the one rewrite done outside the
+"kernel"), and DONE carries the fd it names, so an fd not open in the agent
+fails with EBADF exactly where the kernel's fd lookup would.
+
+A lost READY (receive buffer full, or drop_ready()) is reported to the
+listener like netlink's ENOBUFS: an NLMSG_ERROR(-ENOBUFS) with seq 0 on its
+READY connection, delivered as soon as the connection can take it.
+
+Not modelled: CAP_NET_ADMIN on ACCEPT (EPERM), network namespaces, and keyring
+linking for agents in another process (see _link_keyring).
+"""
+
+from __future__ import annotations
+
+import argparse
+import array
+import dataclasses
+import errno
+import logging
+import os
+import select
+import selectors
+import signal
+import socket
+import stat
+import struct
+import sys
+import tempfile
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import keyring as keyrings
+from . import protocol as p
+from .channel import OVERRUN
+from .errors import KtlsError
+from .ktls import SOL_TLS, TCP_ULP, TLS_RX, TLS_TX, CryptoInfo
+
+log = logging.getLogger(__name__)
+
+SIM_FAMILY_ID = 0x1E  # dynamic in the kernel; agents must resolve it with GETFAMILY
+SIM_GROUPS = {p.MCGRP_NONE: 0x0B, p.MCGRP_TLSHD: 0x0C}
+SIMCALL_TYPE = 0x0F
+SIMCALL_ADD_MEMBERSHIP = 1
+SIMCALL_DROP_MEMBERSHIP = 2
+SIMCALL_SETSOCKOPT = 3
+SIMCALL_ATTR_GROUP = 1
+SIMCALL_ATTR_LEVEL = 1
+SIMCALL_ATTR_OPTNAME = 2
+SIMCALL_ATTR_OPTVAL = 3
+
+HANDLER_CLASS_MAX = 2  # NLA_POLICY_MAX of the handler-class attribute
+MAX_DATAGRAM = 65536
+MAX_FDS = 8
+TCP_ESTABLISHED = 1
+REPLY_TIMEOUT = 10.0  # an agent edge waits this long for the "kernel" before giving up
+
+SockKey = tuple[int, int]  # (st_dev, st_ino): which socket, whatever fd names it
+DoneCallback = Callable[[int, int], None]
+
+
+def default_pending_max() -> int:
+    """The kernel's cap: clamp(totalram / (25 * mem_unit), 3, 50), totalram counted in pages."""
+    pages = os.sysconf("SC_PHYS_PAGES")
+    page_size = os.sysconf("SC_PAGE_SIZE")
+    return max(3, min(50, pages // (25 * page_size)))
+
+
+def _sock_key(fd: int) -> SockKey:
+    st = os.fstat(fd)
+    return (st.st_dev, st.st_ino)
+
+
+def _fds_from_ancdata(ancdata: list) -> list[int]:
+    fds: list[int] = []
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _raw_messages(buf: bytes) -> list[bytes]:
+    """Split one datagram into its netlink messages, raw (the kernel echoes them on error).
+
+    Like netlink_rcv_skb, a message whose length is impossible ends the datagram silently."""
+    out = []
+    pos = 0
+    while len(buf) - pos >= p.NLMSG_HDR.size:
+        length = p.NLMSG_HDR.unpack_from(buf, pos)[0]
+        if length < p.NLMSG_HDR.size or pos + length > len(buf):
+            break
+        out.append(bytes(buf[pos : pos + length]))
+        pos += (length + 3) & ~3
+    return out
+
+
+def simcall(cmd: int, seq: int, attrs: bytes) -> bytes:
+    """A private syscall-emulation message (see the module docstring)."""
+    return p.GenlMessage(SIMCALL_TYPE, p.NLM_F_REQUEST | p.NLM_F_ACK, seq, 0, cmd, 1, attrs).encode()
+
+
+def encode_setsockopt(seq: int, level: int, optname: int, optval: bytes) -> bytes:
+    return simcall(SIMCALL_SETSOCKOPT, seq, p.attr_u32(SIMCALL_ATTR_LEVEL, level)
+                   + p.attr_u32(SIMCALL_ATTR_OPTNAME, optname) + p.attr(SIMCALL_ATTR_OPTVAL, optval))
+
+
+# ---------------------------------------------------------------- consumer side
+
+
+@dataclass(eq=False)
+class SimRequest:
+    """One submitted handshake, as the kernel consumer (NFS, NVMe) sees it."""
+
+    sock: socket.socket
+    message_type: p.MessageType
+    auth_mode: p.AuthMode
+    peername: str | None = None
+    timeout_ms: int = 0
+    keyring: int = 0
+    peer_identities: tuple[int, ...] = ()
+    certificate: int = 0
+    privkey: int = 0
+    callback: DoneCallback | None = None
+    status: int | None = None  # positive errno once DONE arrived (the kernel hands consumers -status)
+    peerid: int = 0
+    remote_auth: tuple[int, ...] = ()
+    accepted: bool = False
+    completed: bool = False  # HANDSHAKE_F_REQ_COMPLETED: DONE or cancel-after-accept happened
+    cancelled: bool = False
+    done_calls: int = 0
+    ktls_tx: CryptoInfo | None = None
+    ktls_rx: CryptoInfo | None = None
+    consumer_fd: int = -1
+    held_fd: int = -1  # the simulator's reference to the socket's file (the kernel's get_file)
+    key: SockKey = (0, 0)
+    _finished: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def wait(self, timeout: float | None = None) -> tuple[int, int]:
+        """Block until DONE reached the consumer: (status, peerid)."""
+        if not self._finished.wait(timeout):
+            raise TimeoutError("no DONE for this handshake request")
+        assert self.status is not None
+        return self.status, self.peerid
+
+    def as_accept(self, sockfd: int) -> p.HandshakeRequest:
+        """What the ACCEPT reply says about this request (tls_handshake_accept)."""
+        return p.HandshakeRequest(sockfd=sockfd, message_type=self.message_type, auth_mode=self.auth_mode,
+                                  timeout_ms=self.timeout_ms, peername=self.peername,
+                                  peer_identities=self.peer_identities, certificate=self.certificate,
+                                  privkey=self.privkey, keyring=self.keyring)
+
+
+@dataclass
+class SimStats:
+    """Counters tests and the CLI read; not part of the kernel's behaviour."""
+
+    submitted: int = 0
+    submit_errors: int = 0
+    ready_sent: int = 0  # READY notifications (one per submitted request), each to all listeners
+    ready_lost: int = 0  # per listener: undeliverable or dropped, reported as ENOBUFS
+    accepted: int = 0
+    accept_eagain: int = 0
+    done_received: int = 0  # DONE messages that found their request (duplicates included)
+    done_errors: int = 0
+    cancelled: int = 0
+
+
+@dataclass(eq=False)
+class _Conn:
+    """One agent connection: the simulated netlink socket."""
+
+    sock: socket.socket
+    port: int
+    groups: set[int] = field(default_factory=set)
+    overrun: bool = False  # a READY was lost: ENOBUFS still to be reported
+    want_write: bool = False
+
+
+@dataclass
+class _KtlsState:
+    ulp: bool = False
+    tx: CryptoInfo | None = None
+    rx: CryptoInfo | None = None
+
+
+class Simulator:
+    """The "kernel": serves agents on a unix socket and consumers through client_hello_*/server_hello_*."""
+
+    def __init__(self, path: str | None = None, pending_max: int | None = None) -> None:
+        self._tmpdir = None if path else tempfile.mkdtemp(prefix="hsd-sim-")
+        self.address = path or os.path.join(self._tmpdir, "handshake.sock")  # type: ignore[arg-type]
+        self.pending_max = default_pending_max() if pending_max is None else pending_max
+        self.stats = SimStats()
+        self.family = p.FamilyInfo(SIM_FAMILY_ID, p.FAMILY_NAME, p.FAMILY_VERSION, dict(SIM_GROUPS))
+        self._lock = threading.RLock()
+        self._pending: deque[SimRequest] = deque()
+        self._requests: dict[SockKey, SimRequest] = {}  # the kernel's request hash, by socket
+        self._ktls: dict[SockKey, _KtlsState] = {}
+        self._conns: dict[int, _Conn] = {}  # by port id
+        self._next_port = 0x1000
+        self._mangle: Callable[[bytes], bytes] | None = None
+        self._drop_ready = 0
+        self._listener: socket.socket | None = None
+        self._selector: selectors.BaseSelector | None = None
+        self._thread: threading.Thread | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._stopping = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> "Simulator":
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            _remove_stale_socket(self.address)
+            listener.bind(self.address)
+            listener.listen(16)
+        except OSError:
+            listener.close()
+            raise
+        listener.setblocking(False)
+        self._wake_r.setblocking(False)
+        self._listener = listener
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(listener, selectors.EVENT_READ, "listen")
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._thread = threading.Thread(target=self._run, name="hsd-simulator", daemon=True)
+        self._thread.start()
+        log.info("simulator listening on %s (family id %d, pending max %d)", self.address,
+                 SIM_FAMILY_ID, self.pending_max)
+        return self
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._stopping = True
+        self._wake()
+        self._thread.join()
+        self._thread = None
+        with self._lock:
+            for conn in self._conns.values():
+                conn.sock.close()
+            self._conns.clear()
+            for req in self._requests.values():
+                self._release(req)
+            self._pending.clear()
+        assert self._selector is not None and self._listener is not None
+        self._selector.close()
+        self._listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        try:
+            os.unlink(self.address)
+        except FileNotFoundError:
+            pass
+        if self._tmpdir:
+            os.rmdir(self._tmpdir)
+
+    def __enter__(self) -> "Simulator":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def channel(self) -> "SimChannel":
+        return SimChannel.connect(self.address)
+
+    # ------------------------------------------------------------ consumer API
+
+    def client_hello_anon(self, sock: socket.socket, *, peername: str | None = None, timeout_ms: int = 0,
+                          keyring: int = 0, done: DoneCallback | None = None) -> SimRequest:
+        return self._submit(SimRequest(sock, p.MessageType.CLIENTHELLO, p.AuthMode.UNAUTH, peername=peername,
+                                       timeout_ms=timeout_ms, keyring=keyring, callback=done))
+
+    def client_hello_x509(self, sock: socket.socket, *, peername: str | None = None, timeout_ms: int = 0,
+                          cert: int = 0, privkey: int = 0, keyring: int = 0,
+                          done: DoneCallback | None = None) -> SimRequest:
+        return self._submit(SimRequest(sock, p.MessageType.CLIENTHELLO, p.AuthMode.X509, peername=peername,
+                                       timeout_ms=timeout_ms, keyring=keyring, certificate=cert,
+                                       privkey=privkey, callback=done))
+
+    def client_hello_psk(self, sock: socket.socket, peerids: list[int] | tuple[int, ...], *,
+                         peername: str | None = None, timeout_ms: int = 0, keyring: int = 0,
+                         done: DoneCallback | None = None) -> SimRequest:
+        if not 1 <= len(peerids) <= p.MAX_PEER_IDENTITIES:
+            raise OSError(errno.EINVAL, f"a PSK client hello takes 1..{p.MAX_PEER_IDENTITIES} peer ids")
+        return self._submit(SimRequest(sock, p.MessageType.CLIENTHELLO, p.AuthMode.PSK, peername=peername,
+                                       timeout_ms=timeout_ms, keyring=keyring,
+                                       peer_identities=tuple(peerids), callback=done))
+
+    def server_hello_x509(self, sock: socket.socket, *, timeout_ms: int = 0, cert: int = 0, privkey: int = 0,
+                          keyring: int = 0, done: DoneCallback | None = None) -> SimRequest:
+        return self._submit(SimRequest(sock, p.MessageType.SERVERHELLO, p.AuthMode.X509, timeout_ms=timeout_ms,
+                                       keyring=keyring, certificate=cert, privkey=privkey, callback=done))
+
+    def server_hello_psk(self, sock: socket.socket, *, peerid: int = 0, timeout_ms: int = 0, keyring: int = 0,
+                         done: DoneCallback | None = None) -> SimRequest:
+        # the kernel always sends exactly one identity for a server, 0 included
+        return self._submit(SimRequest(sock, p.MessageType.SERVERHELLO, p.AuthMode.PSK, timeout_ms=timeout_ms,
+                                       keyring=keyring, peer_identities=(peerid,), callback=done))
+
+    def cancel(self, sock: socket.socket) -> bool:
+        """tls_handshake_cancel: True if the request was still outstanding (pending, or accepted and not done).
+
+        A pending request leaves the queue; an accepted one is marked done, so
+        its DONE will be ignored.  Neither calls the done callback."""
+        if sock.fileno() < 0:
+            return False
+        key = _sock_key(sock.fileno())
+        with self._lock:
+            req = self._requests.get(key)
+            if req is None or req.completed:
+                return False
+            if req in self._pending:
+                self._pending.remove(req)
+            req.completed = req.cancelled = True
+            self.stats.cancelled += 1
+            self._release(req)
+        log.info("cancel %s", _describe(req))
+        return True
+
+    @property
+    def pending_count(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def listeners(self) -> int:
+        """How many connections joined the tlshd group (genl_has_listeners)."""
+        with self._lock:
+            return sum(SIM_GROUPS[p.MCGRP_TLSHD] in c.groups for c in self._conns.values())
+
+    # ------------------------------------------------------------ fault injection
+
+    def mangle_next_accept(self, fn: Callable[[bytes], bytes]) -> None:
+        """Rewrite the bytes of the next successful ACCEPT reply (the fd still travels with it)."""
+        with self._lock:
+            self._mangle = fn
+
+    def drop_ready(self, n: int) -> None:
+        """Suppress the next n READY notifications; listeners see them as lost (ENOBUFS)."""
+        with self._lock:
+            self._drop_ready += n
+
+    # ------------------------------------------------------------ submit (handshake_req_submit)
+
+    def _submit(self, req: SimRequest) -> SimRequest:
+        fd = req.sock.fileno()
+        if fd < 0:
+            raise OSError(errno.EBADF, "consumer socket is closed")
+        with self._lock:
+            try:
+                if len(self._pending) >= self.pending_max:
+                    raise OSError(errno.EAGAIN, f"{self.pending_max} handshake requests already pending")
+                key = _sock_key(fd)
+                if key in self._requests:
+                    raise OSError(errno.EBUSY, "this socket already has a handshake request")
+                if not self.listeners():
+                    raise OSError(errno.ESRCH, "no handshake agent listens on the tlshd group")
+            except OSError as exc:
+                self.stats.submit_errors += 1
+                log.info("submit %s/%s failed: %s", req.message_type.name.lower(), req.auth_mode.name.lower(),
+                         p.errno_name(exc.errno or 0))
+                raise
+            req.key, req.consumer_fd, req.held_fd = key, fd, os.dup(fd)
+            self._requests[key] = req
+            self._pending.append(req)
+            self.stats.submitted += 1
+            log.info("submit %s", _describe(req))
+            self._notify_ready()
+        return req
+
+    def _notify_ready(self) -> None:
+        """Multicast one READY to every listener; a listener that cannot take it is flagged overrun."""
+        self.stats.ready_sent += 1
+        group = SIM_GROUPS[p.MCGRP_TLSHD]
+        drop = self._drop_ready > 0
+        if drop:
+            self._drop_ready -= 1
+        msg = p.encode_ready(SIM_FAMILY_ID, p.HandlerClass.TLSHD)
+        for conn in self._conns.values():
+            if group not in conn.groups:
+                continue
+            if not drop:
+                try:
+                    conn.sock.send(msg)
+                    continue
+                except (BlockingIOError, OSError):
+                    pass
+            conn.overrun = True
+            self.stats.ready_lost += 1
+        log.info("READY%s", " (dropped)" if drop else "")
+        if any(c.overrun for c in self._conns.values()):
+            self._wake()
+
+    # ------------------------------------------------------------ event loop
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def _run(self) -> None:
+        assert self._selector is not None
+        while not self._stopping:
+            for key, events in self._selector.select():
+                if key.data == "listen":
+                    self._accept_conn()
+                elif key.data == "wake":
+                    try:
+                        while self._wake_r.recv(64):
+                            pass
+                    except BlockingIOError:
+                        pass
+                else:
+                    conn: _Conn = key.data
+                    if events & selectors.EVENT_READ:
+                        self._serve(conn)
+            with self._lock:
+                self._flush_overruns()
+
+    def _accept_conn(self) -> None:
+        assert self._listener is not None and self._selector is not None
+        try:
+            sock, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        sock.setblocking(False)
+        with self._lock:
+            conn = _Conn(sock, self._next_port)
+            self._next_port += 1
+            self._conns[conn.port] = conn
+        self._selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _flush_overruns(self) -> None:
+        """Report lost READYs as ENOBUFS once each listener's buffer has room (loop thread only)."""
+        assert self._selector is not None
+        for conn in list(self._conns.values()):
+            if conn.overrun:
+                try:
+                    conn.sock.send(p.encode_error(b"", errno.ENOBUFS, seq=0, pid=0))
+                    conn.overrun = False
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    conn.overrun = False
+            if conn.overrun != conn.want_write:
+                conn.want_write = conn.overrun
+                events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.overrun else 0)
+                self._selector.modify(conn.sock, events, conn)
+
+    def _drop_conn(self, conn: _Conn) -> None:
+        assert self._selector is not None
+        self._selector.unregister(conn.sock)
+        with self._lock:
+            self._conns.pop(conn.port, None)
+        conn.sock.close()
+
+    def _serve(self, conn: _Conn) -> None:
+        try:
+            data, ancdata, _, _ = conn.sock.recvmsg(MAX_DATAGRAM, socket.CMSG_SPACE(MAX_FDS * 4),
+                                                     socket.MSG_CMSG_CLOEXEC)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop_conn(conn)
+            return
+        fds = _fds_from_ancdata(ancdata)
+        try:
+            if not data:
+                self._drop_conn(conn)
+                return
+            for raw in _raw_messages(data):
+                self._handle(conn, raw, fds[0] if fds else None)
+        finally:
+            _close_all(fds)
+
+    def _reply(self, conn: _Conn, data: bytes, fd: int | None = None) -> None:
+        """Send a unicast reply, waiting briefly if the agent's buffer is full."""
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
+        deadline = REPLY_TIMEOUT
+        while True:
+            try:
+                conn.sock.sendmsg([data], anc)
+                return
+            except BlockingIOError:
+                if not select.select([], [conn.sock], [], deadline)[1]:
+                    log.warning("agent port %d does not read its replies; reply dropped", conn.port)
+                    return
+            except OSError as exc:
+                log.debug("reply to port %d failed: %s", conn.port, exc)
+                return
+
+    def _handle(self, conn: _Conn, raw: bytes, fd: int | None) -> None:
+        """One netlink message, netlink_rcv_skb style: an error echoes the request, success ACKs if asked."""
+        _, mtype, flags, _, _ = p.NLMSG_HDR.unpack_from(raw)
+        if mtype < 0x10 and mtype != SIMCALL_TYPE:
+            return  # control messages are skipped by the kernel
+        err = 0
+        if flags & p.NLM_F_REQUEST:
+            try:
+                [msg] = p.split_messages(raw)
+            except (p.ProtocolError, ValueError):
+                err = errno.EINVAL
+            else:
+                err = self._dispatch(conn, raw, msg, fd) if isinstance(msg, p.GenlMessage) else errno.EINVAL
+        if err or flags & p.NLM_F_ACK:
+            self._reply(conn, p.encode_error(raw, err, pid=conn.port))
+
+    def _dispatch(self, conn: _Conn, raw: bytes, msg: p.GenlMessage, fd: int | None) -> int:
+        if msg.type == p.GENL_ID_CTRL:
+            return self._ctrl(conn, msg)
+        if msg.type == SIMCALL_TYPE:
+            return self._simcall(conn, msg, fd)
+        if msg.type != SIM_FAMILY_ID:
+            return errno.ENOENT  # genl_rcv_msg: no such family
+        if msg.cmd == p.Cmd.ACCEPT:
+            return self._do_accept(conn, msg)
+        if msg.cmd == p.Cmd.DONE:
+            return self._do_done(msg, fd)
+        return errno.EOPNOTSUPP
+
+    def _ctrl(self, conn: _Conn, msg: p.GenlMessage) -> int:
+        if msg.cmd != p.CTRL_CMD_GETFAMILY:
+            return errno.EOPNOTSUPP
+        try:
+            names = [p.get_str(v) for t, v in msg.attrs() if t & p.NLA_TYPE_MASK == p.CTRL_ATTR_FAMILY_NAME]
+        except p.ProtocolError:
+            return errno.EINVAL
+        if names != [p.FAMILY_NAME]:
+            return errno.ENOENT
+        self._reply(conn, p.encode_newfamily(self.family, msg.seq, pid=conn.port))
+        return 0
+
+    def _simcall(self, conn: _Conn, msg: p.GenlMessage, fd: int | None) -> int:
+        try:
+            attrs = {t & p.NLA_TYPE_MASK: v for t, v in msg.attrs()}
+            if msg.cmd in (SIMCALL_ADD_MEMBERSHIP, SIMCALL_DROP_MEMBERSHIP):
+                group = p.get_u32(attrs[SIMCALL_ATTR_GROUP])
+                if group not in SIM_GROUPS.values():
+                    return errno.EINVAL
+                with self._lock:
+                    if msg.cmd == SIMCALL_ADD_MEMBERSHIP:
+                        conn.groups.add(group)
+                    else:
+                        conn.groups.discard(group)
+                return 0
+            if msg.cmd == SIMCALL_SETSOCKOPT:
+                if fd is None:
+                    return errno.EBADF
+                return self._setsockopt(fd, p.get_u32(attrs[SIMCALL_ATTR_LEVEL]),
+                                        p.get_u32(attrs[SIMCALL_ATTR_OPTNAME]), attrs[SIMCALL_ATTR_OPTVAL])
+        except (KeyError, p.ProtocolError):
+            return errno.EINVAL
+        return errno.EOPNOTSUPP
+
+    # ------------------------------------------------------------ ACCEPT (handshake_nl_accept_doit)
+
+    def _do_accept(self, conn: _Conn, msg: p.GenlMessage) -> int:
+        try:
+            handler = p.decode_accept_request(msg)
+        except p.ProtocolError:
+            return errno.EINVAL
+        if handler > HANDLER_CLASS_MAX:
+            return errno.EINVAL
+        with self._lock:
+            req = next((r for r in self._pending if handler == p.HandlerClass.TLSHD), None)
+            if req is None:
+                self.stats.accept_eagain += 1
+                return errno.EAGAIN
+            self._pending.remove(req)
+            err = self._link_keyring(conn, req)
+            if err:
+                # tls_handshake_accept failed: the kernel completes the request with EIO
+                self._complete(req, errno.EIO, ())
+                return err
+            req.accepted = True
+            self.stats.accepted += 1
+            reply = p.encode_accept_reply(SIM_FAMILY_ID, msg.seq, conn.port, req.as_accept(req.consumer_fd))
+            mangle, self._mangle = self._mangle, None
+            if mangle is not None:
+                reply = mangle(reply)
+            log.info("ACCEPT port %d: %s", conn.port, _describe(req))
+            self._reply(conn, reply, req.held_fd)
+        return 0
+
+    def _link_keyring(self, conn: _Conn, req: SimRequest) -> int:
+        """Link ta_keyring into the agent's process keyring, as tls_handshake_private_keyring does.
+
+        Only possible when the agent is this very process; for an agent elsewhere
+        the link is skipped (it cannot be done from outside)."""
+        if not req.keyring:
+            return 0
+        pid = struct.unpack("=iII", conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+        if pid != os.getpid():
+            return 0
+        try:
+            keyrings.link(req.keyring, keyrings.keyring_id(keyrings.KEY_SPEC_PROCESS_KEYRING, create=True))
+        except OSError as exc:
+            return exc.errno or errno.EIO
+        return 0
+
+    # ------------------------------------------------------------ DONE (handshake_nl_done_doit)
+
+    def _do_done(self, msg: p.GenlMessage, fd: int | None) -> int:
+        try:
+            done = p.decode_done_request(msg)
+        except p.ProtocolError:
+            return errno.EINVAL
+        if fd is None:
+            return errno.EBADF  # the named fd is not open in the agent
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return errno.ENOTSOCK
+        with self._lock:
+            req = self._requests.get(_sock_key(fd))
+            if req is None:
+                self.stats.done_errors += 1
+                return errno.EBUSY
+            req.done_calls += 1
+            self.stats.done_received += 1
+            if req.completed:
+                return 0
+            status = errno.EIO if done.status is None else done.status
+            callback = self._complete(req, status, done.remote_auth[: p.MAX_REMOTE_AUTH])
+        log.info("DONE %s: status %d (%s)", _describe(req), status, p.errno_name(status) if status else "ok")
+        if callback is not None:
+            try:
+                callback(status, req.peerid)
+            except Exception:
+                log.exception("done callback failed")
+        return 0
+
+    def _complete(self, req: SimRequest, status: int, remote: tuple[int, ...]) -> DoneCallback | None:
+        req.completed = True
+        req.status, req.remote_auth = status, remote
+        req.peerid = remote[0] if remote else 0
+        self._release(req)
+        req._finished.set()
+        return req.callback
+
+    def _release(self, req: SimRequest) -> None:
+        if req.held_fd >= 0:
+            os.close(req.held_fd)
+            req.held_fd = -1
+
+    # ------------------------------------------------------------ setsockopt (tcp_set_ulp, do_tls_setsockopt_conf)
+
+    def _setsockopt(self, fd: int, level: int, optname: int, value: bytes) -> int:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return errno.ENOTSOCK
+        sock = socket.socket(fileno=os.dup(fd))
+        try:
+            if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+                return errno.EOPNOTSUPP
+            key = _sock_key(fd)
+            with self._lock:
+                state = self._ktls.setdefault(key, _KtlsState())
+                if level == socket.IPPROTO_TCP and optname == TCP_ULP:
+                    if value.rstrip(b"\0") != b"tls":
+                        return errno.ENOENT
+                    if state.ulp:
+                        return errno.EEXIST
+                    if sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] != TCP_ESTABLISHED:
+                        return errno.ENOTCONN
+                    state.ulp = True
+                    return 0
+                if level != SOL_TLS or not state.ulp:
+                    return errno.ENOPROTOOPT
+                if optname not in (TLS_TX, TLS_RX):
+                    return errno.ENOPROTOOPT
+                try:
+                    info = CryptoInfo.unpack(value)
+                except ValueError:
+                    return errno.EINVAL
+                other = state.rx if optname == TLS_TX else state.tx
+                if other is not None and (other.version, other.cipher_type) != (info.version, info.cipher_type):
+                    return errno.EINVAL
+                if (state.tx if optname == TLS_TX else state.rx) is not None:
+                    return errno.EBUSY
+                req = self._requests.get(key)
+                if optname == TLS_TX:
+                    state.tx = info
+                    if req is not None:
+                        req.ktls_tx = info
+                else:
+                    state.rx = info
+                    if req is not None:
+                        req.ktls_rx = info
+                return 0
+        finally:
+            sock.close()
+
+
+def _describe(req: SimRequest) -> str:
+    role = "client" if req.message_type == p.MessageType.CLIENTHELLO else "server"
+    extra = f" peername={req.peername}" if req.peername else ""
+    return f"{role}/{req.auth_mode.name.lower()} fd={req.consumer_fd}{extra}"
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a dead simulator; refuse to steal a live one."""
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return
+    except FileNotFoundError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, f"another simulator is serving {path}")
+
+
+# ---------------------------------------------------------------- agent side
+
+
+class _Endpoint:
+    """One agent connection (a simulated netlink socket) with request/reply matched by seq."""
+
+    def __init__(self, address: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.sock.connect(address)
+        self.lock = threading.Lock()
+        self.seq = 0
+        self.port = 0
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def send(self, data: bytes, fd: int | None = None) -> None:
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
+        self.sock.sendmsg([data], anc)
+
+    def recv(self, timeout: float | None = REPLY_TIMEOUT) -> tuple[bytes, list[int]]:
+        self.sock.settimeout(timeout)
+        try:
+            data, ancdata, _, _ = self.sock.recvmsg(MAX_DATAGRAM, socket.CMSG_SPACE(MAX_FDS * 4),
+                                                    socket.MSG_CMSG_CLOEXEC)
+        finally:
+            self.sock.settimeout(None)
+        if not data:
+            raise ConnectionError("the simulator closed the connection")
+        return data, _fds_from_ancdata(ancdata)
+
+    def transact(self, data: bytes, fd: int | None = None) -> tuple[list[p.Message], list[int], bytes]:
+        """Send one request and collect its answer: (messages, fds, raw bytes); caller holds the lock.
+
+        Replies to earlier requests (whose caller gave up) are discarded."""
+        seq = p.NLMSG_HDR.unpack_from(data)[3]
+        self.send(data, fd)
+        while True:
+            try:
+                raw, fds = self.recv()
+            except socket.timeout:
+                raise TimeoutError("the simulator did not answer") from None
+            try:
+                msgs = p.split_messages(raw)
+            except p.ProtocolError:
+                return [], fds, raw  # let the caller decide (a mangled reply)
+            if not msgs or any(m.seq == seq for m in msgs):
+                return msgs, fds, raw
+            _close_all(fds)
+
+    def call(self, data: bytes, fd: int | None = None) -> int:
+        """A request answered by NLMSG_ERROR only: the errno (0 = ACK)."""
+        msgs, fds, _ = self.transact(data, fd)
+        _close_all(fds)
+        for m in msgs:
+            if isinstance(m, p.NetlinkError):
+                return m.error
+        raise p.ProtocolError("expected an ACK")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class SimChannel:
+    """The agent's edge to the simulator: hsd.channel.Channel over two simulated netlink sockets.
+
+    `_ready` joined the tlshd group and only ever receives READY; `_req`
+    carries ACCEPT, DONE and setsockopt, one exchange at a time."""
+
+    def __init__(self, ready: _Endpoint, req: _Endpoint, family: p.FamilyInfo) -> None:
+        self._ready = ready
+        self._req = req
+        self.family = family
+        self.ktls = SimKtls(self)
+
+    @classmethod
+    def connect(cls, address: str) -> "SimChannel":
+        req = _Endpoint(address)
+        ready = _Endpoint(address)
+        try:
+            family = cls._resolve(req)
+            cls._resolve(ready)  # learns this connection's port id too
+            group = family.groups.get(p.MCGRP_TLSHD)
+            if group is None:
+                raise p.ProtocolError("the handshake family has no tlshd group")
+            err = ready.call(simcall(SIMCALL_ADD_MEMBERSHIP, ready.next_seq(), p.attr_u32(SIMCALL_ATTR_GROUP, group)))
+            if err:
+                raise OSError(err, f"cannot join the tlshd group: {os.strerror(err)}")
+        except BaseException:
+            req.close()
+            ready.close()
+            raise
+        return cls(ready, req, family)
+
+    @staticmethod
+    def _resolve(ep: _Endpoint) -> p.FamilyInfo:
+        msgs, fds, _ = ep.transact(p.encode_getfamily(p.FAMILY_NAME, ep.next_seq()))
+        _close_all(fds)
+        for m in msgs:
+            if isinstance(m, p.NetlinkError) and m.error:
+                raise OSError(m.error, f"handshake family not found: {os.strerror(m.error)}")
+            if isinstance(m, p.GenlMessage):
+                ep.port = m.pid
+                return p.decode_newfamily(m)
+        raise p.ProtocolError("no answer to CTRL_CMD_GETFAMILY")
+
+    def fileno(self) -> int:
+        return self._ready.sock.fileno()
+
+    def wait_ready(self, timeout: float | None) -> int:
+        """READY count, 0 on timeout, OVERRUN if the simulator reported lost notifications."""
+        if not select.select([self._ready.sock], [], [], timeout)[0]:
+            return 0
+        count, overrun = 0, False
+        while True:
+            try:
+                raw, fds = self._ready.recv(0.0) if count or overrun else self._ready.recv(None)
+            except (socket.timeout, BlockingIOError):
+                break
+            _close_all(fds)
+            for m in p.split_messages(raw):
+                if isinstance(m, p.NetlinkError) and m.error == errno.ENOBUFS:
+                    overrun = True
+                elif p.is_ready(m, self.family.id):
+                    count += 1
+        return OVERRUN if overrun else count
+
+    def accept(self) -> p.HandshakeRequest | None:
+        """ACCEPT; the handed-over socket is installed O_CLOEXEC and its number replaces the reply's sockfd."""
+        with self._req.lock:
+            msgs, fds, raw = self._req.transact(p.encode_accept(self.family.id, self._req.next_seq()))
+        fd = fds[0] if fds else None
+        _close_all(fds[1:])
+        for m in msgs:
+            if isinstance(m, p.NetlinkError):
+                if m.error == errno.EAGAIN:
+                    return None
+                raise OSError(m.error, f"ACCEPT failed: {os.strerror(m.error)}")
+        try:
+            if len(msgs) != 1 or not isinstance(msgs[0], p.GenlMessage):
+                raise p.ProtocolError(f"malformed ACCEPT reply ({len(raw)} bytes)")
+            req = p.decode_accept_reply(msgs[0])
+            if fd is None:
+                raise p.ProtocolError("ACCEPT reply carried no socket")
+        except p.ProtocolError as exc:
+            raise p.ProtocolError(str(exc), fd) from None
+        return dataclasses.replace(req, sockfd=fd)
+
+    def done(self, done: p.Done) -> int:
+        """DONE with the named fd attached (the kernel's fd lookup); EBADF if it is not open here."""
+        with self._req.lock:
+            data = p.encode_done(self.family.id, self._req.next_seq(), done)
+            try:
+                return self._req.call(data, done.sockfd)
+            except OSError as exc:
+                if exc.errno == errno.EBADF:
+                    return errno.EBADF  # sendmsg could not attach it: no such fd in this process
+                raise
+
+    def setsockopt(self, fd: int, level: int, optname: int, value: bytes) -> int:
+        """The setsockopt emulation: 0 or the errno the kernel would set."""
+        with self._req.lock:
+            return self._req.call(encode_setsockopt(self._req.next_seq(), level, optname, value), fd)
+
+    def close(self) -> None:
+        self._ready.close()
+        self._req.close()
+
+
+class SimKtls:
+    """hsd.ktls.KtlsInstaller for the simulated kernel: the same three setsockopt calls as KernelKtls."""
+
+    def __init__(self, channel: SimChannel) -> None:
+        self._channel = channel
+
+    def setsockopt(self, sock: socket.socket, level: int, optname: int, value: bytes) -> None:
+        """One emulated setsockopt; raises OSError like the syscall."""
+        err = self._channel.setsockopt(sock.fileno(), level, optname, value)
+        if err:
+            raise OSError(err, os.strerror(err))
+
+    def install(self, sock: socket.socket, tx: CryptoInfo, rx: CryptoInfo) -> None:
+        try:
+            self.setsockopt(sock, socket.IPPROTO_TCP, TCP_ULP, b"tls")
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                raise KtlsError("kernel TLS is not available (tls ULP unknown)") from None
+            if exc.errno != errno.EEXIST:
+                raise KtlsError(f"cannot attach the tls ULP: {exc.strerror}") from None
+        for name, opt, info in (("TLS_TX", TLS_TX, tx), ("TLS_RX", TLS_RX, rx)):
+            try:
+                self.setsockopt(sock, SOL_TLS, opt, info.pack())
+            except OSError as exc:
+                raise KtlsError(f"kernel refused {name} ({info.spec.name}): {exc.strerror}") from None
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """hsd-sim: run the simulated kernel on a unix socket until SIGINT/SIGTERM."""
+    parser = argparse.ArgumentParser(prog="hsd-sim", description=__doc__.splitlines()[0])
+    parser.add_argument("--socket", required=True, help="unix socket path agents connect to")
+    parser.add_argument("--pending-max", type=int, default=None, help="pending request cap (default: like the kernel)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        sim = Simulator(args.socket, args.pending_max).start()
+    except OSError as exc:
+        print(f"hsd-sim: cannot listen on {args.socket}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        sim.stop()
+    print("hsd-sim: stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
