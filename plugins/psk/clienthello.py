@@ -1,0 +1,100 @@
+"""The PSK identities a TLS 1.3 ClientHello offers, read before the TLS library sees it.
+
+A server must pick its cipher suites before its library matches a PSK, and
+the suite's hash must be the PSK's (SHA-256 vs SHA-384), so the server reads
+the offered identities first.  Sans-I/O: records in, identities out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+HANDSHAKE = 22
+CLIENT_HELLO = 1
+EXT_PRE_SHARED_KEY = 41
+EXT_PSK_KEY_EXCHANGE_MODES = 45
+MAX_CLIENT_HELLO = 1 << 17  # far above any real ClientHello; a bound against abuse
+
+
+class MalformedClientHello(ValueError):
+    """The peer's first flight is not a parseable ClientHello."""
+
+
+@dataclass(frozen=True)
+class OfferedPsks:
+    identities: tuple[bytes, ...]
+    modes: tuple[int, ...]  # psk_key_exchange_modes: 0 psk_ke, 1 psk_dhe_ke
+
+
+def handshake_bytes(records: list[bytes]) -> bytes:
+    """The handshake-message bytes carried by plaintext handshake records."""
+    out = bytearray()
+    for record in records:
+        if len(record) < 5 or record[0] != HANDSHAKE:
+            raise MalformedClientHello("expected a handshake record")
+        out += record[5:]
+    return bytes(out)
+
+
+def client_hello_length(data: bytes) -> int | None:
+    """Total length of the ClientHello message at the start of data, None while incomplete."""
+    if len(data) < 4:
+        return None
+    if data[0] != CLIENT_HELLO:
+        raise MalformedClientHello(f"first handshake message is type {data[0]}, not ClientHello")
+    length = 4 + int.from_bytes(data[1:4], "big")
+    if length > MAX_CLIENT_HELLO:
+        raise MalformedClientHello(f"ClientHello of {length} bytes")
+    return length
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise MalformedClientHello("ClientHello is truncated")
+        chunk = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return chunk
+
+    def number(self, n: int) -> int:
+        return int.from_bytes(self.take(n), "big")
+
+    def vector(self, length_bytes: int) -> bytes:
+        return self.take(self.number(length_bytes))
+
+    def done(self) -> bool:
+        return self.pos == len(self.data)
+
+
+def offered_psks(message: bytes) -> OfferedPsks:
+    """Identities (in the client's order) and key-exchange modes of one ClientHello message."""
+    reader = _Reader(message)
+    if reader.number(1) != CLIENT_HELLO:
+        raise MalformedClientHello("not a ClientHello")
+    body = _Reader(reader.vector(3))
+    body.take(2 + 32)  # legacy_version, random
+    body.vector(1)  # legacy_session_id
+    body.vector(2)  # cipher_suites
+    body.vector(1)  # legacy_compression_methods
+    identities: tuple[bytes, ...] = ()
+    modes: tuple[int, ...] = ()
+    if body.done():
+        return OfferedPsks(identities, modes)
+    extensions = _Reader(body.vector(2))
+    while not extensions.done():
+        ext_type = extensions.number(2)
+        ext = _Reader(extensions.vector(2))
+        if ext_type == EXT_PRE_SHARED_KEY:
+            listed = _Reader(ext.vector(2))
+            found = []
+            while not listed.done():
+                found.append(listed.vector(2))
+                listed.take(4)  # obfuscated_ticket_age
+            identities = tuple(found)
+        elif ext_type == EXT_PSK_KEY_EXCHANGE_MODES:
+            modes = tuple(ext.vector(1))
+    return OfferedPsks(identities, modes)

@@ -1,0 +1,98 @@
+"""Finding PSKs in the kernel keyrings one request may use, without linking anything.
+
+The keyrings are searched by serial, in the request's order: the ACCEPT
+keyring first, then the defaults (.nvme, .nfs, .nfsd), then the configured
+names.  Nothing is linked into a shared keyring, so concurrent handshakes never
+see each other's keys.  Every key read is returned in a PskKey whose secret the
+caller wipes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+from hsd import keyring
+from hsd.errors import CredentialError
+from hsd.psk import PskKey
+
+from .identity import psk_hash
+
+log = logging.getLogger("hsd.psk")
+
+DEFAULT_KEYRINGS = (".nvme", ".nfs", ".nfsd")
+PSK_KEY_TYPES = ("psk", "user")  # "psk" where the kernel has it, else "user" (tlshd reads both)
+ANCHORS = (keyring.KEY_SPEC_USER_KEYRING, keyring.KEY_SPEC_SESSION_KEYRING, keyring.KEY_SPEC_PROCESS_KEYRING)
+PROC_KEYS = "/proc/keys"
+
+
+def _from_proc_keys(name: str) -> int | None:
+    """A keyring no anchor reaches (the kernel's .nvme): /proc/keys lists what we may view."""
+    try:
+        with open(PROC_KEYS, encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                fields = line.split(None, 9)
+                if len(fields) >= 9 and fields[7] == "keyring" and fields[8].rstrip(":") == name:
+                    return int(fields[0], 16)
+    except OSError:
+        return None
+    return None
+
+
+def find_keyring(name: str) -> int | None:
+    """Serial of the keyring called name, searched from the user, session and process keyrings."""
+    for anchor in ANCHORS:
+        try:
+            found = keyring.search(anchor, "keyring", name)
+        except keyring.KeyringError:
+            continue  # that anchor does not exist for this process
+        if found is not None:
+            return found
+    return _from_proc_keys(name)
+
+
+def request_keyrings(accept_keyring: int, extra: Iterable[int], names: Iterable[str]) -> tuple[int, ...]:
+    """The keyrings one request may search, in order, without duplicates."""
+    ordered: list[int] = []
+    if accept_keyring:
+        ordered.append(accept_keyring)
+    ordered.extend(serial for serial in extra if serial)
+    for name in (*DEFAULT_KEYRINGS, *names):
+        serial = find_keyring(name)
+        if serial is not None:
+            ordered.append(serial)
+    return tuple(dict.fromkeys(ordered))
+
+
+def load_key(serial: int) -> PskKey:
+    """The PSK behind a kernel key serial; CredentialError if it is missing or unusable."""
+    try:
+        key_type, _uid, _gid, _perm, description = keyring.describe_key(serial)
+    except keyring.KeyringError as exc:
+        raise CredentialError(f"PSK key {serial}: {exc.strerror}") from None
+    if key_type not in PSK_KEY_TYPES:
+        raise CredentialError(f"key {serial} is a '{key_type}' key, not a PSK")
+    try:
+        secret = keyring.read_key(serial)
+    except keyring.KeyringError as exc:
+        raise CredentialError(f"PSK key {serial} ('{description}'): {exc.strerror}") from None
+    try:
+        hash_name = psk_hash(description, len(secret))
+    except CredentialError:
+        secret[:] = bytes(len(secret))
+        raise
+    return PskKey(identity=description.encode(), secret=secret, hash=hash_name, serial=serial)
+
+
+def search_identity(keyrings: Iterable[int], identity: str) -> int | None:
+    """Serial of the first PSK called identity in these keyrings ("psk" type before "user")."""
+    for ring in keyrings:
+        for key_type in PSK_KEY_TYPES:
+            try:
+                found = keyring.search(ring, key_type, identity)
+            except keyring.KeyringError as exc:
+                log.debug("keyring %d not searchable: %s", ring, exc.strerror)
+                break
+            if found is not None:
+                return found
+    return None
