@@ -99,7 +99,9 @@ def parse(text: str, source: str = "<config>") -> Config:
     """Parse config text; never raises anything but ConfigError."""
     cfg = Config(source=source)
     section: str | None = None
-    for lineno, raw in enumerate(text.splitlines(), 1):
+    # GLib splits key files on \n only; str.splitlines() would also split on
+    # \f, \x1c, U+0085, U+2028 ... and misnumber every later line.
+    for lineno, raw in enumerate(text.split("\n"), 1):
         where = f"{source}:{lineno}"
         line = raw.strip()
         if not line or line.startswith("#"):

@@ -49,6 +49,7 @@ CTRL_ATTR_MCAST_GRP_ID = 2
 MAX_STATUS = 4095
 MAX_REMOTE_AUTH = 5  # the kernel keeps at most this many remote-auth serials
 MAX_PEER_IDENTITIES = 5
+HANDLER_CLASS_MAX = 2  # the kernel's policy: NLA_POLICY_MAX(NLA_U32, 2) on handler-class
 
 
 class HandlerClass(enum.IntEnum):
@@ -417,13 +418,18 @@ def _decode_accept_reply(msg: GenlMessage) -> HandshakeRequest:
 
 
 def sockfd_hint(msg: GenlMessage) -> int | None:
-    """Best-effort sockfd from a malformed ACCEPT reply, so the fd can still get its DONE."""
-    try:
-        for atype, payload in msg.attrs():
-            if atype & NLA_TYPE_MASK == AcceptAttr.SOCKFD and len(payload) == 4:
-                return get_s32(payload)
-    except ProtocolError:
-        pass
+    """Best-effort sockfd from a malformed ACCEPT reply, so the fd can still get its DONE.
+
+    Walks the attributes one by one and stops at the first malformed one, so a
+    SOCKFD that precedes the damage is still found (the kernel puts it first)."""
+    buf, pos = msg.payload, 0
+    while len(buf) - pos >= NLA_HDR.size:
+        length, atype = NLA_HDR.unpack_from(buf, pos)
+        if length < NLA_HDR.size or pos + length > len(buf):
+            break
+        if atype & NLA_TYPE_MASK == AcceptAttr.SOCKFD and length == NLA_HDR.size + 4:
+            return struct.unpack_from("=i", buf, pos + NLA_HDR.size)[0]
+        pos += _align(length)
     return None
 
 
@@ -450,12 +456,19 @@ def encode_done(family_id: int, seq: int, done: Done) -> bytes:
     return GenlMessage(family_id, NLM_F_REQUEST | NLM_F_ACK, seq, 0, Cmd.DONE, FAMILY_VERSION, p).encode()
 
 
+def _reject_nested_flag(atype: int) -> None:
+    """Strict kernel validation: NLA_F_NESTED on a scalar attribute is EINVAL."""
+    if atype & NLA_F_NESTED:
+        raise ProtocolError(f"NLA_F_NESTED not expected on attribute {atype & NLA_TYPE_MASK}")
+
+
 def decode_done_request(msg: GenlMessage) -> Done:
     """Kernel-side strict parse of DONE (unknown attribute or bad size -> EINVAL)."""
     status: int | None = None
     sockfd: int | None = None
     remote: list[int] = []
     for atype, payload in msg.attrs():
+        _reject_nested_flag(atype)
         kind = atype & NLA_TYPE_MASK
         if kind == DoneAttr.STATUS:
             status = get_u32(payload)
@@ -476,9 +489,12 @@ def decode_accept_request(msg: GenlMessage) -> int:
     """Kernel-side strict parse of ACCEPT: returns the handler class."""
     handler: int | None = None
     for atype, payload in msg.attrs():
+        _reject_nested_flag(atype)
         kind = atype & NLA_TYPE_MASK
         if kind == AcceptAttr.HANDLER_CLASS:
             handler = get_u32(payload)
+            if handler > HANDLER_CLASS_MAX:
+                raise ProtocolError(f"handler-class {handler} above {HANDLER_CLASS_MAX}")
         else:
             raise ProtocolError(f"unexpected attribute {kind} in ACCEPT request")
     if handler is None:
