@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--simulator", metavar="SOCKET", help="serve the kernel simulator at SOCKET (hsd-sim)")
     parser.add_argument("--debug", action="store_true", help="debug logging (like [debug] loglevel=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("check", help="validate the config and print the effective settings")
+    check = sub.add_parser("check", help="validate the config and print the effective settings")
+    check.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
+                       help="config file to check (same as hsd -c FILE check)")
     sub.add_parser("plugins", help="list installed plugins, the modes they serve and which one wins")
     demo = sub.add_parser("demo", help="serve simulated kernel requests against real openssl/gnutls peers")
     demo.add_argument("--rounds", type=int, default=1, help="how many times to run the scenario list")
