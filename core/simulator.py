@@ -22,17 +22,21 @@ NLMSG_ERROR (0 = success, else the errno the syscall would set):
   SIMCALL_SETSOCKOPT: attr 1 = level (u32), attr 2 = optname (u32),
       attr 3 = optval (bytes); the target socket travels with SCM_RIGHTS.
 File descriptors also model the kernel's fd tables: ACCEPT's reply carries the
-consumer's socket with SCM_RIGHTS (the receiving edge rewrites the reply's
-sockfd to the number it was installed at, the one rewrite done outside the
-"kernel"), and DONE carries the fd it names, so an fd not open in the agent
-fails with EBADF exactly where the kernel's fd lookup would.
+consumer's socket with SCM_RIGHTS, and DONE carries the fd it names, so an fd
+not open in the agent fails with EBADF exactly where the kernel's fd lookup
+would.  The simulator writes the consumer's own fd number into the reply's
+sockfd; the kernel would write the number the fd got in the agent, which only
+the receiving edge knows, so SimChannel puts that number into
+HandshakeRequest.sockfd.  Likewise the keyring link into the agent's process
+keyring has to run in the agent's context, so SimChannel does it (the only two
+things done at the edge rather than in the "kernel").
 
 A lost READY (receive buffer full, or drop_ready()) is reported to the
 listener like netlink's ENOBUFS: an NLMSG_ERROR(-ENOBUFS) with seq 0 on its
 READY connection, delivered as soon as the connection can take it.
 
 Not modelled: CAP_NET_ADMIN on ACCEPT (EPERM), network namespaces, and keyring
-linking for agents in another process (see _link_keyring).
+linking, done by the agent edge (see SimChannel._link_keyring).
 """
 
 from __future__ import annotations
@@ -48,7 +52,6 @@ import selectors
 import signal
 import socket
 import stat
-import struct
 import sys
 import tempfile
 import threading
@@ -579,6 +582,9 @@ class Simulator:
                         conn.groups.add(group)
                     else:
                         conn.groups.discard(group)
+                name = next(n for n, gid in SIM_GROUPS.items() if gid == group)
+                joined = "joined" if msg.cmd == SIMCALL_ADD_MEMBERSHIP else "left"
+                log.info("agent port %d %s %s", conn.port, joined, name)
                 return 0
             if msg.cmd == SIMCALL_SETSOCKOPT:
                 if fd is None:
@@ -604,11 +610,6 @@ class Simulator:
                 self.stats.accept_eagain += 1
                 return errno.EAGAIN
             self._pending.remove(req)
-            err = self._link_keyring(conn, req)
-            if err:
-                # tls_handshake_accept failed: the kernel completes the request with EIO
-                self._complete(req, errno.EIO, ())
-                return err
             req.accepted = True
             self.stats.accepted += 1
             reply = p.encode_accept_reply(SIM_FAMILY_ID, msg.seq, conn.port, req.as_accept(req.consumer_fd))
@@ -617,22 +618,6 @@ class Simulator:
                 reply = mangle(reply)
             log.info("ACCEPT port %d: %s", conn.port, _describe(req))
             self._reply(conn, reply, req.held_fd)
-        return 0
-
-    def _link_keyring(self, conn: _Conn, req: SimRequest) -> int:
-        """Link ta_keyring into the agent's process keyring, as tls_handshake_private_keyring does.
-
-        Only possible when the agent is this very process; for an agent elsewhere
-        the link is skipped (it cannot be done from outside)."""
-        if not req.keyring:
-            return 0
-        pid = struct.unpack("=iII", conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
-        if pid != os.getpid():
-            return 0
-        try:
-            keyrings.link(req.keyring, keyrings.keyring_id(keyrings.KEY_SPEC_PROCESS_KEYRING, create=True))
-        except OSError as exc:
-            return exc.errno or errno.EIO
         return 0
 
     # ------------------------------------------------------------ DONE (handshake_nl_done_doit)
@@ -897,7 +882,22 @@ class SimChannel:
                 raise p.ProtocolError("ACCEPT reply carried no socket")
         except p.ProtocolError as exc:
             raise p.ProtocolError(str(exc), fd) from None
+        if req.keyring:
+            self._link_keyring(req.keyring, fd)
         return dataclasses.replace(req, sockfd=fd)
+
+    def _link_keyring(self, ring: int, fd: int) -> None:
+        """The kernel links ta_keyring into the caller's process keyring (tls_handshake_private_keyring).
+
+        That must happen in the agent's own context, so the edge does it.  On
+        failure the kernel fails the ACCEPT and completes the request with EIO:
+        so does the edge (DONE EIO, fd closed, the errno raised)."""
+        try:
+            keyrings.link(ring, keyrings.keyring_id(keyrings.KEY_SPEC_PROCESS_KEYRING, create=True))
+        except OSError as exc:
+            self.done(p.Done(fd, errno.EIO))
+            os.close(fd)
+            raise OSError(exc.errno, f"ACCEPT failed: cannot link keyring {ring}: {os.strerror(exc.errno)}") from None
 
     def done(self, done: p.Done) -> int:
         """DONE with the named fd attached (the kernel's fd lookup); EBADF if it is not open here."""
