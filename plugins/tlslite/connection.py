@@ -1,0 +1,65 @@
+"""A TLSConnection that shows hsd the handshake messages as they pass.
+
+tlslite has no certificate-verification callback and no way to ask which PSK
+was selected, so this subclass hooks its two message funnels (_getMsg for
+what the peer sends, _sendMsg for what we send) and hands every handshake
+message to a MessageObserver.  When the observer rejects one (an untrusted
+server certificate, a server that skipped our PSK), we abort right there with
+a fatal alert, before our Finished is sent - the same moment OpenSSL's own
+verification would fail.  Pinned to tlslite-ng 0.8's private method names; the
+tests fail loudly if they change (a bad certificate would then be accepted).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from tlslite.messages import Alert
+from tlslite.tlsconnection import TLSConnection
+
+from hsd.errors import HandshakeError
+
+
+class Rejection(HandshakeError):
+    """Raised by an observer: abort the handshake with `alert` (a TLS AlertDescription)."""
+
+    def __init__(self, error: HandshakeError, alert: int) -> None:
+        super().__init__(error.reason, error.status)
+        self.error = error
+        self.alert = alert
+
+
+class MessageObserver(Protocol):
+    def received(self, message: object) -> None: ...
+    def sent(self, message: object) -> None: ...
+
+
+class ObservedConnection(TLSConnection):
+    """TLSConnection that never closes its socket and reports handshake messages to an observer."""
+
+    def __init__(self, sock, observer: MessageObserver) -> None:
+        super().__init__(sock)
+        self.closeSocket = False  # a failed handshake must leave the fd to the core (DONE)
+        self.observer = observer
+        self.rejection: Rejection | None = None
+        self.hook_calls = 0
+
+    def _getMsg(self, expectedType, secondaryType=None, constructorType=None):
+        for result in super()._getMsg(expectedType, secondaryType, constructorType):
+            if isinstance(result, int):  # 0/1: would block (never with our blocking transport)
+                yield result
+                continue
+            self.hook_calls += 1
+            try:
+                self.observer.received(result)
+            except Rejection as rejection:
+                self.rejection = rejection
+                for step in self._sendError(rejection.alert, rejection.reason):
+                    yield step
+            yield result
+            return
+
+    def _sendMsg(self, msg, randomizeFirstBlock=True, update_hashes=True):
+        if not isinstance(msg, Alert):
+            self.observer.sent(msg)
+        yield from super()._sendMsg(msg, randomizeFirstBlock, update_hashes)

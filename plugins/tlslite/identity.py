@@ -1,0 +1,42 @@
+"""Our certificate chain and key, and the peer's chain, between `cryptography` and tlslite forms.
+
+The key is serialised to PEM in memory only (tlslite parses keys from text);
+the text is dropped as soon as tlslite has its key object.
+"""
+
+from __future__ import annotations
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from tlslite.utils.keyfactory import parsePEMKey
+from tlslite.x509 import X509
+from tlslite.x509certchain import X509CertChain
+
+from hsd.credentials import X509Credentials
+from hsd.errors import CredentialError
+
+
+def tlslite_identity(creds: X509Credentials, role: str) -> tuple[X509CertChain, object]:
+    """(chain, private key) in tlslite's types; CredentialError when tlslite cannot use them."""
+    if not creds.chain or creds.key is None:
+        raise CredentialError(f"{role} x509 handshake needs a certificate and a private key")
+    try:
+        chain = X509CertChain([X509().parseBinary(bytearray(cert.public_bytes(serialization.Encoding.DER)))
+                               for cert in creds.chain])
+        pem = creds.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption())
+        key = parsePEMKey(pem.decode("ascii"), private=True, implementations=["python"])
+    except (SyntaxError, ValueError, TypeError, AttributeError) as exc:
+        raise CredentialError(f"{role} certificate/private key unusable with tlslite: {exc}") from None
+    return chain, key
+
+
+def chain_der(chain: X509CertChain | None) -> tuple[bytes, ...]:
+    """A tlslite chain as DER, leaf first (empty for no chain)."""
+    if chain is None:
+        return ()
+    return tuple(bytes(cert.bytes) for cert in chain.x509List)
+
+
+def chain_certificates(chain: X509CertChain | None) -> list[x509.Certificate]:
+    return [x509.load_der_x509_certificate(der) for der in chain_der(chain)]
