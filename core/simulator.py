@@ -242,7 +242,8 @@ class Simulator:
         self._listener: socket.socket | None = None
         self._selector: selectors.BaseSelector | None = None
         self._thread: threading.Thread | None = None
-        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
         self._stopping = False
 
     # ------------------------------------------------------------ lifecycle
@@ -257,6 +258,7 @@ class Simulator:
             listener.close()
             raise
         listener.setblocking(False)
+        self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._listener = listener
         self._selector = selectors.DefaultSelector()
@@ -283,6 +285,7 @@ class Simulator:
                 self._release(req)
             self._pending.clear()
         assert self._selector is not None and self._listener is not None
+        assert self._wake_r is not None and self._wake_w is not None
         self._selector.close()
         self._listener.close()
         self._wake_r.close()
@@ -434,7 +437,8 @@ class Simulator:
 
     def _wake(self) -> None:
         try:
-            self._wake_w.send(b"x")
+            if self._wake_w is not None:
+                self._wake_w.send(b"x")
         except OSError:
             pass
 
@@ -445,6 +449,7 @@ class Simulator:
                 if key.data == "listen":
                     self._accept_conn()
                 elif key.data == "wake":
+                    assert self._wake_r is not None
                     try:
                         while self._wake_r.recv(64):
                             pass
@@ -541,11 +546,15 @@ class Simulator:
             except (p.ProtocolError, ValueError):
                 err = errno.EINVAL
             else:
-                err = self._dispatch(conn, raw, msg, fd) if isinstance(msg, p.GenlMessage) else errno.EINVAL
+                try:
+                    err = self._dispatch(conn, msg, fd) if isinstance(msg, p.GenlMessage) else errno.EINVAL
+                except Exception:  # a bug (or a test's mangle function) must not kill the "kernel"
+                    log.exception("simulator failed on a message from port %d", conn.port)
+                    err = errno.EIO
         if err or flags & p.NLM_F_ACK:
             self._reply(conn, p.encode_error(raw, err, pid=conn.port))
 
-    def _dispatch(self, conn: _Conn, raw: bytes, msg: p.GenlMessage, fd: int | None) -> int:
+    def _dispatch(self, conn: _Conn, msg: p.GenlMessage, fd: int | None) -> int:
         if msg.type == p.GENL_ID_CTRL:
             return self._ctrl(conn, msg)
         if msg.type == SIMCALL_TYPE:
@@ -950,11 +959,98 @@ class SimKtls:
 # ---------------------------------------------------------------- CLI
 
 
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class _Consumers:
+    """The CLI's stand-in for NFS/NVMe: submits handshakes once an agent listens, prints their DONE."""
+
+    def __init__(self, sim: Simulator, args: argparse.Namespace, stop: threading.Event) -> None:
+        self.sim, self.args, self.stop = sim, args, stop
+        self.sockets: list[socket.socket] = []
+        self.requests: list[SimRequest] = []
+        self.failed = False
+
+    def _wait_for_agent(self) -> bool:
+        while not self.sim.listeners():
+            if self.stop.wait(0.1):
+                return False
+        return True
+
+    def _report(self, what: str) -> DoneCallback:
+        def done(status: int, peerid: int) -> None:
+            print(f"{what}: DONE status {status} ({p.errno_name(status) if status else 'ok'}) peerid {peerid}",
+                  flush=True)
+        return done
+
+    def run_clients(self) -> None:
+        if not self._wait_for_agent():
+            return
+        for host, port in self.args.client_anon:
+            what = f"client {host}:{port}"
+            try:
+                sock = socket.create_connection((host, port), timeout=10)
+                self.sockets.append(sock)
+                self.requests.append(self.sim.client_hello_anon(
+                    sock, peername=self.args.peername or host, timeout_ms=self.args.timeout_ms,
+                    done=self._report(what)))
+            except OSError as exc:
+                print(f"hsd-sim: {what}: {exc.strerror or exc}", file=sys.stderr, flush=True)
+                self.failed = True
+        if self.args.once:
+            for req in self.requests:
+                try:
+                    req.wait(self.args.timeout_ms / 1000 + 5)
+                except TimeoutError:
+                    print(f"hsd-sim: no DONE for fd {req.consumer_fd}; cancelled", file=sys.stderr, flush=True)
+                    self.sim.cancel(req.sock)
+                    self.failed = True
+            self.failed |= any(req.status for req in self.requests)
+            self.stop.set()
+
+    def run_server(self, listener: socket.socket) -> None:
+        listener.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                sock, peer = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.sockets.append(sock)
+            what = f"server for {peer[0]}:{peer[1]}"
+            try:
+                self.sim.server_hello_x509(sock, timeout_ms=self.args.timeout_ms, done=self._report(what))
+            except OSError as exc:
+                print(f"hsd-sim: {what}: {exc.strerror}", file=sys.stderr, flush=True)
+                sock.close()
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """hsd-sim: run the simulated kernel on a unix socket until SIGINT/SIGTERM."""
+    """hsd-sim: run the simulated kernel on a unix socket until SIGINT/SIGTERM.
+
+    With --client-anon / --server-x509 it also plays the kernel consumer: TCP
+    connections to (or accepted on) the given addresses are handed to the agent
+    that joined, and each DONE is printed."""
     parser = argparse.ArgumentParser(prog="hsd-sim", description=__doc__.splitlines()[0])
     parser.add_argument("--socket", required=True, help="unix socket path agents connect to")
     parser.add_argument("--pending-max", type=int, default=None, help="pending request cap (default: like the kernel)")
+    parser.add_argument("--client-anon", type=_host_port, action="append", default=[], metavar="HOST:PORT",
+                        help="connect there and submit a client hello (unauth) once an agent listens")
+    parser.add_argument("--peername", help="peer name for --client-anon (default: the host)")
+    parser.add_argument("--server-x509", type=_host_port, metavar="HOST:PORT",
+                        help="listen there and submit a server hello (x509) per accepted connection")
+    parser.add_argument("--timeout-ms", type=int, default=10000, help="timeout hint sent with each request")
+    parser.add_argument("--once", action="store_true",
+                        help="exit when every --client-anon request is done (status 1 if any failed)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
     stop = threading.Event()
@@ -965,13 +1061,33 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"hsd-sim: cannot listen on {args.socket}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    consumers = _Consumers(sim, args, stop)
+    threads = []
+    listener = None
     try:
+        if args.server_x509:
+            try:
+                listener = socket.create_server(args.server_x509)
+            except OSError as exc:
+                print(f"hsd-sim: cannot listen on {args.server_x509[0]}:{args.server_x509[1]}: "
+                      f"{exc.strerror or exc}", file=sys.stderr)
+                return 1
+            threads.append(threading.Thread(target=consumers.run_server, args=(listener,), daemon=True))
+        if args.client_anon:
+            threads.append(threading.Thread(target=consumers.run_clients, daemon=True))
+        for thread in threads:
+            thread.start()
         while not stop.wait(0.5):
             pass
+        for thread in threads:
+            thread.join(5)
     finally:
+        if listener is not None:
+            listener.close()
+        consumers.close()
         sim.stop()
     print("hsd-sim: stopped", flush=True)
-    return 0
+    return 1 if consumers.failed else 0
 
 
 if __name__ == "__main__":

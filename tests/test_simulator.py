@@ -219,8 +219,8 @@ def test_pending_cap_gives_eagain_until_a_request_is_accepted(sim, channel, tcp_
 def test_default_pending_cap_follows_the_kernel_formula():
     pages, page = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
     expected = min(50, max(3, pages // (25 * page)))
-    sim = Simulator()
-    assert sim.pending_max == expected
+    with Simulator() as sim:
+        assert sim.pending_max == expected
 
 
 def test_second_request_on_a_socket_is_ebusy_even_after_done(sim, channel, tcp_pair):
@@ -643,6 +643,39 @@ def test_cli_serves_until_sigterm(tmp_path):
     assert "joined tlshd" in out and "stopped" in out
     assert "Traceback" not in err
     assert not os.path.exists(path)
+
+
+def test_cli_plays_the_consumer_and_exits_with_the_outcome(tmp_path):
+    """--client-anon hands a real TCP connection to the agent (here: this test) and prints its DONE."""
+    path = str(tmp_path / "handshake.sock")
+    with socket.create_server(("127.0.0.1", 0)) as target:
+        port = target.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "hsd.simulator", "--socket", path, "--once",
+                                 "--client-anon", f"127.0.0.1:{port}", "--peername", "server.example"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert "listening" in proc.stdout.readline()
+            ch = SimChannel.connect(path)
+            try:
+                hr = accept_one(ch)
+                assert hr.peername == "server.example" and hr.auth_mode == p.AuthMode.UNAUTH
+                peer, _ = target.accept()
+                os.write(hr.sockfd, b"hello")  # the CLI's connection really reached the target
+                peer.settimeout(5)
+                assert peer.recv(10) == b"hello"
+                peer.close()
+                assert ch.done(p.Done(hr.sockfd, 0, (42,))) == 0
+                os.close(hr.sockfd)
+                out, err = proc.communicate(timeout=15)
+            finally:
+                ch.close()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, err
+    assert "DONE status 0 (ok) peerid 42" in out
+    assert "submit client/unauth" in out and "READY" in out and "ACCEPT port" in out
 
 
 def test_cli_failure_is_one_clear_line(tmp_path):
