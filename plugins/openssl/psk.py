@@ -1,0 +1,244 @@
+"""TLS 1.3 external-PSK mechanics on OpenSSL (client and server), for the PSK policy plugin.
+
+pyOpenSSL has no PSK API, so this uses the OpenSSL bindings shipped with
+cryptography: the TLS 1.3 session callbacks hand OpenSSL an SSL_SESSION that
+carries the PSK as its master key and a TLS 1.3 suite of the PSK's hash.  The
+handshake itself runs over the shared memory-BIO driver (one record at a time,
+no session tickets sent).  Each handshake has its own SSL.Context, so a cffi
+callback closes over exactly one handshake's state, which keeps the callbacks
+and the buffers OpenSSL points into alive until the handshake is over.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from OpenSSL import SSL
+from OpenSSL._util import ffi, lib
+
+from hsd.context import HandshakeContext
+from hsd.errors import (CredentialError, HandshakeError, PeerRejected, Unsupported,
+                        UnknownPskIdentity)
+from hsd.hookspecs import hookimpl
+from hsd.psk import PskKey, PskOffer
+from hsd.session import Session
+from hsd.wire import RecordSocket
+from hsd_psk.clienthello import MalformedClientHello, client_hello_length, handshake_bytes, offered_psks
+
+from .driver import default_translation, drive_handshake, ssl_error_text
+from .secrets import TrafficSecrets
+from .sessions import build_session
+from .suites import KTLS_SUITES, tls13_context
+
+log = logging.getLogger("hsd.openssl.psk")
+
+TLS1_3_VERSION = 0x0304
+OP_ALLOW_NO_DHE_KEX = 1 << 10
+OP_PREFER_NO_DHE_KEX = 1 << 35  # OpenSSL 3.3+: a server that may choose, chooses psk_ke
+# The suite stored in the PSK's session fixes the hash; the offered suites must share it.
+SESSION_CIPHER = {"sha256": b"\x13\x01", "sha384": b"\x13\x02"}
+SUITES = {
+    "sha256": tuple(suite for suite in KTLS_SUITES if suite.endswith("SHA256")),
+    "sha384": tuple(suite for suite in KTLS_SUITES if suite.endswith("SHA384")),
+}
+ALERT_UNKNOWN_PSK_IDENTITY = bytes([21, 3, 3, 0, 2, 2, 115])
+ALERT_HANDSHAKE_FAILURE = bytes([21, 3, 3, 0, 2, 2, 40])
+ALERT_DECODE_ERROR = bytes([21, 3, 3, 0, 2, 2, 50])
+
+
+@dataclass
+class _Handshake:
+    """One handshake's state, reachable from its callbacks."""
+
+    keys: dict[bytes, PskKey | None] = field(default_factory=dict)
+    offered: PskKey | None = None  # client: the key put in the ClientHello
+    used: PskKey | None = None  # the key OpenSSL matched
+    secrets: TrafficSecrets = field(default_factory=TrafficSecrets)
+    pinned: list[Any] = field(default_factory=list)  # cffi callbacks and buffers OpenSSL points into
+    failure: BaseException | None = None
+
+
+
+def _psk_session(ssl: Any, key: PskKey) -> Any:
+    """A fresh SSL_SESSION holding the PSK; OpenSSL takes ownership when a callback returns it."""
+    cipher = lib.SSL_CIPHER_find(ssl, SESSION_CIPHER[key.hash])
+    session = lib.Cryptography_SSL_SESSION_new()
+    if cipher == ffi.NULL or session == ffi.NULL:
+        raise CredentialError("OpenSSL cannot build a PSK session")
+    if not (lib.SSL_SESSION_set1_master_key(session, ffi.from_buffer(key.secret), len(key.secret))
+            and lib.SSL_SESSION_set_cipher(session, cipher)
+            and lib.SSL_SESSION_set_protocol_version(session, TLS1_3_VERSION)):
+        lib.SSL_SESSION_free(session)
+        raise CredentialError(f"OpenSSL refused the PSK for '{key.identity.decode(errors='replace')}'")
+    return session
+
+
+def _context(state: _Handshake, hash_name: str, modes: tuple[str, ...], server: bool) -> SSL.Context:
+    context = tls13_context(SUITES[hash_name])
+    options = 0
+    if "psk_ke" in modes:
+        options |= OP_ALLOW_NO_DHE_KEX
+        if server and "psk_dhe_ke" not in modes:
+            options |= OP_PREFER_NO_DHE_KEX
+    if options:
+        context.set_options(options)
+    # A peer that declines the PSK and shows a certificate instead must fail, not pass unverified.
+    context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, None)
+    state.secrets.attach(context)
+    return context
+
+
+def _translate(exc: SSL.Error) -> HandshakeError:
+    if "unknown psk identity" in ssl_error_text(exc).lower():
+        return UnknownPskIdentity("server does not know the PSK identity (unknown_psk_identity alert)")
+    return default_translation(exc)
+
+
+def _session(conn: SSL.Connection, state: _Handshake, role: str, dropped: int) -> Session:
+    assert state.used is not None
+    session = build_session(conn, state.secrets, role)
+    session.remote_auth = (state.used.serial,)
+    session.details.update(psk_identity=state.used.identity.decode(errors="replace"),
+                           psk_hash=state.used.hash,
+                           psk_mode="psk_dhe_ke" if session.group else "psk_ke")
+    if dropped:
+        session.details["dropped_post_handshake_bytes"] = str(dropped)
+    return session
+
+
+def _client(ctx: HandshakeContext, offer: PskOffer) -> Session:
+    if not offer.keys:
+        raise CredentialError("no PSK to offer")
+    key = offer.keys[0]
+    if len(offer.keys) > 1:  # OpenSSL puts one external PSK in a ClientHello
+        log.info("offering PSK '%s'; %d more identities not offered (one per ClientHello)",
+                 key.identity.decode(errors="replace"), len(offer.keys) - 1)
+    state = _Handshake(offered=key)
+    identity = ffi.new("unsigned char[]", key.identity)
+    state.pinned.append(identity)
+
+    @ffi.callback("int(SSL *, EVP_MD *, unsigned char **, size_t *, SSL_SESSION **)")
+    def use_session(ssl: Any, _md: Any, id_out: Any, idlen_out: Any, sess_out: Any) -> int:
+        try:
+            sess_out[0] = _psk_session(ssl, key)
+            id_out[0] = identity
+            idlen_out[0] = len(key.identity)
+            return 1
+        except BaseException as exc:  # an exception must not cross into C
+            state.failure = exc
+            return 0
+
+    state.pinned.append(use_session)
+    context = _context(state, key.hash, offer.modes, server=False)
+    lib.SSL_CTX_set_psk_use_session_callback(context._context, use_session)
+    conn = SSL.Connection(context, None)
+    records = RecordSocket(ctx.sock, ctx.deadline)
+    try:
+        try:
+            drive_handshake(conn, records, server=False, translate=_translate)
+        except HandshakeError:
+            if state.failure is not None:
+                raise state.failure from None
+            raise
+        if not lib.SSL_session_reused(conn._ssl):
+            raise PeerRejected("server did not accept the PSK")
+        state.used = key
+        return _session(conn, state, "client", dropped=0)
+    except BaseException:
+        state.secrets.wipe()  # on success the Session owns them and the core wipes them
+        raise
+
+
+def _send_alert(records: RecordSocket, alert: bytes) -> None:
+    """Best effort: the failure is reported whether or not the peer still listens."""
+    try:
+        records.write(alert)
+    except HandshakeError:
+        pass
+
+
+def _read_client_hello(records: RecordSocket) -> tuple[list[bytes], bytes]:
+    """The records holding the ClientHello (fed to OpenSSL later) and the message itself."""
+    raw: list[bytes] = []
+    while True:
+        raw.append(records.read_record())
+        data = handshake_bytes(raw)
+        length = client_hello_length(data)
+        if length is not None and len(data) >= length:
+            return raw, data[:length]
+
+
+def _server(ctx: HandshakeContext, offer: PskOffer) -> Session:
+    if offer.lookup is None:
+        raise CredentialError("no PSK lookup for a server handshake")
+    records = RecordSocket(ctx.sock, ctx.deadline)
+    try:
+        first_flight, hello = _read_client_hello(records)
+        offered = offered_psks(hello)
+    except MalformedClientHello as exc:
+        _send_alert(records, ALERT_DECODE_ERROR)
+        raise PeerRejected(f"client sent a malformed ClientHello: {exc}") from None
+    if not offered.identities:
+        _send_alert(records, ALERT_HANDSHAKE_FAILURE)
+        raise PeerRejected("client offered no PSK")
+    state = _Handshake()
+    chosen: PskKey | None = None
+    for identity in offered.identities:
+        state.keys[identity] = offer.lookup(identity)
+        if state.keys[identity] is not None:
+            chosen = state.keys[identity]
+            break
+    if chosen is None:
+        _send_alert(records, ALERT_UNKNOWN_PSK_IDENTITY)
+        raise UnknownPskIdentity(f"client offered {len(offered.identities)} unknown PSK identities")
+    hash_name = chosen.hash
+
+    @ffi.callback("int(SSL *, unsigned char *, size_t, SSL_SESSION **)")
+    def find_session(ssl: Any, identity: Any, identity_len: int, sess_out: Any) -> int:
+        try:
+            name = bytes(ffi.buffer(identity, identity_len))
+            if name not in state.keys:
+                state.keys[name] = offer.lookup(name)
+            key = state.keys[name]
+            if key is None or key.hash != hash_name:
+                sess_out[0] = ffi.NULL  # not this one: OpenSSL tries the next identity
+                return 1
+            sess_out[0] = _psk_session(ssl, key)
+            state.used = key
+            return 1
+        except BaseException as exc:  # an exception must not cross into C
+            state.failure = exc
+            return 0
+
+    state.pinned.append(find_session)
+    context = _context(state, hash_name, offer.modes, server=True)
+    lib.SSL_CTX_set_psk_find_session_callback(context._context, find_session)
+    conn = SSL.Connection(context, None)
+    try:
+        for record in first_flight:
+            conn.bio_write(record)
+        try:
+            dropped = drive_handshake(conn, records, server=True, translate=_translate)
+        except HandshakeError:
+            if state.failure is not None:
+                raise state.failure from None
+            raise
+        if state.used is None or not lib.SSL_session_reused(conn._ssl):
+            raise PeerRejected("handshake completed without the PSK")
+        return _session(conn, state, "server", dropped=dropped)
+    except BaseException:
+        state.secrets.wipe()  # on success the Session owns them and the core wipes them
+        raise
+
+
+@hookimpl
+def hsd_psk_handshake(ctx: HandshakeContext, offer: PskOffer) -> Session | None:
+    if ctx.backend != "openssl":
+        return None
+    if ctx.request.role == "client":
+        return _client(ctx, offer)
+    if ctx.request.role == "server":
+        return _server(ctx, offer)
+    raise Unsupported(f"PSK handshake for unknown role '{ctx.request.role}'")

