@@ -880,6 +880,7 @@ class SimChannel:
         _close_all(fds[1:])
         for m in msgs:
             if isinstance(m, p.NetlinkError):
+                _close_all(fds[:1])
                 if m.error == errno.EAGAIN:
                     return None
                 raise OSError(m.error, f"ACCEPT failed: {os.strerror(m.error)}")
@@ -911,6 +912,8 @@ class SimChannel:
     def done(self, done: p.Done) -> int:
         """DONE with the named fd attached (the kernel's fd lookup); EBADF if it is not open here."""
         with self._req.lock:
+            if self._req.sock.fileno() < 0:
+                raise ConnectionError("the channel is closed")
             data = p.encode_done(self.family.id, self._req.next_seq(), done)
             try:
                 return self._req.call(data, done.sockfd)

@@ -10,6 +10,7 @@ import array
 import errno
 import fcntl
 import os
+import resource
 import signal
 import socket
 import struct
@@ -604,6 +605,33 @@ def test_dropped_ready_is_reported_as_overrun_and_the_queue_drains(sim, channel,
         os.close(hr.sockfd)
     assert len(drained) == 3
     assert sim.stats.ready_lost == 2
+
+
+def test_ready_lost_to_a_full_buffer_is_reported_as_overrun():
+    """An agent that does not read: READYs pile up until the socket buffer is full, then ENOBUFS."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    consumers: list[socket.socket] = []
+    try:
+        with Simulator(pending_max=2000) as sim:
+            ch = sim.channel()
+            try:
+                while sim.stats.ready_lost == 0:
+                    assert sim.stats.submitted < 2000, "the READY socket never filled up"
+                    a, b = socket.socketpair()  # the kernel does not check the socket type at submit
+                    consumers += [a, b]
+                    sim.client_hello_anon(a)
+                delivered = 0
+                while (n := ch.wait_ready(5)) != OVERRUN:
+                    assert n > 0
+                    delivered += n
+                assert delivered < sim.stats.submitted
+            finally:
+                ch.close()
+    finally:
+        for s in consumers:
+            s.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_wait_ready_times_out_with_zero(channel):
