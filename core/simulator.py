@@ -110,6 +110,11 @@ def _fds_from_ancdata(ancdata: list) -> list[int]:
     return fds
 
 
+def _scm_rights(fd: int | None) -> list:
+    """Ancillary data passing one fd (the way both sides name a socket to each other)."""
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
+
+
 def _close_all(fds: list[int]) -> None:
     for fd in fds:
         try:
@@ -425,7 +430,7 @@ class Simulator:
                 try:
                     conn.sock.send(msg)
                     continue
-                except (BlockingIOError, OSError):
+                except OSError:  # full (EAGAIN) or gone
                     pass
             conn.overrun = True
             self.stats.ready_lost += 1
@@ -520,14 +525,12 @@ class Simulator:
 
     def _reply(self, conn: _Conn, data: bytes, fd: int | None = None) -> None:
         """Send a unicast reply, waiting briefly if the agent's buffer is full."""
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
-        deadline = REPLY_TIMEOUT
         while True:
             try:
-                conn.sock.sendmsg([data], anc)
+                conn.sock.sendmsg([data], _scm_rights(fd))
                 return
             except BlockingIOError:
-                if not select.select([], [conn.sock], [], deadline)[1]:
+                if not select.select([], [conn.sock], [], REPLY_TIMEOUT)[1]:
                     log.warning("agent port %d does not read its replies; reply dropped", conn.port)
                     return
             except OSError as exc:
@@ -762,8 +765,7 @@ class _Endpoint:
         return self.seq
 
     def send(self, data: bytes, fd: int | None = None) -> None:
-        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
-        self.sock.sendmsg([data], anc)
+        self.sock.sendmsg([data], _scm_rights(fd))
 
     def recv(self, timeout: float | None = REPLY_TIMEOUT) -> tuple[bytes, list[int]]:
         self.sock.settimeout(timeout)
