@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 import uuid
+import contextlib
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -344,3 +345,252 @@ def test_client_against_gnutls_server(plugins: pluggy.PluginManager, ring: Throw
         layer = records_for(sock, session)
         layer.send(b"echo-me-please\n")
         assert layer.recv_until(b"\n") == b"echo-me-please\n"
+
+
+# --- server role --------------------------------------------------------------------------------
+
+@contextmanager
+def listener() -> Iterator[tuple[socket.socket, int]]:
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(4)
+        server.settimeout(TIMEOUT)
+        yield server, server.getsockname()[1]
+
+
+def openssl_client(port: int, identity: str, secret: bytes, hash_name: str,
+                   extra: tuple[str, ...] = ()) -> tuple[Peer, MemoryFile | None]:
+    psk_args, session_file = openssl_psk_args(identity, secret, hash_name)
+    return Peer(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3", "-ign_eof",
+                 *psk_args, *extra]), session_file
+
+
+def gnutls_client(port: int, identity: str, secret: bytes, priority: str) -> Peer:
+    return Peer(["gnutls-cli", "-p", str(port), "127.0.0.1", "--pskusername", identity,
+                 "--pskkey", secret.hex(), "--priority", priority])
+
+
+def serve_one(plugins: pluggy.PluginManager, server: socket.socket, keyring_serial: int,
+              modes: tuple[str, ...] = ("psk_dhe_ke",)) -> tuple[socket.socket, Session]:
+    sock, _ = server.accept()
+    try:
+        return sock, handshake(plugins, sock, "server", keyring_serial, (0,), modes)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def prove_server_keys(sock: socket.socket, session: Session, peer: Peer) -> None:
+    layer = records_for(sock, session)
+    peer.send(b"from-peer-client\n")
+    assert layer.recv_until(b"\n") == b"from-peer-client\n"
+    layer.send(b"from-hsd-server\n")
+    peer.wait_for(b"from-hsd-server")
+
+
+@pytest.mark.parametrize("hash_name", ["sha256", "sha384"])
+@pytest.mark.parametrize("mode", ["psk_dhe_ke", "psk_ke"])
+def test_server_against_openssl_client(plugins: pluggy.PluginManager, ring: ThrowawayKeyring,
+                                       hash_name: str, mode: str) -> None:
+    identity, secret = (ID256, secrets.token_bytes(32)) if hash_name == "sha256" else (ID384, secrets.token_bytes(48))
+    serial = ring.add(identity, secret)
+    ring.add("some-other-identity", secrets.token_bytes(32))
+    extra = ("-allow_no_dhe_kex",) if mode == "psk_ke" else ()
+    with listener() as (server, port):
+        peer, session_file = openssl_client(port, identity, secret, hash_name, extra)
+        try:
+            sock, session = serve_one(plugins, server, ring.serial, (mode,))
+            with sock:
+                assert session.remote_auth == (serial,)
+                assert session.cipher.endswith(hash_name.upper())
+                assert session.details["psk_mode"] == mode
+                assert session.tx_seq == 0  # no session ticket reached the client
+                prove_server_keys(sock, session, peer)
+        finally:
+            peer.stop()
+            if session_file is not None:
+                session_file.close()
+
+
+@pytest.mark.parametrize("mode", ["psk_dhe_ke", "psk_ke"])
+def test_server_against_gnutls_client(plugins: pluggy.PluginManager, ring: ThrowawayKeyring, mode: str) -> None:
+    secret = secrets.token_bytes(32)
+    serial = ring.add(ID256, secret)
+    with listener() as (server, port):
+        peer = gnutls_client(port, ID256, secret, GNUTLS_PRIORITY["sha256", mode])
+        try:
+            sock, session = serve_one(plugins, server, ring.serial, ("psk_dhe_ke", "psk_ke"))
+            with sock:
+                assert session.remote_auth == (serial,)
+                assert session.details["psk_mode"] == mode
+                peer.wait_for(b"Handshake was completed")
+                prove_server_keys(sock, session, peer)
+        finally:
+            peer.stop()
+
+
+def tlslite_client(port: int, psks: list[tuple[str, bytes, str]], result: dict[str, object]) -> threading.Thread:
+    """tlslite-ng (an independent TLS 1.3 stack) offering several identities in one ClientHello."""
+    from tlslite import HandshakeSettings, TLSConnection
+
+    def run() -> None:
+        try:
+            settings = HandshakeSettings()
+            settings.minVersion = settings.maxVersion = (3, 4)
+            settings.pskConfigs = [(ident.encode(), key, hash_name) for ident, key, hash_name in psks]
+            settings.psk_modes = ["psk_dhe_ke"]
+            with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as sock:
+                conn = TLSConnection(sock)
+                conn.handshakeClientCert(settings=settings)
+                conn.write(b"from-tlslite\n")
+                result["reply"] = conn.read(max=64)
+        except Exception as exc:  # reported to the test thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_server_takes_the_only_known_of_several_identities(plugins: pluggy.PluginManager,
+                                                          ring: ThrowawayKeyring) -> None:
+    known = secrets.token_bytes(48)
+    serial = ring.add(ID384, known)
+    offered = [("unknown-one", secrets.token_bytes(32), "sha256"),
+               (ID256.replace("host", "other-host"), secrets.token_bytes(32), "sha256"),
+               (ID384, known, "sha384")]
+    result: dict[str, object] = {}
+    with listener() as (server, port):
+        thread = tlslite_client(port, offered, result)
+        sock, session = serve_one(plugins, server, ring.serial)
+        with sock:
+            assert session.remote_auth == (serial,)
+            assert session.details["psk_identity"] == ID384
+            layer = records_for(sock, session)
+            assert layer.recv_until(b"\n") == b"from-tlslite\n"
+            layer.send(b"from-hsd-server\n")
+            thread.join(TIMEOUT)
+    assert "error" not in result, result.get("error")
+    assert result["reply"] == b"from-hsd-server\n"
+
+
+def test_client_skips_identities_without_a_usable_key(plugins: pluggy.PluginManager,
+                                                    ring: ThrowawayKeyring) -> None:
+    gone = ring.add("NVMe0R01 gone-host subsys", secrets.token_bytes(32))
+    keyring.invalidate(gone)
+    too_short = ring.add("short-key", secrets.token_bytes(16))  # neither SHA-256 nor SHA-384 sized
+    secret = secrets.token_bytes(32)
+    serial = ring.add(ID256, secret)
+    with openssl_server(ID256, secret) as (port, peer), connect(port) as sock:
+        session = handshake(plugins, sock, "client", ring.serial, (gone, too_short, serial))
+        assert session.remote_auth == (serial,)
+        layer = records_for(sock, session)
+        layer.send(b"after-skipping\n")
+        peer.wait_for(b"after-skipping")
+
+
+def test_client_with_no_usable_key_is_eio(plugins: pluggy.PluginManager, ring: ThrowawayKeyring) -> None:
+    too_short = ring.add("short-key", secrets.token_bytes(16))
+    with listener() as (server, port), connect(port) as sock:
+        with pytest.raises(HandshakeError) as info:
+            handshake(plugins, sock, "client", ring.serial, (too_short,))
+    assert info.value.status == errno.EIO
+
+
+# --- failures -----------------------------------------------------------------------------------
+
+def test_client_with_wrong_key_is_eacces(plugins: pluggy.PluginManager, ring: ThrowawayKeyring) -> None:
+    serial = ring.add(ID256, secrets.token_bytes(32))
+    with openssl_server(ID256, secrets.token_bytes(32)) as (port, _peer), connect(port) as sock:
+        with pytest.raises(HandshakeError) as info:
+            handshake(plugins, sock, "client", ring.serial, (serial,))
+    assert info.value.status == errno.EACCES
+
+
+def test_server_with_wrong_key_is_eacces(plugins: pluggy.PluginManager, ring: ThrowawayKeyring) -> None:
+    ring.add(ID256, secrets.token_bytes(32))
+    with listener() as (server, port):
+        peer, _ = openssl_client(port, ID256, secrets.token_bytes(32), "sha256")
+        try:
+            with pytest.raises(HandshakeError) as info:
+                serve_one(plugins, server, ring.serial)
+        finally:
+            peer.stop()
+    assert info.value.status == errno.EACCES
+
+
+def test_server_with_unknown_identity_is_ekeyrejected(plugins: pluggy.PluginManager,
+                                                      ring: ThrowawayKeyring) -> None:
+    ring.add("someone-else", secrets.token_bytes(32))
+    with listener() as (server, port):
+        peer = gnutls_client(port, ID256, secrets.token_bytes(32), GNUTLS_PRIORITY["sha256", "psk_dhe_ke"])
+        try:
+            with pytest.raises(HandshakeError) as info:
+                serve_one(plugins, server, ring.serial)
+            peer.wait_for(b"Received alert [115]")  # unknown_psk_identity, as tlshd sends it
+        finally:
+            peer.stop()
+    assert info.value.status == errno.EKEYREJECTED
+
+
+def test_client_told_unknown_identity_is_ekeyrejected(plugins: pluggy.PluginManager) -> None:
+    """hsd against hsd: the server's unknown_psk_identity alert becomes the client's EKEYREJECTED."""
+    client_ring, server_ring = ThrowawayKeyring(), ThrowawayKeyring()
+    try:
+        serial = client_ring.add(ID256, secrets.token_bytes(32))
+        server_ring.add("someone-else", secrets.token_bytes(32))
+        outcome: dict[str, BaseException] = {}
+        with listener() as (server, port):
+            def serve() -> None:
+                try:
+                    serve_one(plugins, server, server_ring.serial)
+                except BaseException as exc:  # reported below
+                    outcome["server"] = exc
+            thread = threading.Thread(target=serve, daemon=True)
+            thread.start()
+            with connect(port) as sock, pytest.raises(HandshakeError) as info:
+                handshake(plugins, sock, "client", client_ring.serial, (serial,))
+            thread.join(TIMEOUT)
+        assert info.value.status == errno.EKEYREJECTED
+        assert getattr(outcome.get("server"), "status", None) == errno.EKEYREJECTED
+    finally:
+        client_ring.close()
+        server_ring.close()
+
+
+# --- concurrency --------------------------------------------------------------------------------
+
+def test_concurrent_servers_see_only_their_own_keyring(plugins: pluggy.PluginManager) -> None:
+    """Same identity, a different key per request: any leak between keyrings fails a handshake."""
+    count = 4
+    rings = [ThrowawayKeyring() for _ in range(count)]
+    keys = [secrets.token_bytes(32) for _ in range(count)]
+    serials = [ring.add(ID256, key) for ring, key in zip(rings, keys)]
+    results: dict[int, object] = {}
+    peers: list[Peer] = []
+
+    def serve(index: int, server: socket.socket) -> None:
+        try:
+            sock, session = serve_one(plugins, server, rings[index].serial)
+            with sock:
+                results[index] = session.remote_auth
+                prove_server_keys(sock, session, peers[index])
+        except BaseException as exc:  # reported below
+            results[index] = exc
+
+    try:
+        with contextlib.ExitStack() as stack:
+            listeners = [stack.enter_context(listener()) for _ in range(count)]
+            for index, (_server, port) in enumerate(listeners):
+                peers.append(gnutls_client(port, ID256, keys[index], GNUTLS_PRIORITY["sha256", "psk_dhe_ke"]))
+            threads = [threading.Thread(target=serve, args=(i, listeners[i][0])) for i in range(count)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(TIMEOUT * 2)
+    finally:
+        for peer in peers:
+            peer.stop()
+        for ring in rings:
+            ring.close()
+    assert results == {i: (serials[i],) for i in range(count)}

@@ -84,8 +84,8 @@ def _context(state: _Handshake, hash_name: str, modes: tuple[str, ...], server: 
             options |= OP_PREFER_NO_DHE_KEX
     if options:
         context.set_options(options)
-    # A peer that declines the PSK and shows a certificate instead must fail, not pass unverified.
-    context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, None)
+    if not server:  # a server that declines the PSK and shows a certificate must fail, not pass unverified
+        context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, None)
     state.secrets.attach(context)
     return context
 
