@@ -1,0 +1,107 @@
+# Shared helpers for the guest scenarios (sourced, never run).  bash, set -eu by the caller.
+# Everything here runs inside the guest; nothing touches the host.
+
+PKI=/tmp/pki
+EXPORT=/srv/export
+
+say() { printf '%s %s\n' "$(cut -d' ' -f1 /proc/uptime)" "$*"; }
+die() { say "FAIL: $*"; exit 1; }
+check() { say "ok: $*"; }
+
+# tls_stat FIELD -> the counter's value from /proc/net/tls_stat (0 before tls.ko is loaded)
+tls_stat() { awk -v f="$1" '$1 == f { print $2 }' /proc/net/tls_stat 2>/dev/null || echo 0; }
+
+# A CA, a server certificate for localhost and 127.0.0.1-5 (one NFS client per address: parallel
+# mounts each get their own connection and handshakes), a client certificate, and a second,
+# untrusted CA with its own localhost server certificate.  EC P-256: fast under emulation.
+make_pki() {
+    mkdir -p "$PKI" && cd "$PKI"
+    local ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
+    for ca in ca rogue-ca; do
+        openssl req -x509 "${ec[@]}" -keyout $ca.key -out $ca.pem -days 2 -subj "/CN=hsd vm $ca" \
+            -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+    done
+    issue() {  # issue NAME CA SUBJECT EXTENSIONS
+        openssl req "${ec[@]}" -keyout "$1.key" -out "$1.csr" -subj "$3" 2>/dev/null
+        printf '%s\n' "$4" > "$1.ext"
+        openssl x509 -req -in "$1.csr" -CA "$2.pem" -CAkey "$2.key" -CAcreateserial -days 2 \
+            -extfile "$1.ext" -out "$1.pem" 2>/dev/null
+    }
+    local server_ext='subjectAltName=DNS:localhost,IP:127.0.0.1,IP:127.0.0.2,IP:127.0.0.3,IP:127.0.0.4,IP:127.0.0.5
+extendedKeyUsage=serverAuth
+basicConstraints=CA:FALSE'
+    issue server ca "/CN=localhost" "$server_ext"
+    issue rogue-server rogue-ca "/CN=localhost" "$server_ext"
+    issue client ca "/CN=hsd-vm-client" 'subjectAltName=DNS:hsd-vm-client
+extendedKeyUsage=clientAuth
+basicConstraints=CA:FALSE'
+    chmod 600 ./*.key
+    cd - >/dev/null
+}
+
+# agent_config FILE SERVER_NAME: tlshd's key-file format, read by tlshd and hsd alike.
+# SERVER_NAME picks the server certificate (server or rogue-server).
+agent_config() {
+    cat > "$1" <<EOF
+[debug]
+loglevel=1
+tls=0
+nl=0
+
+[authenticate.client]
+x509.truststore=$PKI/ca.pem
+x509.certificate=$PKI/client.pem
+x509.private_key=$PKI/client.key
+
+[authenticate.server]
+x509.truststore=$PKI/ca.pem
+x509.certificate=$PKI/${2:-server}.pem
+x509.private_key=$PKI/${2:-server}.key
+EOF
+}
+
+# NFSv4.2 server on loopback exporting a tmpfs, TLS with or without a client certificate.
+nfs_server_start() {
+    modprobe tls && modprobe nfsd && modprobe nfsv4 || die "modprobe tls/nfsd/nfsv4"
+    mkdir -p "$EXPORT" /var/lib/nfs/v4recovery
+    mountpoint -q "$EXPORT" || mount -t tmpfs -o size=512m export "$EXPORT"
+    echo "$EXPORT 127.0.0.0/8(rw,fsid=0,insecure,no_root_squash,no_subtree_check,sync,xprtsec=tls:mtls)" > /etc/exports
+    mountpoint -q /proc/fs/nfsd || mount -t nfsd nfsd /proc/fs/nfsd
+    # a short grace period: there are no clients to reclaim state for
+    echo 10 > /proc/fs/nfsd/nfsv4gracetime
+    echo 10 > /proc/fs/nfsd/nfsv4leasetime
+    exportfs -ra || die exportfs
+    rpc.mountd --no-nfs-version 3 --no-udp 2>/dev/null || rpc.mountd --no-nfs-version 3 || die rpc.mountd
+    rpc.nfsd -N 3 4 2>/dev/null || die rpc.nfsd
+    say "nfs server up (v4.2, export $EXPORT, xprtsec=tls:mtls)"
+}
+
+nfs_server_stop() {
+    rpc.nfsd 0 2>/dev/null || true
+    exportfs -ua 2>/dev/null || true
+    pkill -x rpc.mountd 2>/dev/null || true
+}
+
+# nfs_mount MODE MOUNTPOINT [SERVER] [LIMIT]: mount the export with xprtsec=MODE; returns mount's status
+nfs_mount() {
+    mkdir -p "$2"
+    timeout "${4:-90}" mount -t nfs4 -o "xprtsec=$1,vers=4.2,proto=tcp,retry=0" "${3:-localhost}:/" "$2"
+}
+
+# roundtrip MOUNTPOINT MIB: write MIB MiB of random data over NFS, drop the client's cache,
+# read it back over the wire, compare checksums.
+roundtrip() {
+    local src=/tmp/roundtrip.$$ name="data.$RANDOM"
+    head -c "$(( $2 * 1048576 ))" /dev/urandom > "$src"
+    cp "$src" "$1/$name" && sync
+    echo 3 > /proc/sys/vm/drop_caches
+    local want got
+    want=$(sha256sum < "$src" | cut -d' ' -f1)
+    got=$(sha256sum < "$1/$name" | cut -d' ' -f1)
+    rm -f "$src" "$1/$name"
+    [ "$want" = "$got" ] || die "read back over $1 differs from what was written ($2 MiB)"
+    check "$2 MiB written and read back identical over $1"
+}
+
+# ms_since T0_NS: milliseconds since a `date +%s%N` stamp
+ms_since() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }

@@ -1,0 +1,189 @@
+"""Inside the guest: hsd's OpenSSL backend handshakes, the real kernel carries the data.
+
+For every kTLS TLS 1.3 suite and both roles: a TCP socket on loopback, the
+handshake run by hsd_openssl's hsd_handshake hook against an independent peer
+(openssl s_server / s_client), then hsd.ktls.install_session on the real
+kernel and plain send()/recv() in both directions.  /proc/net/tls_stat must
+count every installed socket.  Exits non-zero on the first failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hsd_openssl
+from hsd import ktls
+from hsd.config import Config
+from hsd.context import HandshakeContext
+from hsd.credentials import load_x509
+from hsd.protocol import AuthMode, HandshakeRequest, MessageType
+from hsd.session import Session
+
+PKI = Path("/tmp/pki")
+SUITES = ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_AES_128_CCM_SHA256",
+          "TLS_CHACHA20_POLY1305_SHA256")
+PAYLOAD_BYTES = 256 * 1024  # many 16 KiB records each way
+HANDSHAKE_SECONDS = 30.0  # generous: emulated CPU
+
+
+def tls_stat() -> dict[str, int]:
+    stats = {}
+    for line in Path("/proc/net/tls_stat").read_text().splitlines():
+        name, value = line.split()
+        stats[name] = int(value)
+    return stats
+
+
+def config() -> Config:
+    cfg = Config()
+    cfg.client.truststore = str(PKI / "ca.pem")
+    cfg.server.truststore = str(PKI / "ca.pem")
+    cfg.server.certificate = str(PKI / "server.pem")
+    cfg.server.private_key = str(PKI / "server.key")
+    return cfg
+
+
+def handshake(sock: socket.socket, role: str) -> Session:
+    request = HandshakeRequest(
+        sockfd=sock.fileno(),
+        message_type=MessageType.CLIENTHELLO if role == "client" else MessageType.SERVERHELLO,
+        auth_mode=AuthMode.UNAUTH if role == "client" else AuthMode.X509,
+        peername="localhost" if role == "client" else None,
+    )
+    cfg = config()
+    sock.setblocking(False)
+    ctx = HandshakeContext(request=request, sock=sock, deadline=time.monotonic() + HANDSHAKE_SECONDS,
+                           backend="openssl", config=cfg, x509=load_x509(cfg, request))
+    session = hsd_openssl.hsd_handshake(ctx=ctx)
+    if session is None:
+        raise AssertionError(f"hsd_openssl declined {role}")
+    return session
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def connect_with_retry(port: int) -> socket.socket:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return socket.create_connection(("127.0.0.1", port), timeout=5)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def read_exactly_from(stream, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = stream.read1(count - len(data)) if hasattr(stream, "read1") else stream.read(count - len(data))
+        if not chunk:
+            raise AssertionError(f"peer's output ended after {len(data)} of {count} bytes")
+        data += chunk
+    return data
+
+
+def recv_exactly(sock: socket.socket, count: int) -> bytes:
+    data = bytearray()
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise AssertionError(f"kTLS socket closed after {len(data)} of {count} bytes")
+        data += chunk
+    return bytes(data)
+
+
+def exchange(sock: socket.socket, peer: subprocess.Popen) -> None:
+    """hsd -> peer through kTLS TX, then peer -> hsd through kTLS RX; compare digests."""
+    sock.setblocking(True)
+    sock.settimeout(60)
+    outbound = os.urandom(PAYLOAD_BYTES // 2).hex().encode()  # printable: the peer echoes it to stdout
+    sock.sendall(outbound)
+    got = read_exactly_from(peer.stdout, len(outbound))
+    if hashlib.sha256(got).digest() != hashlib.sha256(outbound).digest():
+        raise AssertionError("the peer decrypted something else than hsd's kTLS socket sent")
+    inbound = os.urandom(PAYLOAD_BYTES // 2).hex().encode()
+    peer.stdin.write(inbound)
+    peer.stdin.flush()
+    back = recv_exactly(sock, len(inbound))
+    if hashlib.sha256(back).digest() != hashlib.sha256(inbound).digest():
+        raise AssertionError("kTLS RX returned something else than the peer sent")
+
+
+def run_case(suite: str, role: str) -> None:
+    port = free_port()
+    ossl_suite = suite
+    if role == "client":  # hsd is the client; s_server picks the suite
+        cmd = ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-tls1_3", "-ciphersuites", ossl_suite,
+               "-cert", str(PKI / "server.pem"), "-key", str(PKI / "server.key"), "-num_tickets", "0",
+               "-naccept", "1", "-quiet"]
+    else:  # hsd is the server; s_client offers only this suite
+        cmd = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3", "-ciphersuites", ossl_suite,
+               "-CAfile", str(PKI / "ca.pem"), "-servername", "localhost", "-verify_return_error", "-quiet"]
+    before = tls_stat()
+    listener = None
+    if role == "server":
+        listener = socket.create_server(("127.0.0.1", port))
+    peer = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        if role == "client":
+            sock = connect_with_retry(port)
+        else:
+            listener.settimeout(30)
+            sock, _ = listener.accept()
+        with sock:
+            started = time.monotonic()
+            session = handshake(sock, role)
+            took = time.monotonic() - started
+            if ktls.ALIASES.get(session.cipher, session.cipher) != suite:
+                raise AssertionError(f"negotiated {session.cipher}, wanted {suite}")
+            ktls.install_session(ktls.KernelKtls(), sock, session)
+            session.wipe()
+            exchange(sock, peer)
+        after = tls_stat()
+        for counter in ("TlsTxSw", "TlsRxSw"):
+            if after.get(counter, 0) <= before.get(counter, 0):
+                raise AssertionError(f"/proc/net/tls_stat {counter} did not rise ({before.get(counter)} -> "
+                                     f"{after.get(counter)})")
+        if after.get("TlsDecryptError", 0) != before.get("TlsDecryptError", 0):
+            raise AssertionError("the kernel counted a decrypt error")
+        print(f"ok: {suite} hsd-{role}: handshake {took * 1000:.0f} ms, {PAYLOAD_BYTES // 2} bytes each way "
+              f"through kTLS, TlsTxSw {before.get('TlsTxSw')}->{after['TlsTxSw']}", flush=True)
+    except BaseException:
+        peer.kill()
+        _, err = peer.communicate(timeout=5)
+        print(f"peer ({' '.join(cmd[:2])}) stderr:\n{err.decode(errors='replace')}", flush=True)
+        raise
+    finally:
+        if listener is not None:
+            listener.close()
+        if peer.poll() is None:
+            peer.kill()
+        peer.wait()
+
+
+def main() -> int:
+    failures = 0
+    for suite in SUITES:
+        for role in ("client", "server"):
+            try:
+                run_case(suite, role)
+            except Exception as exc:  # report every case, then fail
+                failures += 1
+                print(f"FAIL: {suite} hsd-{role}: {type(exc).__name__}: {exc}", flush=True)
+    print(f"ktls-matrix: {2 * len(SUITES) - failures}/{2 * len(SUITES)} cases passed", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
