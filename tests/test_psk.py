@@ -111,8 +111,8 @@ class ThrowawayKeyring:
     KEY_TYPE = "user"  # this kernel may lack the "psk" key type; the policy reads both
 
     def __init__(self) -> None:
-        self.serial = keyring.add_key("keyring", f"hsd-test-{uuid.uuid4().hex}", b"",
-                                      keyring.KEY_SPEC_PROCESS_KEYRING)
+        self.name = f"hsd-test-{uuid.uuid4().hex}"
+        self.serial = keyring.add_key("keyring", self.name, b"", keyring.KEY_SPEC_PROCESS_KEYRING)
 
     def add(self, identity: str, secret: bytes) -> int:
         return keyring.add_key(self.KEY_TYPE, identity, secret, self.serial)
@@ -142,14 +142,16 @@ def plugins() -> pluggy.PluginManager:
 
 
 def handshake(plugins: pluggy.PluginManager, sock: socket.socket, role: str, keyring_serial: int,
-              identities: tuple[int, ...] = (), modes: tuple[str, ...] = ("psk_dhe_ke",)) -> Session:
+              identities: tuple[int, ...] = (), modes: tuple[str, ...] = ("psk_dhe_ke",),
+              backend: str = "openssl", keyring_names: tuple[str, ...] = ()) -> Session:
     request = HandshakeRequest(
         sockfd=sock.fileno(),
         message_type=MessageType.CLIENTHELLO if role == "client" else MessageType.SERVERHELLO,
         auth_mode=AuthMode.PSK, timeout_ms=int(TIMEOUT * 1000),
         peer_identities=identities, keyring=keyring_serial)
     ctx = HandshakeContext(request=request, sock=sock, deadline=time.monotonic() + TIMEOUT,
-                           backend="openssl", config=Config(psk_modes=list(modes)), hook=plugins.hook)
+                           backend=backend, hook=plugins.hook,
+                           config=Config(psk_modes=list(modes), keyrings=list(keyring_names)))
     return plugins.hook.hsd_handshake(ctx=ctx)
 
 
@@ -371,10 +373,12 @@ def gnutls_client(port: int, identity: str, secret: bytes, priority: str) -> Pee
 
 
 def serve_one(plugins: pluggy.PluginManager, server: socket.socket, keyring_serial: int,
-              modes: tuple[str, ...] = ("psk_dhe_ke",)) -> tuple[socket.socket, Session]:
+              modes: tuple[str, ...] = ("psk_dhe_ke",), keyring_names: tuple[str, ...] = ()
+              ) -> tuple[socket.socket, Session]:
     sock, _ = server.accept()
     try:
-        return sock, handshake(plugins, sock, "server", keyring_serial, (0,), modes)
+        return sock, handshake(plugins, sock, "server", keyring_serial, (0,), modes,
+                               keyring_names=keyring_names)
     except BaseException:
         sock.close()
         raise
@@ -594,3 +598,66 @@ def test_concurrent_servers_see_only_their_own_keyring(plugins: pluggy.PluginMan
         for ring in rings:
             ring.close()
     assert results == {i: (serials[i],) for i in range(count)}
+
+
+def test_server_finds_keys_in_a_configured_keyring(plugins: pluggy.PluginManager, ring: ThrowawayKeyring) -> None:
+    """[authenticate] keyrings= names are resolved per request; ACCEPT carried no keyring here."""
+    secret = secrets.token_bytes(32)
+    serial = ring.add(ID256, secret)
+    with listener() as (server, port):
+        peer, _ = openssl_client(port, ID256, secret, "sha256")
+        try:
+            sock, session = serve_one(plugins, server, 0, keyring_names=(ring.name,))
+            with sock:
+                assert session.remote_auth == (serial,)
+                prove_server_keys(sock, session, peer)
+        finally:
+            peer.stop()
+
+
+def test_server_without_the_keyring_rejects_the_identity(plugins: pluggy.PluginManager,
+                                                         ring: ThrowawayKeyring) -> None:
+    """A key in a keyring this request was not given stays invisible (EKEYREJECTED)."""
+    secret = secrets.token_bytes(32)
+    ring.add(ID256, secret)
+    with listener() as (server, port):
+        peer, _ = openssl_client(port, ID256, secret, "sha256")
+        try:
+            with pytest.raises(HandshakeError) as info:
+                serve_one(plugins, server, 0)
+        finally:
+            peer.stop()
+    assert info.value.status == errno.EKEYREJECTED
+
+
+def test_server_rejects_a_client_offering_no_psk(plugins: pluggy.PluginManager, ring: ThrowawayKeyring) -> None:
+    ring.add(ID256, secrets.token_bytes(32))
+    with listener() as (server, port):
+        peer = Peer(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3"])
+        try:
+            with pytest.raises(HandshakeError) as info:
+                serve_one(plugins, server, ring.serial)
+        finally:
+            peer.stop()
+    assert info.value.status == errno.EACCES
+
+
+def test_backend_without_psk_mechanics_is_unsupported(plugins: pluggy.PluginManager,
+                                                      ring: ThrowawayKeyring) -> None:
+    serial = ring.add(ID256, secrets.token_bytes(32))
+    with listener() as (server, port), connect(port) as sock:
+        with pytest.raises(HandshakeError) as info:
+            handshake(plugins, sock, "client", ring.serial, (serial,), backend="no-such-backend")
+    assert info.value.status == errno.EOPNOTSUPP
+    assert "no-such-backend" in info.value.reason
+
+
+def test_policy_ignores_other_auth_modes(plugins: pluggy.PluginManager) -> None:
+    request = HandshakeRequest(sockfd=-1, message_type=MessageType.CLIENTHELLO, auth_mode=AuthMode.X509)
+    ctx = HandshakeContext(request=request, sock=socket.socket(), deadline=time.monotonic() + 1,
+                           backend="openssl", config=Config(), hook=plugins.hook)
+    with ctx.sock:
+        assert hsd_psk.hsd_handshake(ctx=ctx) is None
+    info = hsd_psk.hsd_backend_info()
+    assert info.name == "psk" and info.kind == "policy"
+    assert {str(mode) for mode in info.modes} == {"client/psk", "server/psk"}
