@@ -21,14 +21,19 @@ def tlslite_identity(creds: X509Credentials, role: str) -> tuple[X509CertChain, 
     if not creds.chain or creds.key is None:
         raise CredentialError(f"{role} x509 handshake needs a certificate and a private key")
     try:
-        chain = X509CertChain([X509().parseBinary(bytearray(cert.public_bytes(serialization.Encoding.DER)))
-                               for cert in creds.chain])
+        chain = X509CertChain([_tlslite_certificate(cert) for cert in creds.chain])
         pem = creds.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                       serialization.NoEncryption())
         key = parsePEMKey(pem.decode("ascii"), private=True, implementations=["python"])
     except (SyntaxError, ValueError, TypeError, AttributeError) as exc:
         raise CredentialError(f"{role} certificate/private key unusable with tlslite: {exc}") from None
     return chain, key
+
+
+def _tlslite_certificate(cert: x509.Certificate) -> X509:
+    parsed = X509()
+    parsed.parseBinary(bytearray(cert.public_bytes(serialization.Encoding.DER)))  # returns None
+    return parsed
 
 
 def chain_der(chain: X509CertChain | None) -> tuple[bytes, ...]:

@@ -29,6 +29,11 @@ UNKNOWN_PSK_IDENTITY_ALERT = bytes([21, 3, 3, 0, 2, 2, 115])  # plaintext fatal 
 MAX_CLIENT_HELLO = 1 << 17
 
 
+def psk_mode(session: Session) -> str:
+    """psk_dhe_ke when a key exchange group was negotiated alongside the PSK, else psk_ke."""
+    return "psk_dhe_ke" if session.group else "psk_ke"
+
+
 def _wipe(settings) -> None:
     for config in settings.pskConfigs:
         secret = config[1]
@@ -50,6 +55,7 @@ def client_psk_handshake(ctx: HandshakeContext, offer: PskOffer) -> Session:
         raise PeerRejected("server did not select one of our PSKs")
     session = build_session(conn, "client")
     session.remote_auth = (offer.keys[observer.selected_psk].serial,)
+    session.details["psk_mode"] = psk_mode(session)
     return session
 
 
@@ -111,4 +117,5 @@ def server_psk_handshake(ctx: HandshakeContext, offer: PskOffer) -> Session:
     chosen = identities[observer.selected_psk]
     session = build_session(conn, "server")
     session.remote_auth = (next(key.serial for key in known if key.identity == chosen),)
+    session.details["psk_mode"] = psk_mode(session)
     return session
