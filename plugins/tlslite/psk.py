@@ -80,7 +80,7 @@ def _read_client_hello(records: RecordSocket) -> tuple[bytes, bytes]:
 def offered_identities(message: bytes) -> list[bytes]:
     """The PSK identities of a ClientHello message, in the client's order."""
     try:
-        hello = ClientHello().parse(Parser(bytearray(message[4:])))
+        hello = ClientHello().parse(Parser(bytearray(message[1:])))  # parse() wants the 3-byte length
     except (SyntaxError, ValueError, AssertionError, IndexError) as exc:
         raise PeerRejected(f"malformed ClientHello: {exc}") from None
     ext = hello.getExtension(ExtensionType.pre_shared_key)

@@ -1,0 +1,118 @@
+"""hsd.x509verify on its own: path, names, time, CRLs, client policy - with the real test PKI."""
+
+from __future__ import annotations
+
+import datetime
+import errno
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from hsd import x509verify
+from hsd.credentials import X509Credentials, parse_certificates, parse_crls
+from hsd.errors import PeerRejected
+from hsd.testing.pki import TestPki, make_pki
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    return make_pki(str(tmp_path_factory.mktemp("pki")))
+
+
+def load(path: str) -> list[x509.Certificate]:
+    with open(path, "rb") as handle:
+        return parse_certificates(handle.read(), path)
+
+
+def crls(pki: TestPki) -> list[x509.CertificateRevocationList]:
+    with open(pki.crl, "rb") as handle:
+        return parse_crls(handle.read(), pki.crl)
+
+
+def trusting(pki: TestPki, **kw) -> X509Credentials:
+    return X509Credentials(trust=load(pki.ca), **kw)
+
+
+def rejected(fragment: str, call, *args) -> None:
+    with pytest.raises(PeerRejected) as info:
+        call(*args)
+    assert info.value.status == errno.EACCES
+    assert fragment in info.value.reason, info.value.reason
+
+
+@pytest.mark.parametrize("name", ["localhost", "LOCALHOST.", "127.0.0.1"])
+def test_server_chain_verifies_for_its_names(pki, name: str) -> None:
+    path = x509verify.verify_server_certificate(load(pki.server.chain), trusting(pki), name)
+    assert path[0] == load(pki.server.cert)[0] and path[-1] == load(pki.ca)[0]
+
+
+def test_server_leaf_alone_verifies_against_trusted_issuer(pki) -> None:
+    assert len(x509verify.verify_server_certificate(load(pki.server.cert), trusting(pki), "localhost")) == 2
+
+
+@pytest.mark.parametrize("name,fragment", [("other.example", "hostname mismatch"), ("127.0.0.2", "IP address mismatch"),
+                                           ("::1", "IP address mismatch")])
+def test_server_name_mismatch(pki, name: str, fragment: str) -> None:
+    rejected(fragment, x509verify.verify_server_certificate, load(pki.server.chain), trusting(pki), name)
+
+
+def test_no_peer_name_is_refused_without_lookup(pki) -> None:
+    rejected("no reverse DNS", x509verify.verify_server_certificate, load(pki.server.chain), trusting(pki), None)
+
+
+def test_untrusted_expired_and_wrong_purpose(pki) -> None:
+    rejected("unable to get local issuer", x509verify.verify_server_certificate,
+             load(pki.untrusted_server.chain), trusting(pki), "localhost")
+    rejected("certificate has expired", x509verify.verify_server_certificate,
+             load(pki.expired_server.chain), trusting(pki), "localhost")
+    rejected("purpose", x509verify.verify_client_certificate, load(pki.server.chain), trusting(pki))
+
+
+def test_system_store_does_not_trust_the_test_ca(pki) -> None:
+    assert x509verify.system_trust_anchors()  # the machine's bundle was found and parsed
+    rejected("unable to get local issuer", x509verify.verify_server_certificate,
+             load(pki.server.chain), X509Credentials(trust=None), "localhost")
+
+
+def test_revoked_certificate_is_rejected_and_good_one_passes(pki) -> None:
+    creds = trusting(pki, crls=crls(pki))
+    rejected("certificate revoked", x509verify.verify_server_certificate, load(pki.revoked_server.chain), creds,
+             "localhost")
+    x509verify.verify_server_certificate(load(pki.server.chain), creds, "localhost")
+
+
+def test_expired_crl_and_missing_crl(pki) -> None:
+    path = x509verify.verify_server_certificate(load(pki.server.chain), trusting(pki), "localhost")
+    later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=31)
+    rejected("CRL has expired", x509verify.check_revocation, path, crls(pki), later)
+    key = ec.generate_private_key(ec.SECP256R1())  # a CRL for another issuer name does not count
+    now = datetime.datetime.now(datetime.timezone.utc)
+    stranger = (x509.CertificateRevocationListBuilder()
+                .issuer_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "someone")]))
+                .last_update(now).next_update(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    rejected("unable to get certificate CRL", x509verify.check_revocation, path, [stranger])
+
+
+def test_forged_crl_signature_is_rejected(pki) -> None:
+    path = x509verify.verify_server_certificate(load(pki.server.chain), trusting(pki), "localhost")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    forged = (x509.CertificateRevocationListBuilder().issuer_name(path[1].subject)
+              .last_update(now).next_update(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    rejected("CRL signature failure", x509verify.check_revocation, path, [forged])
+
+
+def test_client_policy(pki) -> None:
+    client = load(pki.client.chain)
+    assert x509verify.verify_client_certificate(client, trusting(pki))
+    assert x509verify.verify_client_certificate(client, trusting(pki, allowed_sans=["CLIENT.test"]))
+    rejected("allowed_client_sans", x509verify.verify_client_certificate, client,
+             trusting(pki, allowed_sans=["someone.test"]))
+    assert x509verify.verify_client_certificate([], trusting(pki)) == []
+    rejected("no certificate", x509verify.verify_client_certificate, [], trusting(pki, require_peer_cert=True))
+    rejected("no certificate", x509verify.verify_client_certificate, [], trusting(pki, allowed_sans=["client.test"]))
+    untrusted = load(pki.untrusted_server.chain)
+    rejected("verify failed", x509verify.verify_client_certificate, untrusted, trusting(pki))
+    assert x509verify.verify_client_certificate(untrusted, trusting(pki, verify_peer=False)) == []
