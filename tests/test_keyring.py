@@ -187,7 +187,9 @@ def test_invalidate(ring: int) -> None:
     kr.invalidate(serial)
     with pytest.raises(KeyringError) as info:
         kr.read_key(serial)
-    assert info.value.errno == errno.ENOKEY
+    # ENOKEY while the invalidated key is still linked; EACCES once the key garbage
+    # collector has unlinked it (then it is no longer possessed) - a race with the kernel
+    assert info.value.errno in (errno.ENOKEY, errno.EACCES)
     assert kr.search(ring, "user", name) is None
 
 
