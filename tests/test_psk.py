@@ -661,3 +661,40 @@ def test_policy_ignores_other_auth_modes(plugins: pluggy.PluginManager) -> None:
     info = hsd_psk.hsd_backend_info()
     assert info.name == "psk" and info.kind == "policy"
     assert {str(mode) for mode in info.modes} == {"client/psk", "server/psk"}
+
+
+# --- the whole path: simulated NVMe host -> dispatcher -> psk policy -> openssl -> kTLS ---------
+
+def test_nvme_host_request_through_the_dispatcher(ring: ThrowawayKeyring) -> None:
+    from hsd.dispatcher import Dispatcher
+    from hsd.plugins import PluginHost
+    from hsd.simulator import Simulator
+
+    secret = secrets.token_bytes(48)
+    serial = ring.add(ID384, secret)
+    config = Config(backend="openssl")
+    host = PluginHost(config)
+    assert host.add("psk", hsd_psk) is not None
+    assert host.add("openssl", hsd_openssl) is not None
+    with Simulator() as sim, openssl_server(ID384, secret, "sha384") as (port, peer), connect(port) as mine:
+        channel = sim.channel()
+        dispatcher = Dispatcher(channel, host, config)
+        stop, ready = threading.Event(), threading.Event()
+        thread = threading.Thread(target=dispatcher.run, args=(stop, ready.set), daemon=True)
+        thread.start()
+        try:
+            assert ready.wait(5)
+            request = sim.client_hello_psk(mine, [serial], keyring=ring.serial, timeout_ms=10000)
+            status, peerid = request.wait(TIMEOUT)
+            assert (status, peerid) == (0, serial)  # the NVMe host insists on the serial of the PSK used
+            assert request.ktls_tx is not None and request.ktls_rx is not None
+            layer = RecordLayer(mine, request.ktls_tx, request.ktls_rx)
+            mine.settimeout(TIMEOUT)
+            layer.send(b"nvme-over-ktls\n")
+            peer.wait_for(b"nvme-over-ktls")
+            peer.send(b"target-reply\n")
+            assert b"target-reply" in layer.recv_until(b"\n")
+        finally:
+            stop.set()
+            thread.join(15)
+            channel.close()

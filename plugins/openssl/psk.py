@@ -53,7 +53,6 @@ class _Handshake:
     """One handshake's state, reachable from its callbacks."""
 
     keys: dict[bytes, PskKey | None] = field(default_factory=dict)
-    offered: PskKey | None = None  # client: the key put in the ClientHello
     used: PskKey | None = None  # the key OpenSSL matched
     secrets: TrafficSecrets = field(default_factory=TrafficSecrets)
     pinned: list[Any] = field(default_factory=list)  # cffi callbacks and buffers OpenSSL points into
@@ -115,7 +114,7 @@ def _client(ctx: HandshakeContext, offer: PskOffer) -> Session:
     if len(offer.keys) > 1:  # OpenSSL puts one external PSK in a ClientHello
         log.info("offering PSK '%s'; %d more identities not offered (one per ClientHello)",
                  key.identity.decode(errors="replace"), len(offer.keys) - 1)
-    state = _Handshake(offered=key)
+    state = _Handshake()
     identity = ffi.new("unsigned char[]", key.identity)
     state.pinned.append(identity)
 
