@@ -1,0 +1,426 @@
+"""Real, independent TLS peers for tests: OpenSSL and GnuTLS command-line tools on loopback.
+
+hsd's handshakes are only worth something if another implementation agrees.
+These wrappers start `openssl s_server/s_client` and `gnutls-serv/gnutls-cli`
+as subprocesses (own process group, killed on teardown), wait until a server
+really listens (from /proc/net/tcp, so no probe connection is wasted), and let
+a test write lines to the peer's stdin and wait for what the peer printed.
+
+Also here: scripted TCP peers for negative tests (silent, garbage, closes
+mid-handshake), which are not TLS implementations at all.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+LOOPBACK = "127.0.0.1"
+
+# IANA suite -> GnuTLS priority cipher keyword
+GNUTLS_CIPHERS = {
+    "TLS_AES_128_GCM_SHA256": "AES-128-GCM",
+    "TLS_AES_256_GCM_SHA384": "AES-256-GCM",
+    "TLS_CHACHA20_POLY1305_SHA256": "CHACHA20-POLY1305",
+    "TLS_AES_128_CCM_SHA256": "AES-128-CCM",
+}
+
+
+class PeerError(Exception):
+    """The peer process did not start, did not print what was expected, or died."""
+
+
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago (bind to 0, read it, release)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((LOOPBACK, 0))
+        return probe.getsockname()[1]
+
+
+def is_listening(port: int) -> bool:
+    """True when some socket listens on port (IPv4 or IPv6), read from /proc/net/tcp*."""
+    wanted = f":{port:04X}"
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, encoding="ascii") as handle:
+                next(handle, None)
+                for line in handle:
+                    fields = line.split()
+                    if len(fields) > 3 and fields[1].endswith(wanted) and fields[3] == "0A":
+                        return True
+        except OSError:
+            continue
+    return False
+
+
+def tool_available(name: str) -> bool:
+    return shutil.which(name) is not None
+
+
+def gnutls_priority(suites: list[str] | None) -> str:
+    """TLS 1.3 only, optionally restricted to the given IANA suites."""
+    base = "NORMAL:-VERS-ALL:+VERS-TLS1.3"
+    if not suites:
+        return base
+    return base + ":-CIPHER-ALL:" + ":".join("+" + GNUTLS_CIPHERS[s] for s in suites)
+
+
+class PeerProcess:
+    """A peer subprocess: stdin to write lines to, combined stdout/stderr collected in the background."""
+
+    def __init__(self, argv: list[str], name: str) -> None:
+        self.argv = argv
+        self.name = name
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._output = bytearray()
+        self._cond = threading.Condition()
+        self._reader: threading.Thread | None = None
+
+    def start(self) -> "PeerProcess":
+        prefix = ["stdbuf", "-o0", "-e0"] if tool_available("stdbuf") else []
+        self.proc = subprocess.Popen(prefix + self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self._reader = threading.Thread(target=self._read_output, name=f"{self.name}-output", daemon=True)
+        self._reader.start()
+        return self
+
+    def _read_output(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:
+                chunk = b""
+            with self._cond:
+                if not chunk:
+                    self._cond.notify_all()
+                    return
+                self._output += chunk
+                self._cond.notify_all()
+
+    @property
+    def output(self) -> str:
+        with self._cond:
+            return self._output.decode(errors="replace")
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def send_line(self, line: str | bytes) -> None:
+        """Write one line to the peer's stdin (the peer sends it over TLS)."""
+        assert self.proc is not None and self.proc.stdin is not None
+        data = line.encode() if isinstance(line, str) else line
+        if not data.endswith(b"\n"):
+            data += b"\n"
+        try:
+            self.proc.stdin.write(data)
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            raise PeerError(f"{self.name} exited; output:\n{self.output}") from None
+
+    def wait_for(self, pattern: str | bytes, timeout: float = 10.0) -> str:
+        """Block until the output contains pattern (a regex); returns the output so far."""
+        regex = re.compile(pattern.encode() if isinstance(pattern, str) else pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not regex.search(self._output):
+                remaining = deadline - time.monotonic()
+                reader_done = self._reader is not None and not self._reader.is_alive()
+                if remaining <= 0 or reader_done:
+                    raise PeerError(f"{self.name}: {pattern!r} did not appear "
+                                    f"({'exited' if reader_done else 'timed out'}); output:\n"
+                                    f"{self._output.decode(errors='replace')}")
+                self._cond.wait(min(remaining, 0.2))
+            return self._output.decode(errors="replace")
+
+    def wait_exit(self, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        """Terminate the whole process group; kill what does not go within 3 s."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(3)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(3)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
+        if self._reader is not None:
+            self._reader.join(3)
+
+    def __enter__(self) -> "PeerProcess":
+        return self if self.proc is not None else self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@dataclass
+class PeerOptions:
+    """What a peer presents and checks; paths are PEM files (see hsd.testing.pki)."""
+
+    cert: str | None = None  # our certificate (chain) file
+    key: str | None = None
+    ca: str | None = None  # trust anchors for verifying the other side
+    crl: str | None = None
+    suites: list[str] | None = None  # IANA TLS 1.3 suites; None: the tool's default
+    verify: bool = True  # client: verify the server (and its name)
+    servername: str = "localhost"  # client: SNI and the name to verify
+    request_client_cert: bool = False  # server: ask for a client certificate
+    require_client_cert: bool = False  # server: insist on one
+    extra: list[str] = field(default_factory=list)
+
+
+class ServerPeer(PeerProcess):
+    """A listening peer; start() returns once the port accepts connections."""
+
+    def __init__(self, argv: list[str], name: str, port: int) -> None:
+        super().__init__(argv, name)
+        self.port = port
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (LOOPBACK, self.port)
+
+    def start(self, timeout: float = 10.0) -> "ServerPeer":
+        super().start()
+        deadline = time.monotonic() + timeout
+        while not is_listening(self.port):
+            if not self.running():
+                self.stop()
+                raise PeerError(f"{self.name} exited before listening; output:\n{self.output}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise PeerError(f"{self.name} did not listen on {self.port} in time; output:\n{self.output}")
+            time.sleep(0.02)
+        return self
+
+    def connect(self, timeout: float = 5.0) -> socket.socket:
+        """A connected, non-blocking TCP socket to this peer (what the kernel would hand over)."""
+        sock = socket.create_connection(self.address, timeout=timeout)
+        sock.setblocking(False)
+        return sock
+
+
+def openssl_server(opts: PeerOptions, port: int | None = None) -> ServerPeer:
+    """`openssl s_server`: prints what it receives, sends what is written to its stdin."""
+    port = port or free_port()
+    argv = ["openssl", "s_server", "-accept", f"{LOOPBACK}:{port}", "-tls1_3", "-naccept", "1"]
+    if opts.cert:
+        argv += ["-cert", opts.cert]
+    if opts.key:
+        argv += ["-key", opts.key]
+    if opts.ca:
+        argv += ["-CAfile", opts.ca]
+    if opts.crl:
+        argv += ["-CRL", opts.crl, "-crl_check"]
+    if opts.suites:
+        argv += ["-ciphersuites", ":".join(opts.suites)]
+    if opts.require_client_cert:
+        argv += ["-Verify", "4", "-verify_return_error"]
+    elif opts.request_client_cert:
+        argv += ["-verify", "4", "-verify_return_error"]
+    return ServerPeer(argv + opts.extra, "openssl s_server", port)
+
+
+def gnutls_server(opts: PeerOptions, port: int | None = None) -> ServerPeer:
+    """`gnutls-serv --echo`: echoes what it receives (proves both directions at once)."""
+    port = port or free_port()
+    argv = ["gnutls-serv", "--port", str(port), "--echo", "--priority", gnutls_priority(opts.suites)]
+    if opts.cert:
+        argv += ["--x509certfile", opts.cert]
+    if opts.key:
+        argv += ["--x509keyfile", opts.key]
+    if opts.ca:
+        argv += ["--x509cafile", opts.ca]
+    if opts.crl:
+        argv += ["--x509crlfile", opts.crl]
+    if opts.require_client_cert:
+        argv += ["--require-client-cert"]
+    elif opts.request_client_cert:
+        argv += ["--verify-client-cert"]
+    return ServerPeer(argv + opts.extra, "gnutls-serv", port)
+
+
+def openssl_client(opts: PeerOptions, port: int, host: str = LOOPBACK) -> PeerProcess:
+    """`openssl s_client`: sends stdin lines, prints what it receives (-msg shows handshake messages)."""
+    argv = ["openssl", "s_client", "-connect", f"{host}:{port}", "-tls1_3", "-ign_eof",
+            "-servername", opts.servername]
+    if opts.cert:
+        argv += ["-cert", opts.cert]
+    if opts.key:
+        argv += ["-key", opts.key]
+    if opts.ca:
+        argv += ["-CAfile", opts.ca]
+    if opts.crl:
+        argv += ["-CRL", opts.crl, "-crl_check"]
+    if opts.suites:
+        argv += ["-ciphersuites", ":".join(opts.suites)]
+    if opts.verify:
+        argv += ["-verify_return_error", "-verify_hostname", opts.servername]
+    return PeerProcess(argv + opts.extra, "openssl s_client")
+
+
+def gnutls_client(opts: PeerOptions, port: int, host: str = LOOPBACK) -> PeerProcess:
+    """`gnutls-cli`: sends stdin lines, prints what it receives."""
+    argv = ["gnutls-cli", "--port", str(port), "--priority", gnutls_priority(opts.suites),
+            "--sni-hostname", opts.servername]
+    if opts.cert:
+        argv += ["--x509certfile", opts.cert]
+    if opts.key:
+        argv += ["--x509keyfile", opts.key]
+    if opts.ca:
+        argv += ["--x509cafile", opts.ca]
+    if opts.crl:
+        argv += ["--x509crlfile", opts.crl]
+    if opts.verify:
+        argv += ["--verify-hostname", opts.servername]
+    else:
+        argv += ["--insecure"]
+    return PeerProcess(argv + opts.extra + [host], "gnutls-cli")
+
+
+class Listener:
+    """A loopback listening socket for tests where hsd is the server and a peer connects."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((LOOPBACK, 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+
+    def accept(self, timeout: float = 10.0) -> socket.socket:
+        """The next connection, non-blocking (like the fd the kernel hands over)."""
+        self.sock.settimeout(timeout)
+        conn, _ = self.sock.accept()
+        conn.setblocking(False)
+        return conn
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> "Listener":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------- scripted (non-TLS) peers
+
+Behaviour = Callable[[socket.socket], None]
+
+
+class ScriptedPeer:
+    """A TCP server on loopback that runs one behaviour per connection in a thread."""
+
+    def __init__(self, behaviour: Behaviour, name: str) -> None:
+        self.behaviour = behaviour
+        self.name = name
+        self.listener = Listener()
+        self.port = self.listener.port
+        self.connections: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (LOOPBACK, self.port)
+
+    def start(self) -> "ScriptedPeer":
+        self._thread.start()
+        return self
+
+    def connect(self, timeout: float = 5.0) -> socket.socket:
+        sock = socket.create_connection(self.address, timeout=timeout)
+        sock.setblocking(False)
+        return sock
+
+    def _serve(self) -> None:
+        self.listener.sock.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.listener.sock.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            conn.settimeout(5)
+            self.connections.append(conn)
+            try:
+                self.behaviour(conn)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(3)
+        self.listener.close()
+        for conn in self.connections:
+            conn.close()
+
+    def __enter__(self) -> "ScriptedPeer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _read_record(conn: socket.socket) -> bytes:
+    header = conn.recv(5, socket.MSG_WAITALL)
+    if len(header) < 5:
+        return header
+    return header + conn.recv(int.from_bytes(header[3:5], "big"), socket.MSG_WAITALL)
+
+
+def silent_peer() -> ScriptedPeer:
+    """Accepts and never answers (the connection stays open until stop())."""
+    return ScriptedPeer(lambda conn: None, "silent-peer")
+
+
+def garbage_peer(garbage: bytes = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n") -> ScriptedPeer:
+    """Reads the ClientHello, answers with bytes that are not TLS."""
+
+    def behaviour(conn: socket.socket) -> None:
+        _read_record(conn)
+        conn.sendall(garbage)
+
+    return ScriptedPeer(behaviour, "garbage-peer")
+
+
+def closing_peer(partial: bytes = b"\x16\x03\x03\x00\x7a\x02\x00\x00\x76\x03\x03") -> ScriptedPeer:
+    """Reads the ClientHello, sends the start of a ServerHello record, then closes (mid-handshake)."""
+
+    def behaviour(conn: socket.socket) -> None:
+        _read_record(conn)
+        if partial:
+            conn.sendall(partial)
+        conn.shutdown(socket.SHUT_RDWR)
+        conn.close()
+
+    return ScriptedPeer(behaviour, "closing-peer")

@@ -1,0 +1,28 @@
+"""The TLS 1.3 protocol settings every OpenSSL context of hsd gets.
+
+Only suites the kernel can take over are offered (all four kTLS TLS 1.3 suites,
+in the reference daemon's order; CCM is off by default in OpenSSL, so the list
+is explicit).  Groups stay OpenSSL's default (hybrid ML-KEM first).
+"""
+
+from __future__ import annotations
+
+from OpenSSL import SSL
+
+KTLS_SUITES = (
+    "TLS_AES_256_GCM_SHA384",
+    "TLS_CHACHA20_POLY1305_SHA256",
+    "TLS_AES_128_GCM_SHA256",
+    "TLS_AES_128_CCM_SHA256",
+)
+
+
+def tls13_context(suites: tuple[str, ...] = KTLS_SUITES) -> SSL.Context:
+    """A TLS-1.3-only context with the given suites and no session cache."""
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_min_proto_version(SSL.TLS1_3_VERSION)
+    context.set_max_proto_version(SSL.TLS1_3_VERSION)
+    context.set_tls13_ciphersuites(":".join(suites).encode())
+    context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+    context.set_options(SSL.OP_NO_TICKET)
+    return context
