@@ -720,3 +720,9 @@ def test_pyroute2_encoding_is_byte_identical_to_ours() -> None:
                      ("HANDSHAKE_A_DONE_REMOTE_AUTH", 55)]
     done.encode()
     assert bytes(done.data) == p.encode_done(FAMILY_ID, 6, p.Done(4, 0, (55,)))
+
+
+def test_more_peer_identities_than_the_kernel_sends_are_still_read() -> None:
+    # the kernel sends at most 5; the agent side stays lenient and keeps whatever arrives
+    payload = p.attr_s32(1, 4) + u32(3, 1) + u32(5, 2) + b"".join(u32(6, s) for s in range(1, 9))
+    assert p.decode_accept_reply(genl(Cmd.ACCEPT, payload)).peer_identities == tuple(range(1, 9))
