@@ -13,10 +13,10 @@ def install_identity(context: SSL.Context, creds: X509Credentials, role: str) ->
     if not creds.chain or creds.key is None:
         raise CredentialError(f"{role} x509 handshake needs a certificate and a private key")
     try:
-        context.use_certificate(crypto.X509.from_cryptography(creds.chain[0]))
+        context.use_certificate(creds.chain[0])
         for extra in creds.chain[1:]:
-            context.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
-        context.use_privatekey(crypto.PKey.from_cryptography_key(creds.key))
+            context.add_extra_chain_cert(extra)
+        context.use_privatekey(creds.key)
         context.check_privatekey()
     except (SSL.Error, crypto.Error, TypeError, ValueError) as exc:
         raise CredentialError(f"{role} certificate/private key unusable: {exc}") from None

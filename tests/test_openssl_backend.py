@@ -1,0 +1,414 @@
+"""The OpenSSL backend against real, independent peers (openssl and gnutls tools on loopback).
+
+Every successful handshake is followed by application data in both directions
+through hsd.testing.records, keyed only by the crypto_info hsd would install:
+that is the proof the kTLS keys and sequence numbers are right.  Negative
+cases check the typed error, its DONE status and that the reason is readable.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import time
+from collections.abc import Iterator
+
+import pluggy
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+import hsd_openssl
+from hsd.config import Config
+from hsd.context import HandshakeContext
+from hsd.credentials import X509Credentials, load_x509, parse_certificates, parse_private_key
+from hsd.errors import CredentialError, HandshakeError, HandshakeTimeout, PeerClosed, PeerRejected
+from hsd.hookspecs import PROJECT, HookSpecs, Mode
+from hsd.ktls import session_crypto_info
+from hsd.protocol import AuthMode, HandshakeRequest, MessageType
+from hsd.session import Session
+from hsd.testing import peers
+from hsd.testing.pki import TestPki, make_pki
+from hsd.testing.records import NEW_SESSION_TICKET, KtlsRecordChecker, TlsAlert
+
+SUITES = ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256",
+          "TLS_AES_128_CCM_SHA256"]
+PEERS = ["openssl", "gnutls"]
+CERTIFICATE_REQUIRED = 116  # TLS 1.3 alert
+SERVER_PEERS = {"openssl": peers.openssl_server, "gnutls": peers.gnutls_server}
+CLIENT_PEERS = {"openssl": peers.openssl_client, "gnutls": peers.gnutls_client}
+
+pytestmark = pytest.mark.skipif(not (peers.tool_available("openssl") and peers.tool_available("gnutls-serv")),
+                                reason="needs the openssl and gnutls-bin command-line tools")
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    return make_pki(str(tmp_path_factory.mktemp("pki")))
+
+
+@pytest.fixture(scope="module")
+def plugins() -> pluggy.PluginManager:
+    manager = pluggy.PluginManager(PROJECT)
+    manager.add_hookspecs(HookSpecs)
+    manager.register(hsd_openssl)
+    return manager
+
+
+def der(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return x509.load_pem_x509_certificate(handle.read()).public_bytes(Encoding.DER)
+
+
+def client_config(pki: TestPki, *, mutual: bool = False, crl: bool = False) -> Config:
+    config = Config()
+    config.client.truststore = pki.ca
+    if mutual:
+        config.client.certificate, config.client.private_key = pki.client.cert, pki.client.key
+    if crl:
+        config.client.crl = pki.crl
+    return config
+
+
+def server_config(pki: TestPki, *, require: bool = False, allowed: list[str] | None = None) -> Config:
+    config = Config()
+    config.server.truststore = pki.ca
+    config.server.certificate, config.server.private_key = pki.server.cert, pki.server.key
+    config.require_client_certificate = require
+    config.allowed_client_sans = allowed or []
+    return config
+
+
+def context(sock: socket.socket, role: str, auth: str, config: Config, *, peername: str | None = "localhost",
+            timeout: float = 10.0, x509: X509Credentials | None = None) -> HandshakeContext:
+    request = HandshakeRequest(
+        sockfd=sock.fileno(),
+        message_type=MessageType.CLIENTHELLO if role == "client" else MessageType.SERVERHELLO,
+        auth_mode=AuthMode.X509 if auth == "x509" else AuthMode.UNAUTH,
+        timeout_ms=int(timeout * 1000),
+        peername=peername if role == "client" else None,
+    )
+    return HandshakeContext(request=request, sock=sock, deadline=time.monotonic() + timeout, backend="openssl",
+                            config=config, x509=x509 if x509 is not None else load_x509(config, request))
+
+
+def handshake(plugins: pluggy.PluginManager, ctx: HandshakeContext) -> Session:
+    session = plugins.hook.hsd_handshake(ctx=ctx)
+    assert session is not None, "the openssl backend declined a mode it serves"
+    return session
+
+
+def checker(sock: socket.socket, session: Session) -> KtlsRecordChecker:
+    tx, rx = session_crypto_info(session)
+    return KtlsRecordChecker(sock, tx, rx)
+
+
+def exchange_with_server(peer_kind: str, server: peers.PeerProcess, records: KtlsRecordChecker) -> None:
+    """hsd (client) -> peer and peer -> hsd, through the record checker."""
+    records.send(b"hello from hsd\n")
+    if peer_kind == "gnutls":  # gnutls-serv --echo answers with what it decrypted
+        assert records.recv_until(b"hello from hsd\n").endswith(b"hello from hsd\n")
+        return
+    server.wait_for("hello from hsd")
+    server.send_line("hello from the peer")
+    assert records.recv_until(b"hello from the peer\n").endswith(b"hello from the peer\n")
+
+
+def exchange_with_client(client: peers.PeerProcess, records: KtlsRecordChecker) -> None:
+    """hsd (server) -> peer and peer -> hsd, through the record checker."""
+    records.send(b"hello from hsd\n")
+    client.wait_for("hello from hsd")
+    client.send_line("hello from the peer")
+    assert records.recv_until(b"hello from the peer\n").endswith(b"hello from the peer\n")
+
+
+@pytest.fixture
+def cleanup() -> Iterator[list]:
+    """Things to stop/close at the end of a test, whatever happens."""
+    items: list = []
+    yield items
+    for item in reversed(items):
+        (item.stop if hasattr(item, "stop") else item.close)()
+
+
+def start_server(kind: str, pki: TestPki, cleanup: list, *, pair=None, **options) -> peers.ServerPeer:
+    pair = pair or pki.server
+    server = SERVER_PEERS[kind](peers.PeerOptions(cert=pair.cert, key=pair.key, ca=pki.ca, **options))
+    cleanup.append(server)
+    return server.start()
+
+
+# ---------------------------------------------------------------- plugin contract
+
+
+def test_backend_info_lists_exactly_the_certificate_modes(plugins: pluggy.PluginManager) -> None:
+    infos = [info for info in plugins.hook.hsd_backend_info() if info.name == "openssl"]
+    assert len(infos) == 1
+    assert {Mode("client", "unauth"), Mode("client", "x509"), Mode("server", "x509")} <= set(infos[0].modes)
+    assert not any(mode.auth == "psk" for mode in hsd_openssl.CERT_MODES)
+
+
+def test_declines_other_backends_and_psk(plugins: pluggy.PluginManager, pki: TestPki) -> None:
+    a, b = socket.socketpair()
+    try:
+        ctx = context(a, "client", "unauth", client_config(pki))
+        ctx.backend = "tlslite"
+        assert plugins.hook.hsd_handshake(ctx=ctx) is None
+        ctx.backend = "openssl"
+        ctx.request = HandshakeRequest(sockfd=a.fileno(), message_type=MessageType.CLIENTHELLO,
+                                       auth_mode=AuthMode.PSK, peername="localhost")
+        assert plugins.hook.hsd_handshake(ctx=ctx) is None
+        b.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            b.recv(1)  # nothing was sent by a declined handshake
+    finally:
+        a.close()
+        b.close()
+
+
+# ---------------------------------------------------------------- hsd as the client
+
+
+@pytest.mark.parametrize("suite", SUITES)
+@pytest.mark.parametrize("kind", PEERS)
+def test_client_unauth(plugins, pki, cleanup, kind: str, suite: str) -> None:
+    server = start_server(kind, pki, cleanup, suites=[suite])
+    sock = server.connect()
+    cleanup.append(sock)
+    session = handshake(plugins, context(sock, "client", "unauth", client_config(pki)))
+    assert session.cipher == suite
+    assert (session.tx_seq, session.rx_seq) == (0, 0)
+    assert session.peer_certificates[0] == der(pki.server.cert)
+    assert session.group
+    records = checker(sock, session)
+    exchange_with_server(kind, server, records)
+    assert NEW_SESSION_TICKET in records.handshake_messages  # the peer's tickets came first, and were skipped
+
+
+@pytest.mark.parametrize("kind", PEERS)
+def test_client_x509_presents_certificate_to_a_requiring_server(plugins, pki, cleanup, kind: str) -> None:
+    server = start_server(kind, pki, cleanup, require_client_cert=True)
+    sock = server.connect()
+    cleanup.append(sock)
+    session = handshake(plugins, context(sock, "client", "x509", client_config(pki, mutual=True)))
+    exchange_with_server(kind, server, checker(sock, session))
+
+
+@pytest.mark.parametrize("kind", PEERS)
+def test_client_unauth_sends_no_certificate_to_a_requiring_server(plugins, pki, cleanup, kind: str) -> None:
+    server = start_server(kind, pki, cleanup, require_client_cert=True)
+    sock = server.connect()
+    cleanup.append(sock)
+    # TLS 1.3: our Finished (with an empty Certificate) goes out before the server's verdict,
+    # so the server's certificate_required alert (116) arrives as the first record under kTLS keys
+    session = handshake(plugins, context(sock, "client", "unauth", client_config(pki, mutual=True)))
+    records = checker(sock, session)
+    with pytest.raises(TlsAlert) as info:
+        records.recv_data()
+    assert info.value.description == CERTIFICATE_REQUIRED
+
+
+def test_client_checks_ip_address_peer_names(plugins, pki, cleanup) -> None:
+    server = start_server("openssl", pki, cleanup)
+    sock = server.connect()
+    cleanup.append(sock)
+    session = handshake(plugins, context(sock, "client", "unauth", client_config(pki), peername="127.0.0.1"))
+    exchange_with_server("openssl", server, checker(sock, session))
+
+
+def test_client_with_crl_accepts_a_good_certificate(plugins, pki, cleanup) -> None:
+    server = start_server("gnutls", pki, cleanup)
+    sock = server.connect()
+    cleanup.append(sock)
+    session = handshake(plugins, context(sock, "client", "unauth", client_config(pki, crl=True)))
+    exchange_with_server("gnutls", server, checker(sock, session))
+
+
+def test_client_verification_can_be_disabled_explicitly(plugins, pki, cleanup) -> None:
+    server = start_server("openssl", pki, cleanup, pair=pki.untrusted_server)
+    sock = server.connect()
+    cleanup.append(sock)
+    config = client_config(pki)
+    config.verify_server = False
+    session = handshake(plugins, context(sock, "client", "unauth", config, peername=None))
+    exchange_with_server("openssl", server, checker(sock, session))
+
+
+# ---------------------------------------------------------------- hsd as the server
+
+
+def serve_one(plugins, pki, cleanup, kind: str, config: Config, **client_options):
+    listener = peers.Listener()
+    cleanup.append(listener)
+    opts = peers.PeerOptions(ca=pki.ca, **client_options)
+    client = CLIENT_PEERS[kind](opts, listener.port)
+    cleanup.append(client)
+    client.start()
+    sock = listener.accept()
+    cleanup.append(sock)
+    return client, sock, (lambda: handshake(plugins, context(sock, "server", "x509", config)))
+
+
+@pytest.mark.parametrize("suite", SUITES)
+@pytest.mark.parametrize("kind", PEERS)
+def test_server_x509_without_client_certificate(plugins, pki, cleanup, kind: str, suite: str) -> None:
+    client, sock, run = serve_one(plugins, pki, cleanup, kind, server_config(pki), suites=[suite])
+    session = run()
+    assert session.cipher == suite
+    assert (session.tx_seq, session.rx_seq) == (0, 0)
+    assert session.peer_certificates == ()
+    exchange_with_client(client, checker(sock, session))
+
+
+@pytest.mark.parametrize("kind", PEERS)
+def test_server_x509_with_required_client_certificate(plugins, pki, cleanup, kind: str) -> None:
+    client, sock, run = serve_one(plugins, pki, cleanup, kind, server_config(pki, require=True),
+                                  cert=pki.client.cert, key=pki.client.key)
+    session = run()
+    assert session.peer_certificates[0] == der(pki.client.cert)
+    exchange_with_client(client, checker(sock, session))
+
+
+def test_server_accepts_client_san_on_the_allow_list(plugins, pki, cleanup) -> None:
+    client, sock, run = serve_one(plugins, pki, cleanup, "openssl", server_config(pki, allowed=["hsd://client"]),
+                                  cert=pki.client.cert, key=pki.client.key)
+    exchange_with_client(client, checker(sock, run()))
+
+
+def test_server_sends_no_session_tickets_on_the_wire(plugins, pki, cleanup) -> None:
+    client, sock, run = serve_one(plugins, pki, cleanup, "openssl", server_config(pki), extra=["-msg"])
+    session = run()
+    assert int(session.details["dropped_post_handshake_bytes"]) > 0  # OpenSSL did queue tickets ...
+    exchange_with_client(client, checker(sock, session))
+    transcript = client.output
+    assert "<<< TLS 1.3, Handshake [length" in transcript and "Finished" in transcript  # -msg really traced
+    assert "NewSessionTicket" not in transcript  # ... and none of them reached the client
+
+
+# ---------------------------------------------------------------- failures
+
+
+def expect_failure(plugins, ctx: HandshakeContext, error: type[HandshakeError], status: int, reason: str) -> HandshakeError:
+    with pytest.raises(error) as info:
+        handshake(plugins, ctx)
+    assert info.value.status == status
+    assert reason in info.value.reason, info.value.reason
+    assert ctx.sock.fileno() != -1  # the backend never closes the handed-over socket
+    return info.value
+
+
+@pytest.mark.parametrize("kind", PEERS)
+def test_wrong_host_name_is_rejected(plugins, pki, cleanup, kind: str) -> None:
+    server = start_server(kind, pki, cleanup)
+    sock = server.connect()
+    cleanup.append(sock)
+    expect_failure(plugins, context(sock, "client", "unauth", client_config(pki), peername="nfs.example.org"),
+                   PeerRejected, errno.EACCES, "server certificate verify failed: hostname mismatch")
+
+
+def test_wrong_ip_address_is_rejected(plugins, pki, cleanup) -> None:
+    server = start_server("openssl", pki, cleanup)
+    sock = server.connect()
+    cleanup.append(sock)
+    expect_failure(plugins, context(sock, "client", "unauth", client_config(pki), peername="127.0.0.2"),
+                   PeerRejected, errno.EACCES, "IP address mismatch")
+
+
+@pytest.mark.parametrize("pair_name,reason", [
+    ("untrusted_server", "unable to get local issuer certificate"),
+    ("expired_server", "certificate has expired"),
+])
+def test_bad_server_certificate_is_rejected(plugins, pki, cleanup, pair_name: str, reason: str) -> None:
+    server = start_server("gnutls", pki, cleanup, pair=getattr(pki, pair_name))
+    sock = server.connect()
+    cleanup.append(sock)
+    expect_failure(plugins, context(sock, "client", "unauth", client_config(pki)), PeerRejected, errno.EACCES,
+                   f"server certificate verify failed: {reason}")
+
+
+def test_revoked_server_certificate_is_rejected_with_a_crl(plugins, pki, cleanup) -> None:
+    server = start_server("openssl", pki, cleanup, pair=pki.revoked_server)
+    sock = server.connect()
+    cleanup.append(sock)
+    expect_failure(plugins, context(sock, "client", "unauth", client_config(pki, crl=True)), PeerRejected,
+                   errno.EACCES, "server certificate verify failed: certificate revoked")
+
+
+def test_client_without_peer_name_fails_clearly(plugins, pki, cleanup) -> None:
+    a, b = socket.socketpair()
+    cleanup += [a, b]
+    expect_failure(plugins, context(a, "client", "unauth", client_config(pki), peername=None),
+                   PeerRejected, errno.EACCES, "without a peer name")
+
+
+@pytest.mark.parametrize("kind", PEERS)
+def test_required_client_certificate_missing(plugins, pki, cleanup, kind: str) -> None:
+    client, sock, run = serve_one(plugins, pki, cleanup, kind, server_config(pki, require=True))
+    with pytest.raises(PeerRejected) as info:
+        run()
+    assert info.value.status == errno.EACCES
+    assert "client sent no certificate" in info.value.reason
+
+
+def test_client_san_outside_the_allow_list_is_rejected(plugins, pki, cleanup) -> None:
+    client, sock, run = serve_one(plugins, pki, cleanup, "gnutls", server_config(pki, allowed=["nfs.example.org"]),
+                                  cert=pki.client.cert, key=pki.client.key)
+    with pytest.raises(PeerRejected, match="not in allowed_client_sans") as info:
+        run()
+    assert info.value.status == errno.EACCES
+
+
+def test_client_certificate_from_an_untrusted_ca_is_rejected(plugins, pki, cleanup) -> None:
+    client, sock, run = serve_one(plugins, pki, cleanup, "openssl", server_config(pki),
+                                  cert=pki.untrusted_server.cert, key=pki.untrusted_server.key)
+    with pytest.raises(PeerRejected, match="client certificate verify failed"):
+        run()
+
+
+def test_peer_closing_mid_handshake(plugins, pki, cleanup) -> None:
+    peer = peers.closing_peer().start()
+    cleanup.append(peer)
+    sock = peer.connect()
+    cleanup.append(sock)
+    expect_failure(plugins, context(sock, "client", "unauth", client_config(pki)), PeerClosed, errno.ETIMEDOUT,
+                   "peer closed the connection")
+
+
+def test_silent_peer_times_out_at_the_deadline(plugins, pki, cleanup) -> None:
+    peer = peers.silent_peer().start()
+    cleanup.append(peer)
+    sock = peer.connect()
+    cleanup.append(sock)
+    ctx = context(sock, "client", "unauth", client_config(pki), timeout=0.5)
+    expect_failure(plugins, ctx, HandshakeTimeout, errno.ETIMEDOUT, "timed out")
+    assert time.monotonic() >= ctx.deadline  # it waited for the deadline, not less
+
+
+def test_garbage_instead_of_server_hello(plugins, pki, cleanup) -> None:
+    peer = peers.garbage_peer().start()
+    cleanup.append(peer)
+    sock = peer.connect()
+    cleanup.append(sock)
+    expect_failure(plugins, context(sock, "client", "unauth", client_config(pki)), PeerRejected, errno.EACCES,
+                   "not TLS")
+
+
+def test_tls12_only_server_is_rejected(plugins, pki, cleanup) -> None:
+    server = peers.openssl_server(peers.PeerOptions(cert=pki.server.cert, key=pki.server.key,
+                                                    extra=["-no_tls1_3"]))
+    server.argv.remove("-tls1_3")
+    cleanup.append(server)
+    server.start()
+    sock = server.connect()
+    cleanup.append(sock)
+    expect_failure(plugins, context(sock, "client", "unauth", client_config(pki)), PeerRejected, errno.EACCES,
+                   "alert")
+
+
+def test_mismatched_server_key_is_a_credential_error(plugins, pki, cleanup) -> None:
+    a, b = socket.socketpair()
+    cleanup += [a, b]
+    with open(pki.server.cert, "rb") as cert, open(pki.client.key, "rb") as key:
+        creds = X509Credentials(chain=parse_certificates(cert.read(), "cert"), key=parse_private_key(key.read(), "key"))
+    expect_failure(plugins, context(a, "server", "x509", server_config(pki), x509=creds), CredentialError,
+                   errno.EIO, "unusable")
