@@ -412,3 +412,42 @@ def test_mismatched_server_key_is_a_credential_error(plugins, pki, cleanup) -> N
         creds = X509Credentials(chain=parse_certificates(cert.read(), "cert"), key=parse_private_key(key.read(), "key"))
     expect_failure(plugins, context(a, "server", "x509", server_config(pki), x509=creds), CredentialError,
                    errno.EIO, "unusable")
+
+
+# ---------------------------------------------------------------- key types and debug logging
+
+
+def test_rsa_pki_client_and_server(plugins, cleanup, tmp_path) -> None:
+    rsa_pki = make_pki(str(tmp_path / "rsa"), key_type="rsa")
+    server = start_server("gnutls", rsa_pki, cleanup)
+    sock = server.connect()
+    cleanup.append(sock)
+    session = handshake(plugins, context(sock, "client", "x509", client_config(rsa_pki, mutual=True)))
+    exchange_with_server("gnutls", server, checker(sock, session))
+    client, sock2, run = serve_one(plugins, rsa_pki, cleanup, "openssl", server_config(rsa_pki, require=True),
+                                   cert=rsa_pki.client.cert, key=rsa_pki.client.key)
+    exchange_with_client(client, checker(sock2, run()))
+
+
+def test_tls_debug_logs_handshake_states_but_never_secrets(plugins, pki, cleanup, caplog) -> None:
+    server = start_server("openssl", pki, cleanup)
+    sock = server.connect()
+    cleanup.append(sock)
+    config = client_config(pki)
+    config.tls_debug = 1
+    with caplog.at_level("DEBUG"):
+        session = handshake(plugins, context(sock, "client", "unauth", config))
+    text = caplog.text.lower()
+    assert "openssl client:" in text and "ssl negotiation finished successfully" in text
+    for secret in (session.tx_secret, session.rx_secret):
+        assert bytes(secret).hex() not in text
+    exchange_with_server("openssl", server, checker(sock, session))
+
+
+def test_no_debug_lines_without_tls_debug(plugins, pki, cleanup, caplog) -> None:
+    server = start_server("openssl", pki, cleanup)
+    sock = server.connect()
+    cleanup.append(sock)
+    with caplog.at_level("DEBUG"):
+        handshake(plugins, context(sock, "client", "unauth", client_config(pki)))
+    assert "openssl client:" not in caplog.text
