@@ -451,3 +451,55 @@ def test_no_debug_lines_without_tls_debug(plugins, pki, cleanup, caplog) -> None
     with caplog.at_level("DEBUG"):
         handshake(plugins, context(sock, "client", "unauth", client_config(pki)))
     assert "openssl client:" not in caplog.text
+
+
+# ---------------------------------------------------------------- failures with hsd as the server
+
+
+def accepted_pair(cleanup: list) -> tuple[socket.socket, socket.socket]:
+    """(peer end, hsd end) of a loopback TCP connection."""
+    listener = peers.Listener()
+    cleanup.append(listener)
+    peer = socket.create_connection(("127.0.0.1", listener.port))
+    cleanup.append(peer)
+    ours = listener.accept()
+    cleanup.append(ours)
+    return peer, ours
+
+
+def test_server_times_out_on_a_silent_client(plugins, pki, cleanup) -> None:
+    _, ours = accepted_pair(cleanup)
+    expect_failure(plugins, context(ours, "server", "x509", server_config(pki), timeout=0.5),
+                   HandshakeTimeout, errno.ETIMEDOUT, "timed out")
+
+
+def test_server_rejects_a_client_speaking_http(plugins, pki, cleanup) -> None:
+    peer, ours = accepted_pair(cleanup)
+    peer.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    expect_failure(plugins, context(ours, "server", "x509", server_config(pki)), PeerRejected, errno.EACCES,
+                   "not TLS")
+
+
+def test_server_sees_a_client_that_hangs_up(plugins, pki, cleanup) -> None:
+    peer, ours = accepted_pair(cleanup)
+    peer.sendall(b"\x16\x03\x01\x00\xc8\x01\x00")  # the start of a ClientHello record, then EOF
+    peer.shutdown(socket.SHUT_WR)
+    expect_failure(plugins, context(ours, "server", "x509", server_config(pki)), PeerClosed, errno.ETIMEDOUT,
+                   "peer closed the connection")
+
+
+@pytest.mark.parametrize("kind", PEERS)
+def test_server_rejects_a_tls12_only_client(plugins, pki, cleanup, kind: str) -> None:
+    listener = peers.Listener()
+    cleanup.append(listener)
+    client = CLIENT_PEERS[kind](peers.PeerOptions(ca=pki.ca), listener.port)
+    if kind == "openssl":
+        client.argv[client.argv.index("-tls1_3")] = "-tls1_2"
+    else:
+        client.argv[client.argv.index("--priority") + 1] = "NORMAL:-VERS-ALL:+VERS-TLS1.2"
+    cleanup.append(client)
+    client.start()
+    sock = listener.accept()
+    cleanup.append(sock)
+    expect_failure(plugins, context(sock, "server", "x509", server_config(pki)), PeerRejected, errno.EACCES,
+                   "TLS handshake failed")
