@@ -38,6 +38,8 @@ def _translator(outcome: VerifyOutcome) -> ErrorTranslator:
             return outcome.rejection(text)
         if "peer did not return a certificate" in text:
             return PeerRejected("client sent no certificate, and one is required")
+        if "unsupported protocol" in text or "protocol version" in text:
+            return PeerRejected(f"peer does not speak TLS 1.3 ({text})")
         if "alert" in text:
             return PeerRejected(f"peer sent a fatal alert: {text}")
         return PeerRejected(f"TLS handshake failed: {text}")

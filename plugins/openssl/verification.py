@@ -42,7 +42,7 @@ class VerifyOutcome:
         if depth == 0 and self.allowed_sans:
             sans = certificate_sans(cert.to_cryptography())
             if not any(san.lower() in self.allowed_sans for san in sans):
-                self.reason = f"{self.peer_role} certificate names {sans or ['(none)']} are not in allowed_client_sans"
+                self.reason = f"names {sans or ['(none)']} are not in allowed_client_sans"
                 return False
         return True
 
