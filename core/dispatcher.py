@@ -191,7 +191,10 @@ class Dispatcher:
         sock: socket.socket | None = None
         remote_auth: tuple[int, ...] = ()
         try:
-            sock = socket.socket(fileno=request.sockfd)
+            try:
+                sock = socket.socket(fileno=request.sockfd)
+            except OSError as exc:
+                raise HandshakeError(f"fd {request.sockfd} from ACCEPT is not a usable socket: {exc.strerror}") from None
             outcome.peer = _peer(sock)
             ctx = self._context(request, sock, deadline)
             outcome.backend = ctx.backend
