@@ -7,8 +7,6 @@ requests (no session cache, no tickets).
 
 from __future__ import annotations
 
-import logging
-
 from OpenSSL import SSL
 
 from hsd.context import HandshakeContext
@@ -23,8 +21,6 @@ from .secrets import TrafficSecrets
 from .sessions import build_session
 from .suites import tls13_context
 from .verification import VerifyOutcome, install_trust, pin_peer_name
-
-log = logging.getLogger("hsd.openssl")
 
 
 def _translator(outcome: VerifyOutcome) -> ErrorTranslator:

@@ -9,16 +9,12 @@ readable ("hostname mismatch", "certificate has expired", ...).
 from __future__ import annotations
 
 import ipaddress
-import logging
-
 from cryptography import x509
 from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi, lib
 
 from hsd.credentials import X509Credentials
 from hsd.errors import CredentialError, PeerRejected
-
-log = logging.getLogger("hsd.openssl")
 
 X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS = 0x4
 
