@@ -9,6 +9,7 @@ readable ("hostname mismatch", "certificate has expired", ...).
 from __future__ import annotations
 
 import ipaddress
+
 from cryptography import x509
 from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi, lib
