@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,9 +73,9 @@ def build_hsd_wheel(dest: Path) -> Path:
     """hsd from this checkout's working tree (uncommitted edits included), never from a registry."""
     src = dest / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build")
-    for item in ("core", "plugins"):
-        shutil.copytree(REPO / item, src / item, ignore=ignore)
-    for item in ("pyproject.toml", "README.md", "LICENSE", "setup.cfg", "setup.py"):
+    for item in _source_dirs():
+        shutil.copytree(REPO / item, src / item, ignore=ignore, dirs_exist_ok=True)
+    for item in ("pyproject.toml", "README.md", "LICENSE", "setup.cfg", "setup.py", "MANIFEST.in"):
         if (REPO / item).exists():
             shutil.copy(REPO / item, src / item)
     # build isolation: pyproject's build requirements (a setuptools that knows PEP 639 licence
@@ -87,6 +88,14 @@ def build_hsd_wheel(dest: Path) -> Path:
         raise RuntimeError(f"cannot build hsd's wheel from the checkout:\n{proc.stdout}{proc.stderr}")
     shutil.rmtree(src)
     return wheels[0]
+
+
+def _source_dirs() -> list[str]:
+    """The top-level directories pyproject's package-dir maps packages from."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    mapping = config.get("tool", {}).get("setuptools", {}).get("package-dir", {})
+    tops = {Path(path).parts[0] for path in mapping.values() if path}
+    return sorted(top for top in tops if (REPO / top).is_dir()) or ["core", "plugins"]
 
 
 def _new_run_dir() -> Path:
@@ -120,6 +129,8 @@ def run_scenarios(image: Image, scenarios: list[str], echo: bool = True, log_to=
     for helper in ("init.sh", "install_wheel.py"):
         shutil.copy(HERE / "guest" / helper, run_dir / helper)
     shutil.copytree(SCENARIOS, run_dir / "scenarios", ignore=shutil.ignore_patterns("__pycache__"))
+    if os.environ.get("HSD_VM_BENCH_CYCLES", "").isdigit():  # bench-nfs reads it from the run share
+        (run_dir / "bench_cycles").write_text(os.environ["HSD_VM_BENCH_CYCLES"] + "\n")
     limits = {name: scenario_limit(name) for name in scenarios}
     (run_dir / "scenarios.txt").write_text("".join(f"{n} {limits[n]}\n" for n in scenarios))
     timeout = BOOT_ALLOWANCE + sum(limits.values()) + 10 * len(scenarios)

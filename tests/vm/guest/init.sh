@@ -6,7 +6,7 @@
 [ -n "${BASH_VERSION:-}" ] || exec /bin/bash "$0" "$@"  # the initramfs starts us with sh
 RUN=/hsdrun
 export PATH=/opt/hsd-venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-export HOME=/root LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+export HOME=/root LANG=C.UTF-8 PYTHONUNBUFFERED=1  # bytecode caches go to the tmpfs overlay
 poweroff_now() { sync; echo o > /proc/sysrq-trigger; sleep 30; }
 trap poweroff_now EXIT
 

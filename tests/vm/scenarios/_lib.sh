@@ -68,8 +68,9 @@ nfs_server_start() {
     echo "$EXPORT 127.0.0.0/8(rw,fsid=0,insecure,no_root_squash,no_subtree_check,sync,xprtsec=tls:mtls)" > /etc/exports
     mountpoint -q /proc/fs/nfsd || mount -t nfsd nfsd /proc/fs/nfsd
     # a short grace period: there are no clients to reclaim state for
-    echo 10 > /proc/fs/nfsd/nfsv4gracetime
-    echo 10 > /proc/fs/nfsd/nfsv4leasetime
+    # (EBUSY when nfsd already ran in this boot: then the grace period is long over)
+    echo 10 > /proc/fs/nfsd/nfsv4gracetime 2>/dev/null || true
+    echo 10 > /proc/fs/nfsd/nfsv4leasetime 2>/dev/null || true
     exportfs -ra || die exportfs
     rpc.mountd --no-nfs-version 3 --no-udp 2>/dev/null || rpc.mountd --no-nfs-version 3 || die rpc.mountd
     rpc.nfsd -N 3 4 2>/dev/null || die rpc.nfsd

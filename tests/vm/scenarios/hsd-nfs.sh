@@ -27,10 +27,12 @@ handshake_lines() { grep -c "handshake peer=" "$HSDLOG" || true; }
 ok_lines() { grep -c "handshake peer=.* status=0 " "$HSDLOG" || true; }
 
 cleanup() {
+    local rc=$?  # the scenario's verdict: cleanup must not change it
     for m in /mnt/hsd-*; do umount -f "$m" 2>/dev/null || true; done
-    [ -n "$agent" ] && kill "$agent" 2>/dev/null
+    [ -n "$agent" ] && kill "$agent" 2>/dev/null || true
     nfs_server_stop
     sed 's/^/hsd: /' "$HSDLOG" 2>/dev/null || true
+    exit $rc
 }
 trap cleanup EXIT
 

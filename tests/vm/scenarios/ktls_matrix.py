@@ -30,6 +30,7 @@ SUITES = ("TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_AES_128_CCM_S
           "TLS_CHACHA20_POLY1305_SHA256")
 PAYLOAD_BYTES = 256 * 1024  # many 16 KiB records each way
 HANDSHAKE_SECONDS = 30.0  # generous: emulated CPU
+MSG_TRACE = Path("/tmp/ktls-matrix-s_client.msg")  # s_client's protocol message trace
 
 
 def tls_stat() -> dict[str, int]:
@@ -129,7 +130,8 @@ def run_case(suite: str, role: str) -> None:
                "-naccept", "1", "-quiet"]
     else:  # hsd is the server; s_client offers only this suite
         cmd = ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3", "-ciphersuites", ossl_suite,
-               "-CAfile", str(PKI / "ca.pem"), "-servername", "localhost", "-verify_return_error", "-quiet"]
+               "-CAfile", str(PKI / "ca.pem"), "-servername", "localhost", "-verify_return_error", "-quiet",
+               "-msg", "-msgfile", str(MSG_TRACE)]
     before = tls_stat()
     listener = None
     if role == "server":
@@ -150,6 +152,16 @@ def run_case(suite: str, role: str) -> None:
             ktls.install_session(ktls.KernelKtls(), sock, session)
             session.wipe()
             exchange(sock, peer)
+        trace = ""
+        if role == "server":  # s_client exits on the closed connection and flushes its trace
+            peer.wait(timeout=30)
+            trace = MSG_TRACE.read_text(errors="replace")
+        if role == "server" and "Finished" not in trace:
+            raise AssertionError("s_client's message trace is empty: the ticket check would prove nothing")
+        if role == "server" and "NewSessionTicket" in trace:
+            # kernel consumers take the socket right after Finished: the NVMe host fails on any
+            # non-data record (ENOTCONN), so an agent's server must send no tickets at all
+            raise AssertionError("hsd's server sent a NewSessionTicket to s_client")
         after = tls_stat()
         for counter in ("TlsTxSw", "TlsRxSw"):
             if after.get(counter, 0) <= before.get(counter, 0):

@@ -10,7 +10,15 @@ agent_config /tmp/tlshd.conf server
 nfs_server_start
 tlshd -s -c /tmp/tlshd.conf > /tmp/tlshd.log 2>&1 &
 agent=$!
-trap 'umount -f /mnt/tls /mnt/mtls 2>/dev/null; kill $agent 2>/dev/null; nfs_server_stop; sed "s/^/tlshd: /" /tmp/tlshd.log' EXIT
+cleanup() {
+    local rc=$?  # the scenario's verdict: cleanup must not change it
+    umount -f /mnt/tls /mnt/mtls 2>/dev/null || true
+    kill $agent 2>/dev/null || true
+    nfs_server_stop
+    sed "s/^/tlshd: /" /tmp/tlshd.log
+    exit $rc
+}
+trap cleanup EXIT
 sleep 2
 
 for mode in tls mtls; do
