@@ -99,6 +99,11 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
 
     try:
         dispatcher.run(stop, ready=ready)
+    except ConnectionError as exc:
+        # Decision (docs/reliability.md): no in-process reconnect.  Exit non-zero so the service
+        # manager restarts hsd; the new instance drains the kernel's queue at start-up.
+        log.error("lost the handshake channel (%s): in-flight handshakes finished; exiting", exc)
+        return 1
     finally:
         notify_systemd("STOPPING=1")
         channel.close()

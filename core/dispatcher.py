@@ -105,8 +105,13 @@ class Dispatcher:
     # ------------------------------------------------------------ loop
 
     def run(self, stop: threading.Event, ready: Callable[[], None] | None = None) -> None:
-        """Serve until stop is set; then let in-flight handshakes finish (each still gets its DONE)."""
-        watchdog = threading.Thread(target=self._watchdog, args=(stop,), name="hsd-watchdog", daemon=True)
+        """Serve until stop is set; then let in-flight handshakes finish (each still gets its DONE).
+
+        A broken channel (ConnectionError from wait_ready/accept) ends the loop
+        the same way, then propagates: the caller decides (serve() exits non-zero)."""
+        finished = threading.Event()  # run() is over, whatever the reason: the watchdog may go
+        watchdog = threading.Thread(target=self._watchdog, args=(stop, finished), name="hsd-watchdog",
+                                    daemon=True)
         watchdog.start()
         if ready:
             ready()
@@ -126,6 +131,8 @@ class Dispatcher:
                     backlog += got
         finally:
             self._pool.shutdown(wait=True)
+            finished.set()
+            watchdog.join()
 
     def _full(self) -> bool:
         with self._inflight_lock:
@@ -168,8 +175,8 @@ class Dispatcher:
             self._inflight[request.sockfd] = (deadline, once)
         self._pool.submit(self._serve, request, once, deadline)
 
-    def _watchdog(self, stop: threading.Event) -> None:
-        while not stop.wait(0.5) or self._inflight:
+    def _watchdog(self, stop: threading.Event, finished: threading.Event) -> None:
+        while not (stop.wait(0.5) or finished.is_set()) or self._inflight:
             now = time.monotonic()
             with self._inflight_lock:
                 late = [(fd, once) for fd, (deadline, once) in self._inflight.items()
@@ -178,7 +185,7 @@ class Dispatcher:
                 if once.send(errno.ETIMEDOUT):
                     self.stats["watchdog"] += 1
                     log.error("handshake on fd %d overran its deadline in the plugin; sent DONE ETIMEDOUT", fd)
-            if stop.is_set() and not self._inflight:
+            if (stop.is_set() or finished.is_set()) and not self._inflight:
                 return
 
     # ------------------------------------------------------------ one handshake

@@ -1,0 +1,504 @@
+"""Faults at every stage: each request still gets exactly one DONE, with the right status.
+
+Real parts: the dispatcher serves the kernel simulator; TLS faults use the
+OpenSSL backend against real `openssl s_server`/`s_client` peers, cut at a
+chosen flight by a record-level proxy (tests/flightproxy.py).  After every
+fault the daemon must serve a following real handshake, and when the test is
+over no fd and no thread may be left behind.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import logging
+import os
+import signal
+import socket
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from typing import Iterator
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+import hsd_openssl
+from hsd.config import Config
+from hsd.errors import HandshakeTimeout, PeerClosed
+from hsd.hookspecs import BackendInfo, Mode, hookimpl
+from hsd.ktls import tls13_crypto_info
+from hsd.session import Session
+from hsd.simulator import Simulator
+from hsd.soak import (FAST, DaemonProcess, FastBackend, RunningDaemon, open_fds, soak_config_text,
+                      submit_retrying, tcp_pair)
+from hsd.testing.peers import PeerOptions, ServerPeer, openssl_client, openssl_server, silent_peer
+from hsd.testing.pki import TestPki, make_pki
+
+from flightproxy import FlightProxy
+
+WAIT = 20.0
+CUT_STATUS = PeerClosed.status  # a peer that closes or resets mid-handshake: the consumer may retry
+STALL_STATUS = HandshakeTimeout.status
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    return make_pki(str(tmp_path_factory.mktemp("pki")))
+
+
+def tls_config(pki: TestPki, **kw) -> Config:
+    config = Config(backend="openssl", handshake_timeout_ms=5000, **kw)
+    config.client.truststore = pki.ca
+    config.server.truststore = pki.ca
+    config.server.certificate = pki.server.chain
+    config.server.private_key = pki.server.key
+    return config
+
+
+def thread_names() -> list[str]:
+    return sorted(t.name for t in threading.enumerate() if not t.name.startswith("hsd-handshake"))
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """fds and threads after the test (daemon, simulator, peers torn down) equal those before."""
+    fds, threads = open_fds(), thread_names()
+    yield
+    deadline = time.monotonic() + 5  # peer reader threads and the pool wind down asynchronously
+    while (open_fds() != fds or thread_names() != threads) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert open_fds() == fds, sorted(os.listdir("/proc/self/fd"))
+    assert thread_names() == threads
+    assert not [t for t in threading.enumerate() if t.name.startswith("hsd-handshake")]
+
+
+@contextmanager
+def daemon(config: Config, plugins: dict[str, object] | None = None, **kw) -> Iterator[tuple[Simulator, RunningDaemon]]:
+    with Simulator() as sim:
+        running = RunningDaemon(sim, config, plugins or {"openssl": hsd_openssl}, **kw)
+        try:
+            yield sim, running
+        finally:
+            running.close()
+        assert running.error is None, running.error
+
+
+def outcomes(running: RunningDaemon, count: int) -> list:
+    """The first `count` outcomes (on_outcome runs just after DONE, so wait for it)."""
+    end = time.monotonic() + WAIT
+    while len(running.outcomes) < count and time.monotonic() < end:
+        time.sleep(0.01)
+    return running.outcomes[:count]
+
+
+def real_client_handshake(sim: Simulator, pki: TestPki) -> None:
+    """The daemon still serves: a full handshake against a fresh s_server, keys installed."""
+    with openssl_server(PeerOptions(cert=pki.server.cert, key=pki.server.key)).start() as server:
+        mine = socket.create_connection(server.address)
+        try:
+            req = sim.client_hello_anon(mine, peername="localhost", timeout_ms=10000)
+            assert req.wait(WAIT)[0] == 0
+            assert req.done_calls == 1 and req.ktls_tx is not None and req.ktls_rx is not None
+        finally:
+            mine.close()
+
+
+# ---------------------------------------------------------------- 1. no lost requests
+
+
+def test_dropped_ready_notifications_are_drained(pki, no_leaks):
+    with daemon(Config(backend=FAST), {FAST: FastBackend()}) as (sim, running):
+        pairs = [tcp_pair() for _ in range(5)]
+        sim.drop_ready(5)  # every READY for these is lost: the dispatcher only sees ENOBUFS
+        reqs = [sim.client_hello_anon(a, peername="ok.test", timeout_ms=5000) for a, _ in pairs]
+        assert [r.wait(WAIT)[0] for r in reqs] == [0] * 5
+        assert all(r.done_calls == 1 for r in reqs)
+        assert sim.stats.ready_lost >= 5
+        for a, b in pairs:
+            a.close(); b.close()
+
+
+class GateBackend(FastBackend):
+    """The fast backend, but each handshake first waits for the gate: a busy daemon."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    @hookimpl
+    def hsd_handshake(self, ctx):
+        if ctx.backend != FAST:
+            return None
+        self.gate.wait(WAIT)
+        return super().hsd_handshake(ctx)
+
+
+def test_ready_overrun_from_a_full_socket_buffer_is_drained(no_leaks):
+    """A daemon too busy to read READYs overflows its socket; ENOBUFS -> ACCEPT until EAGAIN."""
+    backend = GateBackend()
+    with Simulator(pending_max=2000) as sim:
+        running = RunningDaemon(sim, Config(backend=FAST), {FAST: backend}, max_inflight=1)
+        pairs = []
+        try:
+            first = tcp_pair()
+            pairs.append(first)
+            reqs = [sim.client_hello_anon(first[0], peername="ok.test", timeout_ms=20000)]
+            while sim.pending_count:  # the only slot is taken: from now on READYs pile up unread
+                time.sleep(0.01)
+            while not sim.stats.ready_lost and len(reqs) < 1500:
+                pair = tcp_pair()
+                pairs.append(pair)
+                reqs.append(sim.client_hello_anon(pair[0], peername="ok.test", timeout_ms=20000))
+            assert sim.stats.ready_lost > 0, "the READY socket never overflowed"
+            backend.gate.set()
+            assert [r.wait(60)[0] for r in reqs] == [0] * len(reqs)
+            assert all(r.done_calls == 1 for r in reqs)
+            print(f"\noverrun: {len(reqs)} requests, {sim.stats.ready_lost} READYs lost, all served")
+        finally:
+            backend.gate.set()
+            running.close()
+            for a, b in pairs:
+                a.close(); b.close()
+
+
+def test_restarted_daemon_serves_requests_left_pending(tmp_path, no_leaks):
+    """kill -9 with requests queued: a new daemon drains them at start-up.
+
+    The one the dead daemon had accepted stays outstanding in the kernel until
+    the consumer's own timeout cancels it (as with tlshd): cancel() finds it."""
+    config_path = tmp_path / "hsd.conf"
+    config_path.write_text(soak_config_text(None).replace("max_inflight=64", "max_inflight=1"))
+    with Simulator() as sim:
+        first = DaemonProcess(sim.address, str(config_path), str(tmp_path / "first.log"))
+        try:
+            _wait_listening(sim, first)
+            pairs = [tcp_pair() for _ in range(4)]
+            stuck = sim.client_hello_anon(pairs[0][0], peername="late.test", timeout_ms=60000)
+            while sim.pending_count:
+                time.sleep(0.01)
+            queued = [sim.client_hello_anon(a, peername="ok.test", timeout_ms=5000) for a, _ in pairs[1:]]
+            time.sleep(0.2)
+            assert sim.pending_count == 3  # the single slot is busy: nothing else was accepted
+            first.proc.send_signal(signal.SIGKILL)
+            first.proc.wait(10)
+        finally:
+            first.stop()
+        second = DaemonProcess(sim.address, str(config_path), str(tmp_path / "second.log"))
+        try:
+            _wait_listening(sim, second)
+            assert [r.wait(WAIT)[0] for r in queued] == [0, 0, 0]
+            assert all(r.done_calls == 1 for r in queued)
+            assert stuck.status is None and stuck.done_calls == 0
+            assert sim.cancel(pairs[0][0]) is True  # still outstanding: the consumer's timeout path
+        finally:
+            assert second.stop() == 0
+            for a, b in pairs:
+                a.close(); b.close()
+
+
+def _wait_listening(sim: Simulator, proc: DaemonProcess) -> None:
+    end = time.monotonic() + WAIT
+    while not sim.listeners():
+        assert proc.proc.poll() is None, open(proc.log_path).read()
+        assert time.monotonic() < end
+        time.sleep(0.02)
+
+
+# ---------------------------------------------------------------- 2. TLS faults at each flight
+
+
+# hsd as client: flight 1 = our ClientHello, flight 2 = the server's SH..Finished
+CLIENT_CUTS = [(1, False), (2, False), (2, True)]
+# hsd as server: flight 1 = the ClientHello, 2 = our SH..Finished, 3 = the client's Finished
+SERVER_CUTS = [(1, False), (1, True), (2, False), (3, False)]
+
+
+@pytest.mark.parametrize("action", ["close", "reset", "stall"])
+@pytest.mark.parametrize("flight,partial", CLIENT_CUTS)
+def test_client_handshake_cut_at_each_flight(pki, no_leaks, flight, partial, action):
+    with daemon(tls_config(pki)) as (sim, running):
+        with openssl_server(PeerOptions(cert=pki.server.cert, key=pki.server.key)).start() as server, \
+                FlightProxy(server.address, hsd_is_client=True, cut_flight=flight, action=action,
+                            partial=partial) as proxy:
+            mine = socket.create_connection(proxy.address)
+            req = sim.client_hello_anon(mine, peername="localhost", timeout_ms=1500)
+            status, _ = req.wait(WAIT)
+            assert proxy.cut.is_set()
+            assert status == (STALL_STATUS if action == "stall" else CUT_STATUS)
+            assert req.done_calls == 1 and req.ktls_tx is None
+            mine.close()
+        real_client_handshake(sim, pki)
+    assert [o.status for o in running.outcomes] == [status, 0]
+
+
+@pytest.mark.parametrize("action", ["close", "reset", "stall"])
+@pytest.mark.parametrize("flight,partial", SERVER_CUTS)
+def test_server_handshake_cut_at_each_flight(pki, no_leaks, flight, partial, action):
+    with daemon(tls_config(pki)) as (sim, running):
+        with socket.create_server(("127.0.0.1", 0)) as listener, \
+                FlightProxy(listener.getsockname(), hsd_is_client=False, cut_flight=flight, action=action,
+                            partial=partial) as proxy, \
+                openssl_client(PeerOptions(ca=pki.ca), proxy.port).start():
+            listener.settimeout(WAIT)
+            conn, _ = listener.accept()
+            req = sim.server_hello_x509(conn, timeout_ms=1500)
+            status, _ = req.wait(WAIT)
+            assert proxy.cut.is_set()
+            assert status == (STALL_STATUS if action == "stall" else CUT_STATUS)
+            assert req.done_calls == 1 and req.ktls_tx is None
+            conn.close()
+        real_client_handshake(sim, pki)
+    assert [o.status for o in running.outcomes] == [status, 0]
+
+
+# ---------------------------------------------------------------- consumer-side faults
+
+
+def test_consumer_cancels_in_flight(pki, no_leaks):
+    """cancel() after ACCEPT: hsd's DONE arrives later, the kernel ignores it, no callback fires."""
+    with daemon(tls_config(pki)) as (sim, running), silent_peer() as peer:
+        mine = socket.create_connection(peer.address)
+        called = []
+        req = sim.client_hello_anon(mine, peername="localhost", timeout_ms=1000,
+                                    done=lambda *a: called.append(a))
+        while not req.accepted:
+            time.sleep(0.01)
+        assert sim.cancel(mine) is True
+        assert [o.status for o in outcomes(running, 1)] == [errno.ETIMEDOUT]
+        assert req.done_calls == 1 and req.status is None and not called
+        assert running.outcomes[0].done_error == 0  # net/handshake accepts a DONE for a cancelled request
+        mine.close()
+        real_client_handshake(sim, pki)
+
+
+def test_consumer_closes_its_socket_in_flight(pki, no_leaks):
+    """The consumer drops its fd: hsd's reference keeps the socket alive; one DONE at the deadline."""
+    with daemon(tls_config(pki)) as (sim, running), silent_peer() as peer:
+        mine = socket.create_connection(peer.address)
+        req = sim.client_hello_anon(mine, peername="localhost", timeout_ms=800)
+        while not req.accepted:
+            time.sleep(0.01)
+        mine.close()
+        assert req.wait(WAIT)[0] == errno.ETIMEDOUT
+        assert req.done_calls == 1
+        real_client_handshake(sim, pki)
+
+
+class RudeBackend:
+    """A plugin that breaks the contract on the socket: closes it, or swaps another socket in."""
+
+    def __init__(self) -> None:
+        self.spare: socket.socket | None = None
+
+    @hookimpl
+    def hsd_backend_info(self) -> BackendInfo:
+        return BackendInfo("rude", "1.0", frozenset({Mode("client", "unauth")}))
+
+    @hookimpl
+    def hsd_handshake(self, ctx):
+        if ctx.backend != "rude":
+            return None
+        if ctx.peername == "close.test":
+            ctx.sock.close()  # "never close ctx.sock" - this one does
+        elif ctx.peername == "swap.test":
+            assert self.spare is not None
+            os.dup2(self.spare.fileno(), ctx.sock.fileno())  # the fd now names a socket with no request
+        return Session(cipher="TLS_AES_128_GCM_SHA256", tx_secret=bytearray(32), rx_secret=bytearray(32))
+
+
+@pytest.mark.parametrize("how,done_error", [("close", errno.EBADF), ("swap", errno.EBUSY)])
+def test_done_rejected_by_the_kernel(pki, no_leaks, caplog, how, done_error):
+    """The kernel refuses DONE (EBADF: fd not open; EBUSY: no request on that socket): logged,
+    the request stays outstanding for the consumer's timeout, the daemon carries on."""
+    rude = RudeBackend()
+    spare_a, spare_b = tcp_pair()
+    rude.spare = spare_a
+    config = Config(backend="rude")
+    with daemon(config, {"rude": rude, FAST: FastBackend()}) as (sim, running):
+        mine, theirs = tcp_pair()
+        req = sim.client_hello_anon(mine, peername=f"{how}.test", timeout_ms=2000)
+        [outcome] = outcomes(running, 1)
+        assert outcome.done_error == done_error
+        assert "kernel rejected DONE" in caplog.text
+        assert req.status is None
+        assert sim.cancel(mine) is True  # the consumer's timeout path finds it outstanding
+        mine.close(); theirs.close()
+        running.dispatcher.config = Config(backend=FAST)  # then a normal request succeeds
+        running.dispatcher.default_backend = FAST
+        a, b = tcp_pair()
+        assert sim.client_hello_anon(a, peername="ok.test", timeout_ms=5000).wait(WAIT)[0] == 0
+        a.close(); b.close()
+    spare_a.close(); spare_b.close()
+
+
+def test_ktls_refused_after_a_real_handshake_is_eio(pki, no_leaks):
+    """The socket already carries TLS_TX (someone else configured it): setsockopt EBUSY -> DONE EIO."""
+    with daemon(tls_config(pki)) as (sim, running):
+        with openssl_server(PeerOptions(cert=pki.server.cert, key=pki.server.key)).start() as server:
+            mine = socket.create_connection(server.address)
+            other = sim.channel()
+            dummy = tls13_crypto_info("TLS_AES_128_GCM_SHA256", bytes(32), 0)
+            other.ktls.install(mine, dummy, dummy)
+            other.close()
+            req = sim.client_hello_anon(mine, peername="localhost", timeout_ms=10000)
+            assert req.wait(WAIT)[0] == errno.EIO
+            assert req.done_calls == 1
+            mine.close()
+        assert "kernel refused TLS_TX" in outcomes(running, 1)[0].reason
+        real_client_handshake(sim, pki)
+
+
+@pytest.mark.parametrize("behaviour,status", [("raise", errno.EIO), ("late", errno.ETIMEDOUT)])
+def test_plugin_raises_or_hangs(pki, no_leaks, behaviour, status):
+    fast = FastBackend()
+    with daemon(tls_config(pki, backends={"client.unauth": FAST}), {FAST: fast, "openssl": hsd_openssl}) \
+            as (sim, running):
+        mine, theirs = tcp_pair()
+        req = sim.client_hello_anon(mine, peername=f"{behaviour}.test", timeout_ms=300)
+        assert req.wait(WAIT)[0] == status
+        fast.release.set()  # the hung plugin returns now: no second DONE may follow
+        time.sleep(0.3)
+        assert req.done_calls == 1
+        mine.close(); theirs.close()
+        listener = socket.create_server(("127.0.0.1", 0))
+        with openssl_client(PeerOptions(ca=pki.ca), listener.getsockname()[1]).start():
+            listener.settimeout(WAIT)
+            conn, _ = listener.accept()
+            assert sim.server_hello_x509(conn, timeout_ms=10000).wait(WAIT)[0] == 0  # openssl still serves
+            conn.close()
+        listener.close()
+    assert running.dispatcher.stats["watchdog"] == (1 if behaviour == "late" else 0)
+
+
+# ---------------------------------------------------------------- netlink channel lost
+
+
+def test_simulator_stopped_under_the_daemon_in_process(pki, no_leaks, caplog):
+    """The channel breaks: run() raises ConnectionError after in-flight handshakes finished
+    (their DONEs fail and are logged); no thread (watchdog, pool) stays behind."""
+    sim = Simulator().start()
+    with silent_peer() as peer:
+        running = RunningDaemon(sim, Config(backend="openssl", handshake_timeout_ms=800), {"openssl": hsd_openssl})
+        mine = socket.create_connection(peer.address)
+        req = sim.client_hello_anon(mine, peername="localhost", timeout_ms=800)
+        while not req.accepted:
+            time.sleep(0.01)
+        sim.stop()
+        running.thread.join(WAIT)
+        assert not running.thread.is_alive()
+        assert isinstance(running.error, ConnectionError)
+        assert [o.status for o in running.outcomes] == [errno.ETIMEDOUT]
+        assert running.outcomes[0].done_error != 0  # nobody took that DONE
+        running.channel.close()
+        mine.close()
+
+
+def test_simulator_stopped_under_the_daemon_process_exits_with_failure(tmp_path, no_leaks):
+    """Decision: hsd exits (status 1, logged) and lets the service manager restart it; the
+    restarted daemon drains the queue (see test_restarted_daemon_serves_requests_left_pending)."""
+    config_path = tmp_path / "hsd.conf"
+    config_path.write_text(soak_config_text(None))
+    sim = Simulator().start()
+    proc = DaemonProcess(sim.address, str(config_path), str(tmp_path / "daemon.log"), verbose=True)
+    try:
+        _wait_listening(sim, proc)
+        sim.stop()
+        assert proc.proc.wait(WAIT) == 1
+    finally:
+        proc.stop()
+    log = (tmp_path / "daemon.log").read_text()
+    assert "lost the handshake channel" in log, log
+
+
+# ---------------------------------------------------------------- very large certificate chains
+
+
+def make_chain(directory: str, length: int) -> tuple[str, str, str]:
+    """A chain file of `length` certificates (leaf + length-1 intermediates), its key, and the root."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def build(subject, issuer, key, issuer_key, ca: bool, sans=None):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(days=1))
+                   .not_valid_after(now + datetime.timedelta(days=30))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    root_key = ec.generate_private_key(ec.SECP256R1())
+    root = build(name("chain root"), name("chain root"), root_key, root_key, True)
+    issuer, issuer_key, chain = root, root_key, []
+    for depth in range(length - 1):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = build(name(f"intermediate {depth}"), issuer.subject, key, issuer_key, True)
+        chain.insert(0, cert)
+        issuer, issuer_key = cert, key
+    leaf_key = ec.generate_private_key(ec.SECP256R1())
+    leaf = build(name("localhost"), issuer.subject, leaf_key, issuer_key, False, [x509.DNSName("localhost")])
+    chain.insert(0, leaf)
+    pem = lambda c: c.public_bytes(serialization.Encoding.PEM)  # noqa: E731
+    paths = [os.path.join(directory, f"chain{length}.pem"), os.path.join(directory, f"chain{length}.key"),
+             os.path.join(directory, f"root{length}.pem")]
+    with open(paths[0], "wb") as handle:
+        handle.write(b"".join(pem(c) for c in chain))
+    fd = os.open(paths[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(leaf_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    with open(paths[2], "wb") as handle:
+        handle.write(pem(root))
+    return paths[0], paths[1], paths[2]
+
+
+def test_ten_certificate_chain_is_served_and_verified(pki, tmp_path, no_leaks):
+    chain, key, root = make_chain(str(tmp_path), 10)
+    config = tls_config(pki)
+    config.server.certificate, config.server.private_key = chain, key
+    with daemon(config) as (sim, running):
+        with socket.create_server(("127.0.0.1", 0)) as listener, \
+                openssl_client(PeerOptions(ca=root), listener.getsockname()[1]).start() as client:
+            listener.settimeout(WAIT)
+            conn, _ = listener.accept()
+            assert sim.server_hello_x509(conn, timeout_ms=10000).wait(WAIT)[0] == 0
+            client.wait_for("Verification: OK|Verify return code: 0")
+            conn.close()
+
+
+def test_client_verifies_a_ten_certificate_chain_from_a_real_server(pki, tmp_path, no_leaks):
+    chain, key, root = make_chain(str(tmp_path), 10)
+    config = tls_config(pki)
+    config.client.truststore = root
+    with daemon(config) as (sim, running):
+        opts = PeerOptions(cert=chain, key=key, extra=["-cert_chain", chain])
+        with openssl_server(opts).start() as server:
+            mine = socket.create_connection(server.address)
+            req = sim.client_hello_anon(mine, peername="localhost", timeout_ms=10000)
+            assert req.wait(WAIT)[0] == 0
+            mine.close()
+        assert [o.status for o in outcomes(running, 1)] == [0]
+
+
+def test_chain_over_the_limit_fails_with_eio_and_the_daemon_serves_on(pki, tmp_path, no_leaks):
+    chain, key, _ = make_chain(str(tmp_path), 11)
+    config = tls_config(pki)
+    config.server.certificate, config.server.private_key = chain, key
+    with daemon(config) as (sim, running):
+        a, b = tcp_pair()
+        req = sim.server_hello_x509(a, timeout_ms=5000)
+        assert req.wait(WAIT)[0] == errno.EIO and req.done_calls == 1
+        assert "at most 10" in outcomes(running, 1)[0].reason
+        a.close(); b.close()
+        real_client_handshake(sim, pki)
