@@ -424,3 +424,147 @@ def closing_peer(partial: bytes = b"\x16\x03\x03\x00\x7a\x02\x00\x00\x76\x03\x03
         conn.close()
 
     return ScriptedPeer(behaviour, "closing-peer")
+
+
+# ---------------------------------------------------------------- PSK peers (secrets only in memory)
+
+
+class MemoryFile:
+    """A file that exists only in memory (memfd): PSKs handed to peer tools never touch the disk."""
+
+    def __init__(self, content: bytes, name: str = "hsd-test") -> None:
+        self.fd = os.memfd_create(name)
+        os.write(self.fd, content)
+
+    @property
+    def path(self) -> str:
+        return f"/proc/{os.getpid()}/fd/{self.fd}"
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def psk_session_pem(secret: bytes, hash_name: str) -> bytes:
+    """An SSL_SESSION carrying the PSK, as openssl's -psk_session reads it (a SHA-384 PSK needs this)."""
+    import base64
+
+    from OpenSSL import SSL
+    from OpenSSL._util import ffi, lib
+
+    conn = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+    session = lib.Cryptography_SSL_SESSION_new()
+    try:
+        cipher = lib.SSL_CIPHER_find(conn._ssl, b"\x13\x01" if hash_name == "sha256" else b"\x13\x02")
+        assert lib.SSL_SESSION_set1_master_key(session, secret, len(secret)) == 1
+        assert lib.SSL_SESSION_set_cipher(session, cipher) == 1
+        assert lib.SSL_SESSION_set_protocol_version(session, 0x0304) == 1
+        size = lib.i2d_SSL_SESSION(session, ffi.NULL)
+        buf = ffi.new("unsigned char[]", size)
+        cursor = ffi.new("unsigned char **", buf)
+        assert lib.i2d_SSL_SESSION(session, cursor) == size
+        der = bytes(ffi.buffer(buf, size))
+    finally:
+        lib.SSL_SESSION_free(session)
+    return (b"-----BEGIN SSL SESSION PARAMETERS-----\n" + base64.encodebytes(der)
+            + b"-----END SSL SESSION PARAMETERS-----\n")
+
+
+GNUTLS_13 = "NORMAL:-VERS-ALL:+VERS-TLS1.3"
+GNUTLS_PSK_PRIORITY = {
+    ("sha256", "psk_dhe_ke"): GNUTLS_13 + ":-CIPHER-ALL:+AES-128-GCM:+CHACHA20-POLY1305:-KX-ALL:+ECDHE-PSK",
+    ("sha384", "psk_dhe_ke"): GNUTLS_13 + ":-CIPHER-ALL:+AES-256-GCM:-KX-ALL:+ECDHE-PSK",
+    ("sha256", "psk_ke"): GNUTLS_13 + ":-CIPHER-ALL:+AES-128-GCM:-KX-ALL:+PSK",
+    ("sha384", "psk_ke"): GNUTLS_13 + ":-CIPHER-ALL:+AES-256-GCM:-KX-ALL:+PSK",
+}
+
+
+@dataclass
+class PskSecret:
+    """One external PSK as a peer tool gets it; the memfd files it needs close with the peer."""
+
+    identity: str
+    secret: bytes
+    hash: str = "sha256"
+    mode: str = "psk_dhe_ke"
+
+    def openssl_args(self, files: list[MemoryFile]) -> list[str]:
+        """openssl's -psk builds a SHA-256 session; a SHA-384 PSK goes in through -psk_session."""
+        if self.hash == "sha256":
+            args = ["-psk", self.secret.hex(), "-psk_identity", self.identity]
+        else:
+            session = MemoryFile(psk_session_pem(self.secret, self.hash), "hsd-test-psk")
+            files.append(session)
+            args = ["-psk_session", session.path, "-psk_identity", self.identity]
+        return args + (["-allow_no_dhe_kex"] if self.mode == "psk_ke" else [])
+
+
+class _WithFiles:
+    """Mixin: memfd files that live exactly as long as the peer process."""
+
+    files: list[MemoryFile]
+
+    def stop(self) -> None:  # type: ignore[override]
+        super().stop()  # type: ignore[misc]
+        for item in self.files:
+            item.close()
+
+
+class PskServerPeer(_WithFiles, ServerPeer):
+    pass
+
+
+class PskClientPeer(_WithFiles, PeerProcess):
+    pass
+
+
+def openssl_psk_server(psk: PskSecret, port: int | None = None) -> ServerPeer:
+    """`openssl s_server -nocert` with one external PSK; prints what it receives."""
+    port = port or free_port()
+    files: list[MemoryFile] = []
+    argv = ["openssl", "s_server", "-accept", f"{LOOPBACK}:{port}", "-tls1_3", "-naccept", "1", "-nocert",
+            *psk.openssl_args(files)]
+    peer = PskServerPeer(argv, "openssl s_server (psk)", port)
+    peer.files = files
+    return peer
+
+
+def gnutls_psk_server(psk: PskSecret, port: int | None = None) -> ServerPeer:
+    """`gnutls-serv --echo` with a PSK password file in memory (gnutls splits it at the first ':')."""
+    port = port or free_port()
+    passwd = MemoryFile(f"{psk.identity}:{psk.secret.hex()}\n".encode(), "hsd-test-pskpasswd")
+    argv = ["gnutls-serv", "--port", str(port), "--echo", "--pskpasswd", passwd.path,
+            "--priority", GNUTLS_PSK_PRIORITY[psk.hash, psk.mode], "--disable-client-cert"]
+    peer = PskServerPeer(argv, "gnutls-serv (psk)", port)
+    peer.files = [passwd]
+    return peer
+
+
+def openssl_psk_client(psk: PskSecret, port: int, host: str = LOOPBACK, extra: tuple[str, ...] = ()) -> PeerProcess:
+    files: list[MemoryFile] = []
+    argv = ["openssl", "s_client", "-connect", f"{host}:{port}", "-tls1_3", "-ign_eof", *psk.openssl_args(files),
+            *extra]
+    peer = PskClientPeer(argv, "openssl s_client (psk)")
+    peer.files = files
+    return peer
+
+
+def gnutls_psk_client(psk: PskSecret, port: int, host: str = LOOPBACK, extra: tuple[str, ...] = ()) -> PeerProcess:
+    argv = ["gnutls-cli", "--port", str(port), "--pskusername", psk.identity, "--pskkey", psk.secret.hex(),
+            "--priority", GNUTLS_PSK_PRIORITY[psk.hash, psk.mode], *extra, host]
+    peer = PskClientPeer(argv, "gnutls-cli (psk)")
+    peer.files = []
+    return peer
+
+
+def connect(port: int, host: str = LOOPBACK, timeout: float = 10.0) -> socket.socket:
+    """A blocking TCP connection to a peer that may still be starting (retries refused connects)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return socket.create_connection((host, port), timeout=timeout)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
