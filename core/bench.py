@@ -39,6 +39,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from .hookspecs import BackendInfo, Mode, hookimpl
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 WORKLOADS = ("client-unauth", "client-x509", "server-x509", "client-psk")
 KEY_TYPES = ("p256", "rsa")
@@ -63,6 +65,7 @@ class RunFigures:
     cpu: float | None = None  # CPU seconds of the measured process during the run
     statuses: dict[int, int] = field(default_factory=dict)
     rss_growth_mb: float | None = None
+    sim_cpu: float | None = None  # CPU of the bench process (simulator + consumers) during an hsd run
 
     @property
     def rate(self) -> float:
@@ -283,9 +286,16 @@ class _Recorder:
         self.group = ""
         self.done = threading.Event()
         self.expected: int | None = None
+        self.first_start: float | None = None  # throughput is counted from the first handshake's start
+        self.last_end = 0.0
 
     def __call__(self, latency: float, conn: Any) -> None:
+        now = time.perf_counter()
         with self.lock:
+            if latency >= 0:
+                began = now - latency
+                self.first_start = began if self.first_start is None else min(self.first_start, began)
+            self.last_end = now
             if latency < 0:
                 self.failed += 1
             else:
@@ -338,9 +348,9 @@ def _helper_main(argv: list[str]) -> int:
         thread.start()
     if args.count:
         record.done.wait()
-    else:
-        sys.stdin.read()  # the bench closes our stdin when it is done with us
-    elapsed = time.perf_counter() - start
+    if args.kind == "_peer" or not args.count:
+        sys.stdin.read()  # the bench closes our stdin when it is done with us (peers linger till then)
+    elapsed = (record.last_end - record.first_start) if record.first_start else time.perf_counter() - start
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     stop.set()
     figures = RunFigures(count=args.count or len(record.latencies) + record.failed, ok=len(record.latencies),
@@ -391,6 +401,49 @@ def _tlslite_worker(args: argparse.Namespace, psk_secret: bytes, budget: _Budget
                 sock.close()
 
     return run
+
+
+class NullBackend:
+    """A backend that does no TLS: what is left is the simulator + dispatcher + kTLS-install pipeline."""
+
+    name = "bench-null"
+
+    @hookimpl
+    def hsd_backend_info(self) -> BackendInfo:
+        return BackendInfo(self.name, "0", frozenset({Mode("client", "unauth")}))
+
+    @hookimpl
+    def hsd_handshake(self, ctx: Any) -> Any:
+        from .session import Session
+
+        if ctx.backend != self.name:
+            return None
+        return Session(cipher="TLS_AES_128_GCM_SHA256", tx_secret=bytearray(16 * b"\1"),
+                       rx_secret=bytearray(16 * b"\2"), group="none")
+
+
+def _floor_main(argv: list[str]) -> int:
+    """`python -m hsd.bench _floor -c CONF --simulator SOCK --max-inflight N -s`: hsd with NullBackend only."""
+    import logging
+
+    from . import config as config_mod
+    from .daemon import serve, setup_logging
+    from .plugins import PluginHost
+    from .simulator import SimChannel
+
+    parser = argparse.ArgumentParser(prog="hsd.bench _floor")
+    parser.add_argument("-c", dest="config")
+    parser.add_argument("--simulator", required=True)
+    parser.add_argument("--max-inflight", type=int, default=64)
+    parser.add_argument("-s", action="store_true")
+    args = parser.parse_args(argv)
+    cfg = config_mod.load(args.config)
+    cfg.backend = NullBackend.name
+    setup_logging(True, logging.INFO, syslog=False)  # same log line per handshake as the real daemon
+    host = PluginHost(cfg)
+    host.add(NullBackend.name, NullBackend())
+    return serve(SimChannel.connect(args.simulator), cfg, backend=cfg.backend, config_path=args.config,
+                 max_inflight=args.max_inflight, host=host)
 
 
 # ================================================================ orchestration in the bench process
@@ -448,13 +501,14 @@ class Daemon:
     the kernel hands every request to exactly one ACCEPT: a process pool with
     the socket passed by the kernel (SCM_RIGHTS in the simulator)."""
 
-    def __init__(self, sim: Any, config_path: str, max_inflight: int, processes: int = 1) -> None:
+    def __init__(self, sim: Any, config_path: str, max_inflight: int, processes: int = 1,
+                 module: str = "hsd.cli") -> None:
         started = time.perf_counter()
         before = sim.listeners()
-        self.procs = [subprocess.Popen([sys.executable, "-m", "hsd.cli", "-c", config_path, "--simulator",
+        self.procs = [subprocess.Popen([sys.executable, "-m", *module.split(), "-c", config_path, "--simulator",
                                         sim.address, "--max-inflight", str(max_inflight), "-s"],
                                        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL) for _ in range(processes)]
+                                       stderr=self._log()) for _ in range(processes)]
         while sim.listeners() < before + processes:
             if any(proc.poll() is not None for proc in self.procs):
                 self.stop()
@@ -464,6 +518,12 @@ class Daemon:
                 raise RuntimeError("hsd did not join the group in 30 s")
             time.sleep(0.001)
         self.start_to_ready = time.perf_counter() - started
+
+    @staticmethod
+    def _log() -> Any:
+        """The daemon's log (one line per handshake, as in production) goes to /dev/null or $HSD_BENCH_LOG."""
+        path = os.environ.get("HSD_BENCH_LOG")
+        return open(path, "a") if path else subprocess.DEVNULL  # noqa: SIM115  (owned by the child)
 
     def cpu(self) -> float:
         total = 0.0
@@ -555,7 +615,7 @@ class PeerServers:
                 self.servers.append(subprocess.Popen(
                     ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-nocert", "-tls1_3", "-quiet",
                      "-groups", GROUPS[group], "-psk", st.psk_secret.hex(), "-psk_identity", PSK_IDENTITY],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                 _wait_port(port)
                 self.ports.append(port)
         else:
@@ -582,7 +642,34 @@ class PeerServers:
         for proc in self.servers:
             proc.kill()
             proc.wait()
+            if proc.stdin:
+                proc.stdin.close()
         return group
+
+
+class MuteListener:
+    """Accepts TCP connections and never says a word: consumer sockets for the no-TLS pipeline floor."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                self.held.append(self.listener.accept()[0])  # held open: the ULP wants ESTABLISHED
+            except OSError:
+                return
+
+    def port(self) -> int:
+        return self.listener.getsockname()[1]
+
+    def close(self) -> str:
+        self.listener.close()
+        for sock in self.held:
+            sock.close()
+        return ""
 
 
 def _free_port() -> int:
@@ -629,11 +716,13 @@ class _Completion:
         self.lock = threading.Lock()
         self.figures = RunFigures(count=expected)
         self.all_done = threading.Event()
+        self.first: float | None = None  # throughput is counted from the first submit
         self.last = 0.0
 
     def finish(self, submitted: float, sock: socket.socket, status: int) -> None:
         now = time.perf_counter()
         with self.lock:
+            self.first = submitted if self.first is None else min(self.first, submitted)
             self.figures.statuses[status] = self.figures.statuses.get(status, 0) + 1
             if status == 0:
                 self.figures.ok += 1
@@ -668,8 +757,15 @@ def run_hsd_client(sim: Any, st: Setup, workload: str, peers: PeerServers, concu
     return _timed(daemon, completion, [consumer] * concurrency)
 
 
+def _own_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _timed(daemon: Daemon, completion: _Completion, workers: list[Callable[[], None]]) -> RunFigures:
-    cpu0 = daemon.cpu()
+    cpu0, own0 = daemon.cpu(), _own_cpu()
     start = time.perf_counter()
     threads = [threading.Thread(target=w, daemon=True) for w in workers]
     for thread in threads:
@@ -678,8 +774,9 @@ def _timed(daemon: Daemon, completion: _Completion, workers: list[Callable[[], N
     for thread in threads:
         thread.join(5)
     figures = completion.figures
-    figures.elapsed = (completion.last or time.perf_counter()) - start
+    figures.elapsed = (completion.last or time.perf_counter()) - (completion.first or start)
     figures.cpu = daemon.cpu() - cpu0
+    figures.sim_cpu = _own_cpu() - own0
     return figures
 
 
@@ -699,7 +796,7 @@ def run_hsd_burst(sim: Any, st: Setup, workload: str, key_type: str, group: str,
     else:
         assert peers is not None
         socks = [socket.create_connection(("127.0.0.1", peers.port())) for _ in range(count)]
-    cpu0 = daemon.cpu()
+    cpu0, own0 = daemon.cpu(), _own_cpu()
     start = time.perf_counter()
     for sock in socks:
         at = time.perf_counter()
@@ -708,10 +805,11 @@ def run_hsd_burst(sim: Any, st: Setup, workload: str, key_type: str, group: str,
     figures = completion.figures
     figures.elapsed = (completion.last or time.perf_counter()) - start
     figures.cpu = daemon.cpu() - cpu0
+    figures.sim_cpu = _own_cpu() - own0
     figures.rss_growth_mb = daemon.status_mb("VmHWM") - rss0
     if clients is not None:
         with contextlib.suppress(Exception):
-            clients.line(30)
+            clients.finish(30)
         clients.kill()
     return figures
 
@@ -735,7 +833,7 @@ def run_hsd_server(sim: Any, st: Setup, key_type: str, group: str, concurrency: 
 
     try:
         figures = _timed(daemon, completion, [acceptor])
-        peer_group = clients.line(60).get("group", "")
+        peer_group = clients.finish(60).get("group", "")
     finally:
         listener.close()
         clients.kill()
@@ -942,6 +1040,23 @@ def _hsd_runs(sim: Any, st: Setup, plan: Plan, row: Row, peers: PeerServers | No
     row.peak_rss_mb = daemon.status_mb("VmHWM")
 
 
+def measure_floor(sim: Any, st: Setup, plan: Plan, say: Callable[[str], None]) -> dict[int, RunFigures]:
+    """READY -> DONE with a backend that does no TLS: the simulator + dispatcher + kTLS-install cost."""
+    out: dict[int, RunFigures] = {}
+    mute = MuteListener()
+    daemon = Daemon(sim, st.config_path(plan.key_types[0], plan.max_inflight), plan.max_inflight,
+                    module="hsd.bench _floor")
+    try:
+        run_hsd_client(sim, st, "client-unauth", mute, 1, 3, daemon)  # type: ignore[arg-type]
+        for conc, count in plan.counts.items():
+            say(f"pipeline floor (no TLS), concurrency {conc}")
+            out[conc] = run_hsd_client(sim, st, "client-unauth", mute, conc, count, daemon)  # type: ignore[arg-type]
+    finally:
+        daemon.stop()
+        mute.close()
+    return out
+
+
 def measure_models(sim: Any, st: Setup, plan: Plan, say: Callable[[str], None]) -> list[ModelFigures]:
     """Threads (one process) against process pools, same workload and offered concurrency."""
     key_type, group = plan.key_types[0], plan.groups[0]
@@ -967,20 +1082,28 @@ def measure_models(sim: Any, st: Setup, plan: Plan, say: Callable[[str], None]) 
     return out
 
 
-def run_bench(plan: Plan, say: Callable[[str], None] = lambda _: None) -> tuple[list[Row], list[ModelFigures]]:
-    """Measure every row of the plan (and the concurrency models); nothing is printed here."""
+@dataclass
+class Results:
+    rows: list[Row] = field(default_factory=list)
+    floor: dict[int, RunFigures] = field(default_factory=dict)  # no-TLS pipeline, by concurrency
+    models: list[ModelFigures] = field(default_factory=list)
+
+
+def run_bench(plan: Plan, say: Callable[[str], None] = lambda _: None) -> Results:
+    """Measure every row of the plan, the no-TLS floor and the concurrency models; prints nothing."""
     from .simulator import Simulator
 
-    rows: list[Row] = []
-    models: list[ModelFigures] = []
+    results = Results()
+    # the kernel caps its queue at 50; the burst is meant to sit queued, so this simulator holds it all
     with setup(plan.key_types) as st, Simulator(pending_max=max(plan.burst, 50) + 64) as sim:
+        results.floor = measure_floor(sim, st, plan, say)
         for workload in plan.workloads:
             for key_type in plan.key_types:
                 for group in plan.groups:
-                    rows.append(measure_row(sim, st, plan, workload, key_type, group, say))
+                    results.rows.append(measure_row(sim, st, plan, workload, key_type, group, say))
         if plan.models:
-            models = measure_models(sim, st, plan, say)
-    return rows, models
+            results.models = measure_models(sim, st, plan, say)
+    return results
 
 
 # ================================================================ the report
@@ -1006,7 +1129,12 @@ def _table(headers: list[str], lines: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def report(rows: list[Row], models: list[ModelFigures], plan: Plan) -> str:
+def _sim_cpu_ms(figures: RunFigures | None) -> float | None:
+    return None if figures is None or figures.sim_cpu is None or not figures.ok else figures.sim_cpu / figures.ok * 1000
+
+
+def report(results: Results, plan: Plan) -> str:
+    rows, models = results.rows, results.models
     concs = list(plan.counts)
     parts = [f"hsd bench: {os.cpu_count()} CPUs, counts {plan.counts}, burst {plan.burst}, "
              f"max_inflight {plan.max_inflight}; handshakes/s unless noted"]
@@ -1045,7 +1173,7 @@ def report(rows: list[Row], models: list[ModelFigures], plan: Plan) -> str:
     parts.append("Latency, submit (READY) to DONE for hsd; handshake only for bare\n" + _table(head, lines))
 
     head = ["workload", "cert", "group"] + [f"hsd CPU ms/hs c{c}" for c in concs] \
-        + [f"bare CPU ms/hs c{concs[-1]}", "burst ok", "burst hs/s", "burst p99 ms", "burst RSS +MB",
+        + [f"bare CPU ms/hs c{concs[-1]}", f"sim+consumer CPU ms/hs c{concs[-1]}", "burst ok", "burst hs/s", "burst p99 ms", "burst RSS +MB",
            "peak RSS MB", "fds before/after", "start->ready s"]
     lines = []
     for row in rows:
@@ -1056,12 +1184,19 @@ def report(rows: list[Row], models: list[ModelFigures], plan: Plan) -> str:
         lines.append([row.workload, row.key_type, row.group]
                      + [_num(row.hsd[c].cpu_per_handshake_ms, "{:.2f}") if c in row.hsd else "-" for c in concs]
                      + [_num(row.bare[concs[-1]].cpu_per_handshake_ms, "{:.2f}") if concs[-1] in row.bare else "-"]
+                     + [_num(_sim_cpu_ms(row.hsd.get(concs[-1])), "{:.2f}")]
                      + ([f"{burst.ok}/{burst.count}" + (f" {bad}" if bad else ""), _num(burst.rate),
                          _ms(burst.pct(0.99)), _num(burst.rss_growth_mb, "{:.1f}")] if burst else ["-"] * 4)
                      + [_num(row.peak_rss_mb, "{:.1f}"), f"{row.fds_before}/{row.fds_after}",
                         _num(row.start_to_ready, "{:.3f}")])
     parts.append("Resources (daemon process; CPU = user+system from /proc/PID/stat)\n" + _table(head, lines))
 
+    if results.floor:
+        head = ["concurrency", "hs/s", "p50/p99 ms", "daemon CPU ms/hs"]
+        lines = [[str(c), _num(f.rate), f"{_ms(f.pct(0.5))}/{_ms(f.pct(0.99))}",
+                  _num(f.cpu_per_handshake_ms, "{:.2f}")] for c, f in results.floor.items()]
+        parts.append("Pipeline floor: READY -> ACCEPT -> (no TLS) -> kTLS install -> DONE through the simulator\n"
+                     + _table(head, lines))
     silent = [row for row in rows if row.silent]
     for row in silent:
         base, loaded = row.silent  # type: ignore[misc]
@@ -1124,9 +1259,12 @@ def targets(rows: list[Row], plan: Plan) -> list[str]:
     return out
 
 
-def all_handshakes_ok(rows: list[Row]) -> bool:
-    """Correctness of a run: every hsd and bare handshake ended with status 0."""
-    for row in rows:
+def all_handshakes_ok(results: Results) -> bool:
+    """Correctness of a run: every hsd and bare handshake (and every floor request) ended with status 0."""
+    runs_everywhere = list(results.floor.values()) + [m.figures for m in results.models]
+    if any(f.ok != f.count for f in runs_everywhere):
+        return False
+    for row in results.rows:
         runs = list(row.hsd.values()) + list(row.bare.values()) + ([row.burst] if row.burst else [])
         if any(f.ok != f.count or set(f.statuses) - {0} for f in runs):
             return False
@@ -1159,17 +1297,20 @@ def run_cli(args: argparse.Namespace) -> int:
             print(f"hsd bench: unknown workload(s) {', '.join(sorted(unknown))}", file=sys.stderr)
             return 2
     say = (lambda text: print(f"[bench] {text}", file=sys.stderr, flush=True)) if args.progress else (lambda _: None)
-    rows, models = run_bench(plan, say)
-    print(report(rows, models, plan), flush=True)
+    results = run_bench(plan, say)
+    rows, models = results.rows, results.models
+    print(report(results, plan), flush=True)
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"plan": {"counts": plan.counts, "burst": plan.burst},
                        "rows": [_row_json(row) for row in rows],
+                       "floor": {c: {"rate": f.rate, "p50": f.pct(0.5), "p99": f.pct(0.99),
+                                     "cpu_ms": f.cpu_per_handshake_ms} for c, f in results.floor.items()},
                        "models": [{"name": m.name, "processes": m.processes, "max_inflight": m.max_inflight,
                                    "concurrency": m.concurrency, "rate": m.figures.rate,
                                    "p50": m.figures.pct(0.5), "p99": m.figures.pct(0.99),
                                    "rss_mb": m.rss_mb} for m in models]}, handle, indent=1)
-    return 0 if all_handshakes_ok(rows) else 1
+    return 0 if all_handshakes_ok(results) else 1
 
 
 def _row_json(row: Row) -> dict[str, Any]:
@@ -1189,4 +1330,6 @@ def _row_json(row: Row) -> dict[str, Any]:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] in ("_peer", "_bare"):
         sys.exit(_helper_main(sys.argv[1:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "_floor":
+        sys.exit(_floor_main(sys.argv[2:]))
     sys.exit(main())

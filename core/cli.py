@@ -5,6 +5,7 @@
     hsd check [-c FILE]                           validate the config, print effective settings
     hsd plugins                                   installed plugins, their modes, who wins
     hsd demo                                      watch hsd serve simulated requests against real peers
+    hsd bench [--quick]                           handshakes/s and latency: hsd vs bare library vs C
 
 Expected failures print one line and exit non-zero; no tracebacks.
 """
@@ -40,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("plugins", help="list installed plugins, the modes they serve and which one wins")
     demo = sub.add_parser("demo", help="serve simulated kernel requests against real openssl/gnutls peers")
     demo.add_argument("--rounds", type=int, default=1, help="how many times to run the scenario list")
+    from .bench import add_arguments as add_bench_arguments
+
+    add_bench_arguments(sub.add_parser("bench", help="measure hsd against the bare TLS library and openssl s_time"))
     return parser
 
 
@@ -62,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         from .report import print_plugins
 
         return print_plugins(cfg)
+    if args.command == "bench":
+        from .bench import run_cli
+
+        return run_cli(args)
     if args.command == "demo":
         from .demo import run_demo
 
