@@ -45,6 +45,7 @@ class Config:
     max_inflight: int = 64
     handshake_timeout_ms: int = 10000  # when ACCEPT carries no timeout
     require_client_certificate: bool = False
+    strict_permissions: bool = False  # refuse private key files readable by group/others (else warn)
     allowed_client_sans: list[str] = field(default_factory=list)
     verify_server: bool = True
     psk_modes: list[str] = field(default_factory=lambda: ["psk_dhe_ke"])
@@ -154,6 +155,8 @@ def _apply(cfg: Config, section: str, key: str, value: str, where: str) -> bool:
             cfg.enable_plugins = _list(value)
         elif key == "disable_plugins":
             cfg.disable_plugins = _list(value)
+        elif key == "strict_permissions":
+            cfg.strict_permissions = _bool(value, where)
         else:
             return False
         return True

@@ -7,7 +7,9 @@ serials in kernel keyrings (PEM or DER payloads).  Backends receive parsed
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 import threading
 from dataclasses import dataclass, field
 
@@ -21,6 +23,9 @@ from .errors import CredentialError
 from .protocol import HandshakeRequest
 
 MAX_CHAIN = 10
+
+log = logging.getLogger("hsd")
+_warned_modes: set[tuple[str, int]] = set()
 
 
 @dataclass
@@ -112,6 +117,23 @@ def _from_keyring(serial: int, parse, what: str):
         payload[:] = bytes(len(payload))
 
 
+def check_private_key_file(path: str, strict: bool) -> None:
+    """A private key readable by group or others: warn once per file and mode; refuse when strict."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return  # reading it will report the problem
+    if not mode & 0o077:
+        return
+    who = " and ".join(w for w, bits in (("group", 0o070), ("others", 0o007)) if mode & bits)
+    text = f"{path}: private key file is accessible by {who} (mode {mode:04o}); chmod 600 it"
+    if strict:
+        raise CredentialError(f"{text} ([hsd] strict_permissions refuses it)")
+    if (path, mode) not in _warned_modes:
+        _warned_modes.add((path, mode))
+        log.warning("%s", text)
+
+
 def load_x509(config: Config, request: HandshakeRequest) -> X509Credentials:
     """Credentials for this request's role: request serials first, config files second."""
     role = request.role
@@ -130,6 +152,7 @@ def load_x509(config: Config, request: HandshakeRequest) -> X509Credentials:
     if request.privkey:
         creds.key = _from_keyring(request.privkey, parse_private_key, "private")
     elif rc.private_key:
+        check_private_key_file(rc.private_key, config.strict_permissions)
         creds.key = _cache.get(rc.private_key, "key", parse_private_key)
     if bool(creds.chain) != bool(creds.key):
         raise CredentialError(f"{role} certificate and private key must be configured together")

@@ -17,7 +17,10 @@ import threading
 from typing import Callable
 
 from . import config as config_mod
+from . import privileges
 from .channel import Channel
+from .credentials import check_private_key_file
+from .errors import CredentialError
 from .dispatcher import Dispatcher
 from .plugins import PluginHost
 
@@ -62,8 +65,12 @@ def notify_systemd(state: str) -> None:
 
 def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
           config_path: str | None, max_inflight: int | None = None, host: PluginHost | None = None,
-          stop: threading.Event | None = None, on_ready: Callable[[], None] | None = None) -> int:
-    """Run until a stop signal; returns the process exit code."""
+          stop: threading.Event | None = None, on_ready: Callable[[], None] | None = None,
+          drop_capabilities: bool = True) -> int:
+    """Run until a stop signal; returns the process exit code.
+
+    The channel is already connected and joined; as root, every capability but
+    CAP_NET_ADMIN is dropped here, before any handshake thread exists."""
     stop = stop or threading.Event()
     host = host or PluginHost.discover(config)
     dispatcher = Dispatcher(channel, host, config, backend=backend, max_inflight=max_inflight)
@@ -97,6 +104,21 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
         if on_ready:
             on_ready()
 
+    for role_config in (config.client, config.server):  # warn (or refuse, when strict) at start-up
+        if role_config.private_key:
+            try:
+                check_private_key_file(role_config.private_key, config.strict_permissions)
+            except CredentialError as exc:
+                log.error("%s", exc)
+                channel.close()
+                return 1
+    if drop_capabilities:
+        try:
+            privileges.drop_privileges()
+        except privileges.PrivilegeError as exc:
+            log.error("cannot drop capabilities, refusing to run with all of them: %s", exc.strerror)
+            channel.close()
+            return 1
     try:
         dispatcher.run(stop, ready=ready)
     except ConnectionError as exc:
