@@ -32,7 +32,10 @@ def setup_logging(to_stderr: bool, level: int, syslog: bool = True) -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    root.setLevel(level)
+    # Debug applies to hsd and its plugins only; libraries (pyroute2, asyncio, stevedore) stay quiet.
+    root.setLevel(max(level, logging.INFO))
+    for ours in ("hsd", "hsd_openssl", "hsd_tlslite", "hsd_psk"):
+        logging.getLogger(ours).setLevel(level)
     if to_stderr or not syslog or not os.path.exists("/dev/log"):
         err = logging.StreamHandler(sys.stderr)
         err.setFormatter(logging.Formatter("%(asctime)s hsd[%(process)d]: %(message)s", "%H:%M:%S"))
@@ -44,8 +47,8 @@ def setup_logging(to_stderr: bool, level: int, syslog: bool = True) -> None:
             root.addHandler(sys_handler)
         except OSError:
             pass
-    for noisy in ("pyroute2", "stevedore"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    for noisy in ("pyroute2", "stevedore", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def notify_systemd(state: str) -> None:
