@@ -1,1 +1,32 @@
-"""hsd's test kit: the simulator, real peers and a kTLS record checker, for hsd and for plugin authors."""
+"""hsd's test kit: the simulator, real peers and a kTLS record checker, for hsd and for plugin authors.
+
+- hsd.testing.harness: DaemonHarness (simulator + dispatcher + discovered plugins), assert_ktls_roundtrip
+- hsd.testing.matrix: the interop matrix as data (Case, MATRIX, cases_for, run_case)
+- hsd.testing.peers: openssl/gnutls peers, scripted broken peers, PSK peers
+- hsd.testing.records: a user-space TLS 1.3 record layer keyed by kTLS crypto_info
+- hsd.testing.pki / keyrings: a throwaway PKI and throwaway kernel keyrings
+- hsd.testing.pytest_plugin: the fixtures (hsd_pki, hsd_simulator, hsd_daemon, hsd_keyring, hsd_case)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_EXPORTS = {
+    "DaemonHarness": "harness", "HarnessError": "harness", "assert_ktls_roundtrip": "harness",
+    "assert_ktls_pair": "harness", "Case": "matrix", "MATRIX": "matrix", "cases_for": "matrix",
+    "run_case": "matrix", "hsd_interop_matrix": "pytest_plugin", "make_pki": "pki",
+    "ThrowawayKeyring": "keyrings",
+}
+
+
+def __getattr__(name: str) -> Any:  # lazy: importing hsd.testing stays cheap
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'hsd.testing' has no attribute {name!r}")
+    from importlib import import_module
+
+    return getattr(import_module(f"hsd.testing.{module}"), name)
+
+
+__all__ = sorted(_EXPORTS)

@@ -119,10 +119,15 @@ def cross_cases(backend: str, others: Iterable[str]) -> list[Case]:
     return out
 
 
-def cases_for(backend: str, modes: Iterable[Mode], *, cross_with: Iterable[str] = ("openssl",)) -> list[Case]:
-    """The matrix restricted to the modes a backend serves (PSK modes need the psk policy plugin too)."""
+def cases_for(backend: str, modes: Iterable[Mode], *, cross_with: Iterable[str] = ("openssl",),
+              suites: Iterable[str] | str | None = None) -> list[Case]:
+    """The matrix restricted to the modes a backend serves (PSK modes need the psk policy plugin too).
+
+    suites: the TLS 1.3 suites the backend can offer (a list or "A:B:C", as a
+    plugin declares them in BackendInfo.extra["tls13_suites"]); None = all four."""
     served = {Mode(m.role, m.auth) for m in modes}
-    chosen = [case for case in MATRIX if case.mode in served]
+    allowed = set(suites.split(":") if isinstance(suites, str) else suites) if suites else set(SUITES)
+    chosen = [case for case in MATRIX if case.mode in served and (case.suite is None or case.suite in allowed)]
     chosen += [case for case in cross_cases(backend, cross_with) if case.mode in served]
     return chosen
 

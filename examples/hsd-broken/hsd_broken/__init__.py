@@ -1,0 +1,1 @@
+"""Two deliberately broken hsd plugins, for testing that hsd skips them and keeps serving."""
