@@ -24,6 +24,7 @@ from hsd import keyring
 from hsd.config import Config
 from hsd.hookspecs import Mode
 from hsd.identity import SERVER_X509_SENTINEL
+from hsd.protocol import errno_name
 
 from . import peers
 from .harness import DaemonHarness, Finished, HarnessError, RoundTrip, assert_ktls_pair, assert_ktls_roundtrip
@@ -145,10 +146,13 @@ class CaseResult:
     def line(self) -> str:
         """One human line: what ran, how it went, what the data exchange proved."""
         out = self.finished.outcome
-        status = "ok" if self.finished.status == 0 else f"failed as expected ({out.reason or self.finished.status})"
-        proof = self.roundtrip.summary() if self.roundtrip else "no kTLS (expected)"
-        return (f"{self.case.role:6} {self.case.auth:6} backend={out.backend:10} suite={out.cipher or '-'} "
-                f"group={out.group or '-'} {out.duration * 1000:7.1f} ms  {status}; {proof}  [{self.case.name}]")
+        status = f"status={self.finished.status} ({errno_name(self.finished.status) if self.finished.status else 'ok'})"
+        if self.finished.status:
+            status += f" as expected: {out.reason}"
+        proof = self.roundtrip.summary() if self.roundtrip else "no kTLS keys installed"
+        return (f"{self.case.role:6} {self.case.auth:6} peer={self.case.peer:7} backend={out.backend:10} "
+                f"suite={out.cipher or '-'} group={out.group or '-'} {out.duration * 1000:.1f} ms "
+                f"{status}; {proof}  [{self.case.name}]")
 
 
 def case_config(case: Case, pki: TestPki, base: Config | None = None) -> Config:
