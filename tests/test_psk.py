@@ -9,7 +9,6 @@ handshake is proved by exchanging data both ways under the keys kTLS would get
 
 from __future__ import annotations
 
-import base64
 import errno
 import os
 import secrets
@@ -17,7 +16,6 @@ import socket
 import subprocess
 import threading
 import time
-import uuid
 import contextlib
 from contextlib import contextmanager
 from typing import Iterator
@@ -37,6 +35,14 @@ from hsd.hookspecs import PROJECT, HookSpecs
 from hsd.ktls import CryptoInfo, session_crypto_info
 from hsd.protocol import AuthMode, HandshakeRequest, MessageType
 from hsd.session import Session
+from hsd.testing.keyrings import ThrowawayKeyring
+from hsd.testing.peers import MemoryFile, free_port, psk_session_pem
+
+
+def connect(port: int) -> socket.socket:
+    from hsd.testing.peers import connect as connect_to
+
+    return connect_to(port, timeout=TIMEOUT)
 
 # No ':' in these NQNs: gnutls' PSK password file splits "identity:key" at the first colon.
 HOST = "nqn.2024-01.org.example.host-8ae2b12c"
@@ -103,23 +109,7 @@ class RecordLayer:
         return got
 
 
-# --- kernel keyrings ---------------------------------------------------------------------------
-
-class ThrowawayKeyring:
-    """A throwaway keyring linked into the process keyring, so its keys are possessed (readable)."""
-
-    KEY_TYPE = "user"  # this kernel may lack the "psk" key type; the policy reads both
-
-    def __init__(self) -> None:
-        self.name = f"hsd-test-{uuid.uuid4().hex}"
-        self.serial = keyring.add_key("keyring", self.name, b"", keyring.KEY_SPEC_PROCESS_KEYRING)
-
-    def add(self, identity: str, secret: bytes) -> int:
-        return keyring.add_key(self.KEY_TYPE, identity, secret, self.serial)
-
-    def close(self) -> None:
-        keyring.invalidate(self.serial)
-
+# --- kernel keyrings (hsd.testing.keyrings) --------------------------------------------------
 
 @pytest.fixture
 def ring() -> Iterator[ThrowawayKeyring]:
@@ -205,61 +195,6 @@ class Peer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def connect(port: int) -> socket.socket:
-    end = time.monotonic() + TIMEOUT
-    while True:
-        try:
-            return socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-        except ConnectionRefusedError:
-            if time.monotonic() > end:
-                raise
-            time.sleep(0.05)
-
-
-def psk_session_pem(secret: bytes, hash_name: str) -> bytes:
-    """An SSL_SESSION carrying the PSK, as openssl's -psk_session reads it (SHA-384 needs this)."""
-    from OpenSSL import SSL
-    from OpenSSL._util import ffi, lib
-
-    conn = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
-    session = lib.Cryptography_SSL_SESSION_new()
-    try:
-        cipher = lib.SSL_CIPHER_find(conn._ssl, b"\x13\x01" if hash_name == "sha256" else b"\x13\x02")
-        assert lib.SSL_SESSION_set1_master_key(session, secret, len(secret)) == 1
-        assert lib.SSL_SESSION_set_cipher(session, cipher) == 1
-        assert lib.SSL_SESSION_set_protocol_version(session, 0x0304) == 1
-        size = lib.i2d_SSL_SESSION(session, ffi.NULL)
-        buf = ffi.new("unsigned char[]", size)
-        cursor = ffi.new("unsigned char **", buf)
-        assert lib.i2d_SSL_SESSION(session, cursor) == size
-        der = bytes(ffi.buffer(buf, size))
-    finally:
-        lib.SSL_SESSION_free(session)
-    body = base64.encodebytes(der)
-    return b"-----BEGIN SSL SESSION PARAMETERS-----\n" + body + b"-----END SSL SESSION PARAMETERS-----\n"
-
-
-class MemoryFile:
-    """A file only in memory (memfd): PSKs handed to peer tools never touch the disk."""
-
-    def __init__(self, content: bytes) -> None:
-        self.fd = os.memfd_create("hsd-test-psk")
-        os.write(self.fd, content)
-
-    @property
-    def path(self) -> str:
-        return f"/proc/{os.getpid()}/fd/{self.fd}"
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 def openssl_psk_args(identity: str, secret: bytes, hash_name: str) -> tuple[list[str], MemoryFile | None]:
