@@ -66,6 +66,20 @@ def notify_systemd(state: str) -> None:
         log.debug("sd_notify failed: %s", exc)
 
 
+def _ensure_process_keyring() -> None:
+    """Create the process keyring before any worker thread exists.
+
+    The kernel links each request's keyring into the agent's process keyring; a
+    thread started before that keyring existed does not see it, so create it first.
+    """
+    from . import keyring
+
+    try:
+        keyring.keyring_id(keyring.KEY_SPEC_PROCESS_KEYRING, create=True)
+    except OSError as exc:
+        log.debug("no process keyring: %s", exc)
+
+
 def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
           config_path: str | None, max_inflight: int | None = None, host: PluginHost | None = None,
           stop: threading.Event | None = None, on_ready: Callable[[], None] | None = None,
@@ -75,6 +89,7 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
     The channel is already connected and joined; as root, every capability but
     CAP_NET_ADMIN is dropped here, before any handshake thread exists."""
     stop = stop or threading.Event()
+    _ensure_process_keyring()
     host = host or PluginHost.discover(config)
     dispatcher = Dispatcher(channel, host, config, backend=backend, max_inflight=max_inflight)
 

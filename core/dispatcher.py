@@ -143,6 +143,16 @@ class Dispatcher:
         while backlog and not self._full():
             try:
                 request = self.channel.accept()
+            except PermissionError:
+                raise  # no CAP_NET_ADMIN: nothing will ever work, the daemon must say so and stop
+            except OSError as exc:
+                # the kernel could not hand this request over (e.g. its keyring could not be linked);
+                # it has already failed the request itself, so log and go on with the queue
+                log.error("ACCEPT failed: %s", exc.strerror or exc)
+                backlog = backlog - 1 if backlog > 0 else backlog
+                if exc.errno in (errno.ENOBUFS, errno.ENOMEM, errno.EINTR):
+                    time.sleep(0.05)
+                continue
             except ProtocolError as exc:
                 log.error("malformed ACCEPT reply: %s", exc)
                 if exc.sockfd is not None and exc.sockfd >= 0:
