@@ -68,8 +68,11 @@ def drop_all_but(keep: tuple[int, ...] = (CAP_NET_ADMIN,)) -> int:
     mask = 0
     for cap in keep:
         mask |= 1 << cap
+    # only what is still there: under systemd's CapabilityBoundingSet=CAP_NET_ADMIN the rest is
+    # gone already, and so is CAP_SETPCAP, which PR_CAPBSET_DROP would need
+    bounding = capability_sets("/proc/thread-self/status").get("CapBnd", 0)
     for cap in range(last_capability() + 1):
-        if cap in keep:
+        if cap in keep or not bounding & (1 << cap):
             continue
         if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
             err = ctypes.get_errno()

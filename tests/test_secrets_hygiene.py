@@ -221,6 +221,20 @@ def test_drop_leaves_only_cap_net_admin_in_a_child():
 
 
 @root_only
+def test_drop_succeeds_when_the_service_manager_already_restricted_us():
+    """Under CapabilityBoundingSet=CAP_NET_ADMIN (the shipped unit) CAP_SETPCAP is gone: still fine."""
+    script = textwrap.dedent("""
+        from hsd import privileges
+        privileges.drop_all_but()  # now like a process systemd started with the shipped unit
+        assert privileges.drop_privileges() is True
+        print(hex(privileges.capability_sets()["CapEff"]))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [hex(NET_ADMIN_ONLY)]
+
+
+@root_only
 def test_serving_daemon_runs_with_cap_net_admin_only(tmp_path):
     """serve() drops before starting handshake threads: every thread of the daemon, handshakes included."""
     config_path = tmp_path / "hsd.conf"
