@@ -80,6 +80,9 @@ class _DoneOnce:
                 self.error = self.channel.done(Done(self.sockfd, status, remote_auth if status == 0 else ()))
             except OSError as exc:
                 self.error = exc.errno or errno.EIO
+            except Exception as exc:  # a garbled reply (ProtocolError): must not skip the caller's cleanup
+                log.error("DONE for fd %d failed: %s", self.sockfd, exc)
+                self.error = errno.EIO
             if self.error:
                 log.warning("kernel rejected DONE for fd %d: %s", self.sockfd, errno_name(self.error))
             return True

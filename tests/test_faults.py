@@ -505,3 +505,31 @@ def test_chain_over_the_limit_fails_with_eio_and_the_daemon_serves_on(pki, tmp_p
         assert "at most 10" in outcomes(running, 1)[0].reason
         a.close(); b.close()
         real_client_handshake(sim, pki)
+
+
+def test_garbled_done_reply_costs_one_request_not_a_slot(no_leaks, caplog):
+    """The DONE exchange fails with something other than an errno (a garbled reply): the request's
+    fd is still closed and its worker slot freed - with one slot, the next request proves it."""
+    from hsd.protocol import ProtocolError
+
+    with daemon(Config(backend=FAST), {FAST: FastBackend()}, max_inflight=1) as (sim, running):
+        real_done = running.channel.done
+        calls = []
+
+        def garbled_once(done):
+            calls.append(done.sockfd)
+            if len(calls) == 1:
+                raise ProtocolError("expected an ACK")
+            return real_done(done)
+
+        running.channel.done = garbled_once  # type: ignore[method-assign]
+        first, first_peer = tcp_pair()
+        lost = sim.client_hello_anon(first, peername="ok.test", timeout_ms=5000)
+        second, second_peer = tcp_pair()
+        req = submit_retrying(lambda: sim.client_hello_anon(second, peername="ok.test", timeout_ms=5000))
+        assert req.wait(WAIT)[0] == 0
+        assert lost.status is None and sim.cancel(first) is True  # left to the consumer's timeout
+        assert [o.done_error for o in outcomes(running, 2)] == [errno.EIO, 0]
+        assert "DONE for fd" in caplog.text
+        for sock in (first, first_peer, second, second_peer):
+            sock.close()
