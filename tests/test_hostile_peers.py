@@ -224,15 +224,40 @@ def test_server_rejects_a_tls12_only_client(pki, backend):
     assert status == REJECTED, running.outcomes[0].line()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_server_alert_after_its_flight(pki, backend):
-    """The client answers our flight with a fatal alert instead of its Finished."""
+INJECTED = {"fatal-alert": FATAL_HANDSHAKE_FAILURE, "plaintext-keyupdate": KEY_UPDATE}
 
-    def alert_instead(at: int, index: int, direction: str, rec: bytes) -> list[bytes]:
-        return [FATAL_HANDSHAKE_FAILURE] if at == 3 and index == 0 else ([] if at == 3 else [rec])
+
+def inject_after_first_record(flight: int, injected: bytes) -> Callable[[int, int, str, bytes], list[bytes]]:
+    """Let the flight's first record through, then send `injected` instead of the rest of it."""
+
+    def mutate(at: int, index: int, direction: str, rec: bytes) -> list[bytes]:
+        if at != flight:
+            return [rec]
+        return [rec, injected] if index == 0 else []
+
+    return mutate
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("what", sorted(INJECTED))
+def test_server_unexpected_record_instead_of_client_finished(pki, backend, what):
+    """After our flight the client sends an alert or a KeyUpdate instead of its Finished."""
+
+    def instead(at: int, index: int, direction: str, rec: bytes) -> list[bytes]:
+        return [INJECTED[what]] if at == 3 and index == 0 else ([] if at == 3 else [rec])
 
     with daemon(pki, backend) as (sim, running):
-        status, _ = server_handshake_with(sim, PeerOptions(ca=pki.ca), {"mutate": alert_instead})
+        status, _ = server_handshake_with(sim, PeerOptions(ca=pki.ca), {"mutate": instead})
+    assert status == REJECTED, running.outcomes[0].line()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("what", sorted(INJECTED))
+def test_client_unexpected_record_after_server_hello(pki, backend, what):
+    """The server's ServerHello arrives, then an alert or a plaintext KeyUpdate mid-handshake."""
+    with daemon(pki, backend) as (sim, running):
+        with openssl_server(PeerOptions(cert=pki.server.cert, key=pki.server.key)).start() as server:
+            status = client_handshake_via_proxy(sim, server, mutate=inject_after_first_record(2, INJECTED[what]))
     assert status == REJECTED, running.outcomes[0].line()
 
 
