@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import ipaddress
 
-from cryptography import x509
 from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi, lib
 
 from hsd.credentials import X509Credentials
 from hsd.errors import CredentialError, PeerRejected
+from hsd.x509verify import certificate_sans
 
 X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS = 0x4
 
@@ -47,20 +47,6 @@ class VerifyOutcome:
         if self.reason:
             return PeerRejected(f"{self.peer_role} certificate verify failed: {self.reason}")
         return PeerRejected(detail)
-
-
-def certificate_sans(cert: x509.Certificate) -> list[str]:
-    """DNS names, IP addresses, e-mail addresses and URIs of a certificate's SAN extension."""
-    try:
-        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    names: list[str] = []
-    names += ext.get_values_for_type(x509.DNSName)
-    names += [str(ip) for ip in ext.get_values_for_type(x509.IPAddress)]
-    names += ext.get_values_for_type(x509.RFC822Name)
-    names += ext.get_values_for_type(x509.UniformResourceIdentifier)
-    return names
 
 
 def install_trust(context: SSL.Context, creds: X509Credentials) -> None:
