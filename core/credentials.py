@@ -7,6 +7,8 @@ serials in kernel keyrings (PEM or DER payloads).  Backends receive parsed
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
 import stat
@@ -55,13 +57,24 @@ def parse_certificates(data: bytes, what: str) -> list[x509.Certificate]:
     return certs
 
 
+# Fully validating an RSA key (primality of p and q) costs ~60 ms of CPU on every load; keys are
+# never cached, so each key is validated on first sight only, remembered by a keyed digest.
+_VALIDATED_SALT = os.urandom(32)
+_validated_keys: set[bytes] = set()
+
+
 def parse_private_key(data: bytes, what: str) -> PrivateKeyTypes:
+    seen = hmac.new(_VALIDATED_SALT, bytes(data), hashlib.sha256).digest()
+    skip = seen in _validated_keys
     try:
         if b"-----BEGIN" in data:
-            return serialization.load_pem_private_key(bytes(data), password=None)
-        return serialization.load_der_private_key(bytes(data), password=None)
+            key = serialization.load_pem_private_key(bytes(data), password=None, unsafe_skip_rsa_key_validation=skip)
+        else:
+            key = serialization.load_der_private_key(bytes(data), password=None, unsafe_skip_rsa_key_validation=skip)
     except (ValueError, TypeError) as exc:
         raise CredentialError(f"{what}: not an unencrypted private key ({exc})") from None
+    _validated_keys.add(seen)
+    return key
 
 
 def parse_crls(data: bytes, what: str) -> list[x509.CertificateRevocationList]:
