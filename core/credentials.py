@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import mldsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from . import keyring
@@ -25,6 +26,8 @@ from .errors import CredentialError
 from .protocol import HandshakeRequest
 
 MAX_CHAIN = 10
+MLDSA_PUBLIC_KEYS = (mldsa.MLDSA44PublicKey, mldsa.MLDSA65PublicKey, mldsa.MLDSA87PublicKey)
+MLDSA_PRIVATE_KEYS = (mldsa.MLDSA44PrivateKey, mldsa.MLDSA65PrivateKey, mldsa.MLDSA87PrivateKey)
 
 log = logging.getLogger("hsd")
 _warned_modes: set[tuple[str, int]] = set()
@@ -39,9 +42,13 @@ class X509Credentials:
     verify_peer: bool = True  # client: verify the server; server: verify a client cert if sent
     require_peer_cert: bool = False  # server: a client certificate is mandatory
     allowed_sans: list[str] = field(default_factory=list)  # server: accepted client SANs (empty: any)
+    # x509.pq.*: a second, ML-DSA identity offered next to the classic one to peers that sign with ML-DSA
+    pq_chain: list[x509.Certificate] = field(default_factory=list)  # leaf first
+    pq_key: PrivateKeyTypes | None = None
 
     def __repr__(self) -> str:
-        return f"X509Credentials(chain={len(self.chain)}, key={'yes' if self.key else 'no'})"
+        pq = f", pq_chain={len(self.pq_chain)}, pq_key={'yes' if self.pq_key else 'no'}" if self.pq_chain else ""
+        return f"X509Credentials(chain={len(self.chain)}, key={'yes' if self.key else 'no'}{pq})"
 
 
 def parse_certificates(data: bytes, what: str) -> list[x509.Certificate]:
@@ -147,6 +154,38 @@ def check_private_key_file(path: str, strict: bool) -> None:
         log.warning("%s", text)
 
 
+def _load_pq_pair(config: Config, request: HandshakeRequest) -> tuple[list[x509.Certificate], PrivateKeyTypes | None]:
+    """The role's x509.pq.* ML-DSA chain and key: both or neither, and the key must match the leaf.
+
+    A request that names its own certificate (keyring serial) gets exactly that
+    identity: the configured ML-DSA pair is not added to it.
+    """
+    role = request.role
+    rc = config.role(role)
+    if not rc.pq_certificate and not rc.pq_private_key:
+        return [], None
+    if not (rc.pq_certificate and rc.pq_private_key):
+        missing = "x509.pq.private_key" if rc.pq_certificate else "x509.pq.certificate"
+        raise CredentialError(f"[authenticate.{role}] x509.pq.certificate and x509.pq.private_key must be "
+                              f"configured together ({missing} is missing)")
+    if request.certificate:
+        log.debug("%s request names its own certificate: x509.pq.* not added", role)
+        return [], None
+    chain = list(_cache.get(rc.pq_certificate, "chain", parse_certificates))
+    if len(chain) > MAX_CHAIN:
+        raise CredentialError(f"{rc.pq_certificate}: {len(chain)} certificates, at most {MAX_CHAIN}")
+    public = chain[0].public_key()
+    if not isinstance(public, MLDSA_PUBLIC_KEYS):
+        raise CredentialError(f"{rc.pq_certificate}: x509.pq.certificate must hold an ML-DSA certificate, "
+                              f"its leaf key is {type(public).__name__.removesuffix('PublicKey')}")
+    check_private_key_file(rc.pq_private_key, config.strict_permissions)
+    key = _cache.get(rc.pq_private_key, "key", parse_private_key)
+    raw = (serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    if not isinstance(key, MLDSA_PRIVATE_KEYS) or key.public_key().public_bytes(*raw) != public.public_bytes(*raw):
+        raise CredentialError(f"{rc.pq_private_key}: x509.pq.private_key is not the key of {rc.pq_certificate}")
+    return chain, key
+
+
 def load_x509(config: Config, request: HandshakeRequest) -> X509Credentials:
     """Credentials for this request's role: request serials first, config files second."""
     role = request.role
@@ -169,15 +208,17 @@ def load_x509(config: Config, request: HandshakeRequest) -> X509Credentials:
         creds.key = _cache.get(rc.private_key, "key", parse_private_key)
     if bool(creds.chain) != bool(creds.key):
         raise CredentialError(f"{role} certificate and private key must be configured together")
+    creds.pq_chain, creds.pq_key = _load_pq_pair(config, request)
+    second = " (x509.pq.* is a second identity next to it, not a replacement)" if creds.pq_chain else ""
     if role == "server":
         if not creds.chain:
             raise CredentialError("server x509 handshake but no server certificate is configured "
-                                  "([authenticate.server] x509.certificate / x509.private_key)")
+                                  f"([authenticate.server] x509.certificate / x509.private_key){second}")
         creds.require_peer_cert = config.require_client_certificate
         creds.allowed_sans = list(config.allowed_client_sans)
     else:
         creds.verify_peer = config.verify_server
         if request.auth == "x509" and not creds.chain:
             raise CredentialError("client x509 (mutual TLS) handshake but no client certificate is configured "
-                                  "([authenticate.client] x509.certificate / x509.private_key)")
+                                  f"([authenticate.client] x509.certificate / x509.private_key){second}")
     return creds

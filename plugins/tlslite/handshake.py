@@ -127,7 +127,7 @@ def client_handshake(ctx: HandshakeContext) -> Session:
                            "checked (hsd does no reverse DNS lookup; the kernel consumer must pass one)")
     chain = key = None
     if ctx.request.auth == "x509":
-        chain, key = tlslite_identity(creds, "client")
+        chain, key = tlslite_identity(creds, "client", ctx.log)
 
     def check(peer_chain: list) -> None:
         x509verify.verify_server_certificate(peer_chain, creds, ctx.peername)
@@ -152,7 +152,7 @@ def server_handshake(ctx: HandshakeContext) -> Session:
     creds = ctx.x509
     if creds is None:
         raise CredentialError("server x509 handshake but no server credentials were loaded")
-    chain, key = tlslite_identity(creds, "server")
+    chain, key = tlslite_identity(creds, "server", ctx.log)
     observer = HandshakeObserver(lambda peer_chain: x509verify.verify_client_certificate(peer_chain, creds))
     settings = tls13_settings()
 

@@ -6,6 +6,9 @@ the text is dropped as soon as tlslite has its key object.
 
 from __future__ import annotations
 
+import logging
+import threading
+
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from tlslite.utils.keyfactory import parsePEMKey
@@ -16,8 +19,29 @@ from hsd.credentials import X509Credentials
 from hsd.errors import CredentialError
 
 
-def tlslite_identity(creds: X509Credentials, role: str) -> tuple[X509CertChain, object]:
+_pq_warned: set[str] = set()  # roles already warned about in this process
+_pq_lock = threading.Lock()
+
+
+def note_pq_ignored(creds: X509Credentials, role: str, log: logging.Logger) -> None:
+    """tlslite-ng has no ML-DSA: say so once per process and role (warning), then per handshake (debug)."""
+    if not creds.pq_chain:
+        return
+    with _pq_lock:
+        first = role not in _pq_warned
+        _pq_warned.add(role)
+    if first:
+        log.warning("tlslite backend cannot sign with ML-DSA: [authenticate.%s] x509.pq.certificate / "
+                    "x509.pq.private_key are ignored, the classic x509.certificate is used for every peer "
+                    "(the openssl backend offers both)", role)
+    else:
+        log.debug("tlslite backend: x509.pq.* ignored for this %s handshake, classic certificate used", role)
+
+
+def tlslite_identity(creds: X509Credentials, role: str,
+                     log: logging.Logger | None = None) -> tuple[X509CertChain, object]:
     """(chain, private key) in tlslite's types; CredentialError when tlslite cannot use them."""
+    note_pq_ignored(creds, role, log or logging.getLogger("hsd.handshake"))
     if not creds.chain or creds.key is None:
         raise CredentialError(f"{role} x509 handshake needs a certificate and a private key")
     try:
