@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from tlslite.messages import Alert
+from tlslite.constants import ExtensionType
+from tlslite.messages import Alert, CertificateRequest
 from tlslite.tlsconnection import TLSConnection
 
 from hsd.errors import HandshakeError
@@ -58,6 +59,15 @@ class ObservedConnection(TLSConnection):
                     yield step
             yield result
             return
+
+    def _queue_message(self, msg):
+        # tlslite's TLS 1.3 CertificateRequest always carries compress_certificate, empty when
+        # certificate compression is off (settings.py); RFC 8879 forbids an empty list and
+        # OpenSSL >= 3.2 clients abort with decode_error.  No list means no extension.
+        if isinstance(msg, CertificateRequest) and msg.extensions:
+            msg.extensions = [ext for ext in msg.extensions
+                              if ext.extType != ExtensionType.compress_certificate or ext.algorithms]
+        super()._queue_message(msg)
 
     def _sendMsg(self, msg, randomizeFirstBlock=True, update_hashes=True):
         if not isinstance(msg, Alert):

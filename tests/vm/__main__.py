@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-from .boot import available_scenarios, run_scenarios
+from .boot import describe_scenarios, run_scenarios
 from .image import BuildError, ensure_image
 
 
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "list":
-        print("\n".join(available_scenarios()))
+        print("\n".join(describe_scenarios()))
         return 0
     started = time.monotonic()
     try:

@@ -63,10 +63,41 @@ def available_scenarios() -> list[str]:
     return sorted(p.stem for p in SCENARIOS.glob("*.sh") if not p.name.startswith("_"))
 
 
-def scenario_limit(name: str) -> int:
+def split_scenario(spec: str) -> tuple[str, str | None]:
+    """`NAME@VARIANT` runs NAME's script with HSD_VARIANT=VARIANT (e.g. the backend); `NAME` alone, none."""
+    name, _, variant = spec.partition("@")
+    return name, (variant or None)
+
+
+def scenario_variants(name: str) -> list[str]:
+    """A scenario declares the variants it accepts with a `# variants: A B ...` line (first = default)."""
+    match = re.search(r"^# variants:\s*(.+)$", (SCENARIOS / f"{name}.sh").read_text(), re.M)
+    return match.group(1).split() if match else []
+
+
+def scenario_limit(spec: str) -> int:
     """A scenario declares its own bound with a `# limit: SECONDS` line."""
+    name, _ = split_scenario(spec)
     match = re.search(r"^# limit:\s*(\d+)", (SCENARIOS / f"{name}.sh").read_text(), re.M)
     return int(match.group(1)) if match else DEFAULT_LIMIT
+
+
+def describe_scenarios() -> list[str]:
+    """One line per scenario: its name and, where it has any, the variants it accepts."""
+    lines = []
+    for name in available_scenarios():
+        variants = scenario_variants(name)
+        lines.append(name + (f"  (variants: {' '.join(f'{name}@{v}' for v in variants)})" if variants else ""))
+    return lines
+
+
+def unknown_scenarios(specs: list[str]) -> list[str]:
+    bad = []
+    for spec in specs:
+        name, variant = split_scenario(spec)
+        if name not in available_scenarios() or (variant is not None and variant not in scenario_variants(name)):
+            bad.append(spec)
+    return bad
 
 
 def build_hsd_wheel(dest: Path) -> Path:
@@ -121,9 +152,11 @@ def qemu_command(image: Image, run_dir: Path, memory_mb: int = 2048, cpus: int =
 
 
 def run_scenarios(image: Image, scenarios: list[str], echo: bool = True, log_to=sys.stdout) -> RunResult:
-    unknown = [s for s in scenarios if s not in available_scenarios()]
+    unknown = unknown_scenarios(scenarios)
     if unknown:
-        raise ValueError(f"unknown scenario(s) {', '.join(unknown)}; have {', '.join(available_scenarios())}")
+        raise ValueError(f"unknown scenario(s) {', '.join(unknown)}; have:\n" + "\n".join(describe_scenarios()))
+    if len(set(scenarios)) != len(scenarios):
+        raise ValueError("a scenario is listed twice: its results would overwrite each other")
     run_dir = _new_run_dir()
     build_hsd_wheel(run_dir)
     for helper in ("init.sh", "install_wheel.py"):

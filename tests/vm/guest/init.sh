@@ -32,11 +32,13 @@ echo "HSD-VM-INSTALLED hsd $(python3 -c 'import hsd; print(hsd.__version__)') in
 
 while read -r name limit; do
     [ -n "$name" ] || continue
-    script="$RUN/scenarios/$name.sh"
+    # NAME@VARIANT: NAME's script with HSD_VARIANT=VARIANT (the scenario's backend, for example)
+    base=${name%%@*}; variant=; [ "$base" = "$name" ] || variant=${name#*@}
+    script="$RUN/scenarios/$base.sh"
     log="$RUN/results/$name.log"
     start=$(date +%s%N)
     echo "HSD-VM-START $name (limit ${limit}s)"
-    (cd "$RUN/scenarios" && SCENARIO="$name" timeout -k 5 "$limit" bash "$script") 2>&1 \
+    (cd "$RUN/scenarios" && SCENARIO="$name" HSD_VARIANT="$variant" timeout -k 5 "$limit" bash "$script") 2>&1 \
         | while IFS= read -r line; do printf '[%s] %s\n' "$name" "$line"; done | tee "$log"
     rc=${PIPESTATUS[0]}
     ms=$(( ($(date +%s%N) - start) / 1000000 ))

@@ -106,3 +106,51 @@ roundtrip() {
 
 # ms_since T0_NS: milliseconds since a `date +%s%N` stamp
 ms_since() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
+
+# variant_backend: the hsd backend a NAME@VARIANT run uses (HSD_VARIANT from init.sh; openssl when
+# none).  "mixed" runs openssl by default with one mode overridden in [hsd.backends].
+variant_backend() {
+    case "${HSD_VARIANT:-openssl}" in
+        openssl|mixed) echo openssl ;;
+        tlslite) echo tlslite ;;
+        *) die "unknown variant '$HSD_VARIANT'" ;;
+    esac
+}
+
+# The per-handshake line hsd logs (core/dispatcher.py Outcome.line()), every field; a successful
+# handshake names a TLS 1.3 suite and a key-exchange group and ends in "status=0 (ok)".
+HS_LINE='handshake peer=[^ ]+:[0-9]+ role=(client|server) auth=(unauth|x509|psk) backend=[A-Za-z0-9_.-]+ suite=[^ ]+ group=[^ ]+ duration=[0-9]+\.[0-9]ms status=[0-9]+ \([A-Za-z0-9_]+\)'
+HS_OK='handshake peer=[^ ]+:[0-9]+ role=(client|server) auth=(unauth|x509|psk) backend=[A-Za-z0-9_.-]+ suite=TLS_[A-Z0-9_]+ group=[A-Za-z0-9_]+ duration=[0-9]+\.[0-9]ms status=0 \(ok\)$'
+
+# check_hsd_log LOG CLIENT_BACKEND SERVER_BACKEND: every handshake line hsd wrote carries all the
+# fields (role, auth, backend, suite, group, duration, status); every successful one names a suite
+# and a group and the backend each role was meant to use.  Prints one line per role as evidence.
+check_hsd_log() {
+    local log=$1 all well ok role want line
+    all=$(grep -c "handshake peer=" "$log" || true)
+    [ "$all" -gt 0 ] || die "hsd logged no handshake line in $log"
+    well=$(grep -cE "$HS_LINE" "$log" || true)
+    [ "$well" -eq "$all" ] || { grep "handshake peer=" "$log" | grep -vE "$HS_LINE" | head -3;
+        die "$((all - well)) of $all handshake lines lack a field (role auth backend suite group duration status)"; }
+    [ "$(grep -c "handshake peer=.* status=0 " "$log" || true)" -eq "$(grep -cE "$HS_OK" "$log" || true)" ] \
+        || { grep "handshake peer=.* status=0 " "$log" | grep -vE "$HS_OK" | head -3;
+             die "a successful handshake line names no suite or group"; }
+    for role in client server; do
+        [ "$role" = client ] && want=$2 || want=$3
+        line=$(grep -E "$HS_OK" "$log" | grep " role=$role " | head -1)
+        [ -n "$line" ] || die "no successful role=$role handshake logged"
+        if grep -E "$HS_OK" "$log" | grep " role=$role " | grep -qv " backend=$want "; then
+            die "a role=$role handshake ran on another backend than $want: $(grep " role=$role " "$log" | grep -v " backend=$want " | head -1)"
+        fi
+        check "role=$role on backend=$want: ${line#*handshake }"
+    done
+}
+
+# config_fingerprint FILE LABEL: print the file's sha256 (tests/test_vm.py compares the agents'),
+# and assert it is a plain tlshd file: no [hsd...] section, only tlshd's sections.
+config_fingerprint() {
+    if grep -qE '^\s*\[hsd' "$1"; then die "$1 has an [hsd...] section: not a plain tlshd config"; fi
+    grep -E '^\s*\[' "$1" | grep -qvE '^\s*\[(debug|authenticate|authenticate\.client|authenticate\.server)\]\s*$' \
+        && die "$1 has a section tlshd does not know"
+    say "AGENT-CONFIG $2 sha256=$(sha256sum < "$1" | cut -d' ' -f1) path=$1"
+}

@@ -1,19 +1,23 @@
 #!/bin/bash
-# hsd-nfs: hsd (OpenSSL backend) is the kernel's handshake agent for NFSv4.2 over TLS on loopback:
-# xprtsec=tls and xprtsec=mtls mounts carry 8 MiB each way, one log line per handshake; an
-# untrusted server certificate fails the mount and hsd keeps serving; hsd killed while idle and
-# restarted serves the next mount; several mounts in parallel (several handshakes in flight).
+# hsd-nfs: hsd is the kernel's handshake agent for NFSv4.2 over TLS on loopback, serving from the
+# very tlshd config file tlshd-nfs gives tlshd (same path, same bytes, no [hsd] section):
+# xprtsec=tls and xprtsec=mtls mounts carry 8 MiB each way, one log line per handshake with every
+# field; an untrusted server certificate fails the mount and hsd keeps serving; hsd killed while
+# idle and restarted serves the next mount; several mounts in parallel (several handshakes in
+# flight).  hsd-nfs@tlslite runs it all on the tlslite backend (`hsd --backend tlslite`).
+# variants: openssl tlslite
 # limit: 900
 set -eu
 . ./_lib.sh
 
-CONF=/tmp/hsd.conf
+BACKEND=$(variant_backend)
+CONF=/tmp/tlshd.conf  # the path and the generator tlshd-nfs uses
 HSDLOG=/tmp/hsd.log
 agent=
 
 start_hsd() {
     : > "$HSDLOG"
-    hsd --backend openssl -s -c "$CONF" >> "$HSDLOG" 2>&1 &
+    hsd --backend "$BACKEND" -s -c "$CONF" >> "$HSDLOG" 2>&1 &
     agent=$!
     for _ in $(seq 120); do
         grep -q "hsd ready" "$HSDLOG" && { say "hsd $agent ready"; return 0; }
@@ -55,6 +59,14 @@ mount_cycle() {
 
 make_pki
 agent_config "$CONF" server
+config_fingerprint "$CONF" "hsd-nfs@$BACKEND"
+if [ -f /hsdrun/results/tlshd-nfs.conf ]; then  # tlshd-nfs ran earlier in this boot
+    cmp "$CONF" /hsdrun/results/tlshd-nfs.conf || die "hsd's config differs from the one tlshd-nfs gave tlshd"
+    check "$CONF is byte for byte the file tlshd-nfs gave tlshd"
+fi
+hsd check -c "$CONF" > /tmp/hsd-check.out 2>&1 || { cat /tmp/hsd-check.out; die "hsd check -c $CONF failed"; }
+if grep -qi warn /tmp/hsd-check.out; then cat /tmp/hsd-check.out; die "hsd check -c $CONF warned"; fi
+check "hsd check -c $CONF: exit 0, no warning"
 nfs_server_start
 start_hsd
 
@@ -81,6 +93,9 @@ agent_config "$CONF" server
 kill -HUP "$agent"
 sleep 2
 mount_cycle tls localhost /mnt/hsd-after-rogue 1
+grep "role=client .*status=13 " "$HSDLOG" | tail -1 | grep -q " backend=$BACKEND " \
+    || die "the failed handshake was not logged with backend=$BACKEND"
+check_hsd_log "$HSDLOG" "$BACKEND" "$BACKEND"  # the failed line too: every field
 
 say "--- hsd killed while idle, restarted: the next mount works"
 kill -9 "$agent"; wait "$agent" 2>/dev/null || true
@@ -109,4 +124,5 @@ tx1=$(tls_stat TlsTxSw); ok1=$(ok_lines)
 [ $((ok1 - ok0)) -eq $((tx1 - tx0)) ] || die "hsd logged $((ok1 - ok0)) successful handshakes for $((tx1 - tx0)) kTLS sockets"
 check "4 parallel mounts: $((ok1 - ok0)) handshakes, all ok"
 kill -0 "$agent" || die "hsd exited"
+check_hsd_log "$HSDLOG" "$BACKEND" "$BACKEND"
 say "PASS"

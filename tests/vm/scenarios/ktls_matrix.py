@@ -1,7 +1,8 @@
-"""Inside the guest: hsd's OpenSSL backend handshakes, the real kernel carries the data.
+"""Inside the guest: an hsd backend handshakes, the real kernel carries the data.
 
 For every kTLS TLS 1.3 suite and both roles: a TCP socket on loopback, the
-handshake run by hsd_openssl's hsd_handshake hook against an independent peer
+handshake run by the backend's hsd_handshake hook (hsd_openssl or hsd_tlslite,
+the first argument) against an independent peer
 (openssl s_server / s_client), then hsd.ktls.install_session on the real
 kernel and plain send()/recv() in both directions.  /proc/net/tls_stat must
 count every installed socket.  Exits non-zero on the first failure.
@@ -10,6 +11,7 @@ count every installed socket.  Exits non-zero on the first failure.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import socket
 import subprocess
@@ -17,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import hsd_openssl
 from hsd import ktls
 from hsd.config import Config
 from hsd.context import HandshakeContext
@@ -50,7 +51,7 @@ def config() -> Config:
     return cfg
 
 
-def handshake(sock: socket.socket, role: str) -> Session:
+def handshake(sock: socket.socket, role: str, backend: str) -> Session:
     request = HandshakeRequest(
         sockfd=sock.fileno(),
         message_type=MessageType.CLIENTHELLO if role == "client" else MessageType.SERVERHELLO,
@@ -60,10 +61,10 @@ def handshake(sock: socket.socket, role: str) -> Session:
     cfg = config()
     sock.setblocking(False)
     ctx = HandshakeContext(request=request, sock=sock, deadline=time.monotonic() + HANDSHAKE_SECONDS,
-                           backend="openssl", config=cfg, x509=load_x509(cfg, request))
-    session = hsd_openssl.hsd_handshake(ctx=ctx)
+                           backend=backend, config=cfg, x509=load_x509(cfg, request))
+    session = importlib.import_module(f"hsd_{backend}").hsd_handshake(ctx=ctx)
     if session is None:
-        raise AssertionError(f"hsd_openssl declined {role}")
+        raise AssertionError(f"hsd_{backend} declined {role}")
     return session
 
 
@@ -121,7 +122,7 @@ def exchange(sock: socket.socket, peer: subprocess.Popen) -> None:
         raise AssertionError("kTLS RX returned something else than the peer sent")
 
 
-def run_case(suite: str, role: str) -> None:
+def run_case(suite: str, role: str, backend: str) -> None:
     port = free_port()
     ossl_suite = suite
     if role == "client":  # hsd is the client; s_server picks the suite
@@ -145,7 +146,7 @@ def run_case(suite: str, role: str) -> None:
             sock, _ = listener.accept()
         with sock:
             started = time.monotonic()
-            session = handshake(sock, role)
+            session = handshake(sock, role, backend)
             took = time.monotonic() - started
             if ktls.ALIASES.get(session.cipher, session.cipher) != suite:
                 raise AssertionError(f"negotiated {session.cipher}, wanted {suite}")
@@ -169,7 +170,7 @@ def run_case(suite: str, role: str) -> None:
                                      f"{after.get(counter)})")
         if after.get("TlsDecryptError", 0) != before.get("TlsDecryptError", 0):
             raise AssertionError("the kernel counted a decrypt error")
-        print(f"ok: {suite} hsd-{role}: handshake {took * 1000:.0f} ms, {PAYLOAD_BYTES // 2} bytes each way "
+        print(f"ok: {suite} hsd-{role} ({backend}): handshake {took * 1000:.0f} ms, {PAYLOAD_BYTES // 2} bytes each way "
               f"through kTLS, TlsTxSw {before.get('TlsTxSw')}->{after['TlsTxSw']}", flush=True)
     except BaseException:
         peer.kill()
@@ -184,18 +185,19 @@ def run_case(suite: str, role: str) -> None:
         peer.wait()
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    backend = argv[1] if len(argv) > 1 else "openssl"
     failures = 0
     for suite in SUITES:
         for role in ("client", "server"):
             try:
-                run_case(suite, role)
+                run_case(suite, role, backend)
             except Exception as exc:  # report every case, then fail
                 failures += 1
-                print(f"FAIL: {suite} hsd-{role}: {type(exc).__name__}: {exc}", flush=True)
-    print(f"ktls-matrix: {2 * len(SUITES) - failures}/{2 * len(SUITES)} cases passed", flush=True)
+                print(f"FAIL: {suite} hsd-{role} ({backend}): {type(exc).__name__}: {exc}", flush=True)
+    print(f"ktls-matrix ({backend}): {2 * len(SUITES) - failures}/{2 * len(SUITES)} cases passed", flush=True)
     return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv))

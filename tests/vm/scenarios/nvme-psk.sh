@@ -1,10 +1,17 @@
 #!/bin/bash
 # nvme-psk: NVMe/TCP with TLS 1.3 PSK on loopback, hsd serving both the host's client PSK and
 # the target's (nvmet) server PSK handshakes: connect, 8 MiB O_DIRECT write and read back, kTLS
-# on every queue, one hsd log line per handshake, disconnect.
+# on every queue, one hsd log line per handshake, disconnect.  nvme-psk@tlslite runs both sides on
+# the tlslite backend; nvme-psk@mixed keeps the default openssl and adds `[hsd.backends]
+# client.psk=tlslite`: the host's handshakes on tlslite, nvmet's on openssl, in one hsd process.
+# variants: openssl tlslite mixed
 # limit: 600
 set -eu
 . ./_lib.sh
+
+BACKEND=$(variant_backend)
+CLIENT_BACKEND=$BACKEND SERVER_BACKEND=$BACKEND
+[ "${HSD_VARIANT:-}" = mixed ] && CLIENT_BACKEND=tlslite
 
 SUBNQN=nqn.2014-08.org.hsd:vm-subsystem
 HOSTNQN=nqn.2014-08.org.nvmexpress:uuid:9d4a1c52-1a53-4c8e-9a5e-6f1f0a9f2b11
@@ -30,8 +37,15 @@ for m in tls nvmet nvmet-tcp nvme-tcp nvme-fabrics; do modprobe "$m" || die "mod
 mountpoint -q /sys/kernel/config || mount -t configfs configfs /sys/kernel/config
 make_pki
 agent_config "$CONF" server
+if [ "${HSD_VARIANT:-}" = mixed ]; then
+    printf '\n[hsd.backends]\nclient.psk=%s\n' "$CLIENT_BACKEND" >> "$CONF"
+    hsd check -c "$CONF" > /tmp/hsd-check.out 2>&1 || { cat /tmp/hsd-check.out; die "hsd check -c $CONF"; }
+    grep -q "^\[hsd.backends\] client.psk=$CLIENT_BACKEND$" /tmp/hsd-check.out \
+        || { cat /tmp/hsd-check.out; die "hsd check does not show the client.psk override"; }
+    check "per-mode override: default backend $BACKEND, [hsd.backends] client.psk=$CLIENT_BACKEND"
+fi
 : > "$HSDLOG"
-hsd --backend openssl -s -c "$CONF" >> "$HSDLOG" 2>&1 &
+hsd --backend "$BACKEND" -s -c "$CONF" >> "$HSDLOG" 2>&1 &
 agent=$!
 
 # the PSK both sides find in the .nvme keyring ("NVMe0R01 <hostnqn> <subnqn>")
@@ -82,5 +96,6 @@ lines=$(grep -c "handshake peer=.*status=0 " "$HSDLOG" || true)
 grep -q "role=client auth=psk .*status=0 " "$HSDLOG" || die "no client PSK handshake logged"
 grep -q "role=server auth=psk .*status=0 " "$HSDLOG" || die "no server PSK handshake logged"
 check "$cur kTLS sockets open, $lines PSK handshakes by hsd (client and server)"
+check_hsd_log "$HSDLOG" "$CLIENT_BACKEND" "$SERVER_BACKEND"
 nvme disconnect -n "$SUBNQN" > /dev/null || die "nvme disconnect"
 say "PASS"

@@ -1,12 +1,16 @@
 #!/bin/bash
 # tlshd-nfs: the reference agent (tlshd) serves NFSv4.2 over TLS on loopback, xprtsec=tls then
-# xprtsec=mtls: proves the kernel, the harness and the test PKI before hsd is involved.
+# xprtsec=mtls: proves the kernel, the harness and the test PKI before hsd is involved.  Its config
+# file (_lib.sh agent_config) is the one hsd-nfs then gives hsd unchanged.
 # limit: 300
 set -eu
 . ./_lib.sh
 
 make_pki
 agent_config /tmp/tlshd.conf server
+config_fingerprint /tmp/tlshd.conf tlshd-nfs
+# hsd-nfs compares the file it serves from with this one, byte for byte (paths only, no key material)
+cp /tmp/tlshd.conf /hsdrun/results/tlshd-nfs.conf
 nfs_server_start
 tlshd -s -c /tmp/tlshd.conf > /tmp/tlshd.log 2>&1 &
 agent=$!
