@@ -15,21 +15,19 @@ from collections.abc import Iterator
 
 import pluggy
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 
 import hsd_openssl
 from hsd.config import Config
 from hsd.context import HandshakeContext
-from hsd.credentials import X509Credentials, load_x509, parse_certificates, parse_private_key
+from hsd.credentials import X509Credentials, load_x509
 from hsd.errors import CredentialError, HandshakeError, HandshakeTimeout, PeerClosed, PeerRejected
-from hsd.hookspecs import PROJECT, HookSpecs, Mode
-from hsd.ktls import session_crypto_info
+from hsd.hookspecs import Mode
 from hsd.protocol import AuthMode, HandshakeRequest, MessageType
 from hsd.session import Session
 from hsd.testing import peers
-from hsd.testing.pki import TestPki, make_pki
-from hsd.testing.records import NEW_SESSION_TICKET, KtlsRecordChecker, TlsAlert
+from hsd.testing.handshakes import expect_handshake_error, handshake_context, plugin_manager, run_handshake
+from hsd.testing.pki import TestPki, certificate_der, load_certificates, make_pki, x509_credentials
+from hsd.testing.records import NEW_SESSION_TICKET, KtlsRecordChecker, TlsAlert, session_records
 
 SUITES = ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256",
           "TLS_AES_128_CCM_SHA256"]
@@ -42,22 +40,15 @@ pytestmark = pytest.mark.skipif(not (peers.tool_available("openssl") and peers.t
                                 reason="needs the openssl and gnutls-bin command-line tools")
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
-    return make_pki(str(tmp_path_factory.mktemp("pki")))
+@pytest.fixture(name="pki")
+def _pki(hsd_pki: TestPki) -> TestPki:
+    """The test kit's PKI (one per session)."""
+    return hsd_pki
 
 
 @pytest.fixture(scope="module")
 def plugins() -> pluggy.PluginManager:
-    manager = pluggy.PluginManager(PROJECT)
-    manager.add_hookspecs(HookSpecs)
-    manager.register(hsd_openssl)
-    return manager
-
-
-def der(path: str) -> bytes:
-    with open(path, "rb") as handle:
-        return x509.load_pem_x509_certificate(handle.read()).public_bytes(Encoding.DER)
+    return plugin_manager(hsd_openssl)
 
 
 def client_config(pki: TestPki, *, mutual: bool = False, crl: bool = False) -> Config:
@@ -81,26 +72,19 @@ def server_config(pki: TestPki, *, require: bool = False, allowed: list[str] | N
 
 def context(sock: socket.socket, role: str, auth: str, config: Config, *, peername: str | None = "localhost",
             timeout: float = 10.0, x509: X509Credentials | None = None) -> HandshakeContext:
-    request = HandshakeRequest(
-        sockfd=sock.fileno(),
-        message_type=MessageType.CLIENTHELLO if role == "client" else MessageType.SERVERHELLO,
-        auth_mode=AuthMode.X509 if auth == "x509" else AuthMode.UNAUTH,
-        timeout_ms=int(timeout * 1000),
-        peername=peername if role == "client" else None,
-    )
-    return HandshakeContext(request=request, sock=sock, deadline=time.monotonic() + timeout, backend="openssl",
-                            config=config, x509=x509 if x509 is not None else load_x509(config, request))
+    """The dispatcher's context for the openssl backend; credentials from config as the daemon loads them."""
+    ctx = handshake_context(sock, role, auth, backend="openssl", config=config, timeout=timeout,
+                            peername=peername if role == "client" else None)
+    ctx.x509 = x509 if x509 is not None else load_x509(config, ctx.request)
+    return ctx
 
 
 def handshake(plugins: pluggy.PluginManager, ctx: HandshakeContext) -> Session:
-    session = plugins.hook.hsd_handshake(ctx=ctx)
-    assert session is not None, "the openssl backend declined a mode it serves"
-    return session
+    return run_handshake(plugins, ctx)
 
 
 def checker(sock: socket.socket, session: Session) -> KtlsRecordChecker:
-    tx, rx = session_crypto_info(session)
-    return KtlsRecordChecker(sock, tx, rx)
+    return session_records(sock, session)
 
 
 def exchange_with_server(peer_kind: str, server: peers.PeerProcess, records: KtlsRecordChecker) -> None:
@@ -131,11 +115,22 @@ def cleanup() -> Iterator[list]:
         (item.stop if hasattr(item, "stop") else item.close)()
 
 
+def started(peer, cleanup: list):
+    """peer (a tool or a scripted peer) running, and stopped after the test."""
+    cleanup.append(peer)
+    return peer.start()
+
+
 def start_server(kind: str, pki: TestPki, cleanup: list, *, pair=None, **options) -> peers.ServerPeer:
     pair = pair or pki.server
-    server = SERVER_PEERS[kind](peers.PeerOptions(cert=pair.cert, key=pair.key, ca=pki.ca, **options))
-    cleanup.append(server)
-    return server.start()
+    return started(SERVER_PEERS[kind](peers.PeerOptions(cert=pair.cert, key=pair.key, ca=pki.ca, **options)), cleanup)
+
+
+def dial(peer: peers.ServerPeer | peers.ScriptedPeer, cleanup: list) -> socket.socket:
+    """A connected, non-blocking socket to peer (what the kernel hands over), closed after the test."""
+    sock = peer.connect()
+    cleanup.append(sock)
+    return sock
 
 
 # ---------------------------------------------------------------- plugin contract
@@ -173,12 +168,11 @@ def test_declines_other_backends_and_psk(plugins: pluggy.PluginManager, pki: Tes
 @pytest.mark.parametrize("kind", PEERS)
 def test_client_unauth(plugins, pki, cleanup, kind: str, suite: str) -> None:
     server = start_server(kind, pki, cleanup, suites=[suite])
-    sock = server.connect()
-    cleanup.append(sock)
+    sock = dial(server, cleanup)
     session = handshake(plugins, context(sock, "client", "unauth", client_config(pki)))
     assert session.cipher == suite
     assert (session.tx_seq, session.rx_seq) == (0, 0)
-    assert session.peer_certificates[0] == der(pki.server.cert)
+    assert session.peer_certificates[0] == certificate_der(pki.server.cert)
     assert session.group
     records = checker(sock, session)
     exchange_with_server(kind, server, records)
@@ -188,8 +182,7 @@ def test_client_unauth(plugins, pki, cleanup, kind: str, suite: str) -> None:
 @pytest.mark.parametrize("kind", PEERS)
 def test_client_x509_presents_certificate_to_a_requiring_server(plugins, pki, cleanup, kind: str) -> None:
     server = start_server(kind, pki, cleanup, require_client_cert=True)
-    sock = server.connect()
-    cleanup.append(sock)
+    sock = dial(server, cleanup)
     session = handshake(plugins, context(sock, "client", "x509", client_config(pki, mutual=True)))
     exchange_with_server(kind, server, checker(sock, session))
 
@@ -197,8 +190,7 @@ def test_client_x509_presents_certificate_to_a_requiring_server(plugins, pki, cl
 @pytest.mark.parametrize("kind", PEERS)
 def test_client_unauth_sends_no_certificate_to_a_requiring_server(plugins, pki, cleanup, kind: str) -> None:
     server = start_server(kind, pki, cleanup, require_client_cert=True)
-    sock = server.connect()
-    cleanup.append(sock)
+    sock = dial(server, cleanup)
     # TLS 1.3: our Finished (with an empty Certificate) goes out before the server's verdict,
     # so the server's certificate_required alert (116) arrives as the first record under kTLS keys
     session = handshake(plugins, context(sock, "client", "unauth", client_config(pki, mutual=True)))
@@ -210,24 +202,21 @@ def test_client_unauth_sends_no_certificate_to_a_requiring_server(plugins, pki, 
 
 def test_client_checks_ip_address_peer_names(plugins, pki, cleanup) -> None:
     server = start_server("openssl", pki, cleanup)
-    sock = server.connect()
-    cleanup.append(sock)
+    sock = dial(server, cleanup)
     session = handshake(plugins, context(sock, "client", "unauth", client_config(pki), peername="127.0.0.1"))
     exchange_with_server("openssl", server, checker(sock, session))
 
 
 def test_client_with_crl_accepts_a_good_certificate(plugins, pki, cleanup) -> None:
     server = start_server("gnutls", pki, cleanup)
-    sock = server.connect()
-    cleanup.append(sock)
+    sock = dial(server, cleanup)
     session = handshake(plugins, context(sock, "client", "unauth", client_config(pki, crl=True)))
     exchange_with_server("gnutls", server, checker(sock, session))
 
 
 def test_client_verification_can_be_disabled_explicitly(plugins, pki, cleanup) -> None:
     server = start_server("openssl", pki, cleanup, pair=pki.untrusted_server)
-    sock = server.connect()
-    cleanup.append(sock)
+    sock = dial(server, cleanup)
     config = client_config(pki)
     config.verify_server = False
     session = handshake(plugins, context(sock, "client", "unauth", config, peername=None))
@@ -242,8 +231,7 @@ def serve_one(plugins, pki, cleanup, kind: str, config: Config, **client_options
     cleanup.append(listener)
     opts = peers.PeerOptions(ca=pki.ca, **client_options)
     client = CLIENT_PEERS[kind](opts, listener.port)
-    cleanup.append(client)
-    client.start()
+    started(client, cleanup)
     sock = listener.accept()
     cleanup.append(sock)
     return client, sock, (lambda: handshake(plugins, context(sock, "server", "x509", config)))
@@ -265,7 +253,7 @@ def test_server_x509_with_required_client_certificate(plugins, pki, cleanup, kin
     client, sock, run = serve_one(plugins, pki, cleanup, kind, server_config(pki, require=True),
                                   cert=pki.client.cert, key=pki.client.key)
     session = run()
-    assert session.peer_certificates[0] == der(pki.client.cert)
+    assert session.peer_certificates[0] == certificate_der(pki.client.cert)
     exchange_with_client(client, checker(sock, session))
 
 
@@ -289,27 +277,22 @@ def test_server_sends_no_session_tickets_on_the_wire(plugins, pki, cleanup) -> N
 
 
 def expect_failure(plugins, ctx: HandshakeContext, error: type[HandshakeError], status: int, reason: str) -> HandshakeError:
-    with pytest.raises(error) as info:
-        handshake(plugins, ctx)
-    assert info.value.status == status
-    assert reason in info.value.reason, info.value.reason
+    failure = expect_handshake_error(status, reason, handshake, plugins, ctx, error=error)
     assert ctx.sock.fileno() != -1  # the backend never closes the handed-over socket
-    return info.value
+    return failure
 
 
 @pytest.mark.parametrize("kind", PEERS)
 def test_wrong_host_name_is_rejected(plugins, pki, cleanup, kind: str) -> None:
     server = start_server(kind, pki, cleanup)
-    sock = server.connect()
-    cleanup.append(sock)
+    sock = dial(server, cleanup)
     expect_failure(plugins, context(sock, "client", "unauth", client_config(pki), peername="nfs.example.org"),
                    PeerRejected, errno.EACCES, "server certificate verify failed: hostname mismatch")
 
 
 def test_wrong_ip_address_is_rejected(plugins, pki, cleanup) -> None:
     server = start_server("openssl", pki, cleanup)
-    sock = server.connect()
-    cleanup.append(sock)
+    sock = dial(server, cleanup)
     expect_failure(plugins, context(sock, "client", "unauth", client_config(pki), peername="127.0.0.2"),
                    PeerRejected, errno.EACCES, "IP address mismatch")
 
@@ -320,16 +303,14 @@ def test_wrong_ip_address_is_rejected(plugins, pki, cleanup) -> None:
 ])
 def test_bad_server_certificate_is_rejected(plugins, pki, cleanup, pair_name: str, reason: str) -> None:
     server = start_server("gnutls", pki, cleanup, pair=getattr(pki, pair_name))
-    sock = server.connect()
-    cleanup.append(sock)
+    sock = dial(server, cleanup)
     expect_failure(plugins, context(sock, "client", "unauth", client_config(pki)), PeerRejected, errno.EACCES,
                    f"server certificate verify failed: {reason}")
 
 
 def test_revoked_server_certificate_is_rejected_with_a_crl(plugins, pki, cleanup) -> None:
     server = start_server("openssl", pki, cleanup, pair=pki.revoked_server)
-    sock = server.connect()
-    cleanup.append(sock)
+    sock = dial(server, cleanup)
     expect_failure(plugins, context(sock, "client", "unauth", client_config(pki, crl=True)), PeerRejected,
                    errno.EACCES, "server certificate verify failed: certificate revoked")
 
@@ -366,29 +347,20 @@ def test_client_certificate_from_an_untrusted_ca_is_rejected(plugins, pki, clean
 
 
 def test_peer_closing_mid_handshake(plugins, pki, cleanup) -> None:
-    peer = peers.closing_peer().start()
-    cleanup.append(peer)
-    sock = peer.connect()
-    cleanup.append(sock)
+    sock = dial(started(peers.closing_peer(), cleanup), cleanup)
     expect_failure(plugins, context(sock, "client", "unauth", client_config(pki)), PeerClosed, errno.ETIMEDOUT,
                    "peer closed the connection")
 
 
 def test_silent_peer_times_out_at_the_deadline(plugins, pki, cleanup) -> None:
-    peer = peers.silent_peer().start()
-    cleanup.append(peer)
-    sock = peer.connect()
-    cleanup.append(sock)
+    sock = dial(started(peers.silent_peer(), cleanup), cleanup)
     ctx = context(sock, "client", "unauth", client_config(pki), timeout=0.5)
     expect_failure(plugins, ctx, HandshakeTimeout, errno.ETIMEDOUT, "timed out")
     assert time.monotonic() >= ctx.deadline  # it waited for the deadline, not less
 
 
 def test_garbage_instead_of_server_hello(plugins, pki, cleanup) -> None:
-    peer = peers.garbage_peer().start()
-    cleanup.append(peer)
-    sock = peer.connect()
-    cleanup.append(sock)
+    sock = dial(started(peers.garbage_peer(), cleanup), cleanup)
     expect_failure(plugins, context(sock, "client", "unauth", client_config(pki)), PeerRejected, errno.EACCES,
                    "not TLS")
 
@@ -397,10 +369,8 @@ def test_tls12_only_server_is_rejected(plugins, pki, cleanup) -> None:
     server = peers.openssl_server(peers.PeerOptions(cert=pki.server.cert, key=pki.server.key,
                                                     extra=["-no_tls1_3"]))
     server.argv.remove("-tls1_3")
-    cleanup.append(server)
-    server.start()
-    sock = server.connect()
-    cleanup.append(sock)
+    started(server, cleanup)
+    sock = dial(server, cleanup)
     expect_failure(plugins, context(sock, "client", "unauth", client_config(pki)), PeerRejected, errno.EACCES,
                    "does not speak TLS 1.3")
 
@@ -408,8 +378,8 @@ def test_tls12_only_server_is_rejected(plugins, pki, cleanup) -> None:
 def test_mismatched_server_key_is_a_credential_error(plugins, pki, cleanup) -> None:
     a, b = socket.socketpair()
     cleanup += [a, b]
-    with open(pki.server.cert, "rb") as cert, open(pki.client.key, "rb") as key:
-        creds = X509Credentials(chain=parse_certificates(cert.read(), "cert"), key=parse_private_key(key.read(), "key"))
+    creds = x509_credentials(pki, pki.client)
+    creds.chain = load_certificates(pki.server.cert)  # the server's certificate with the client's key
     expect_failure(plugins, context(a, "server", "x509", server_config(pki), x509=creds), CredentialError,
                    errno.EIO, "unusable")
 
@@ -420,8 +390,7 @@ def test_mismatched_server_key_is_a_credential_error(plugins, pki, cleanup) -> N
 def test_rsa_pki_client_and_server(plugins, cleanup, tmp_path) -> None:
     rsa_pki = make_pki(str(tmp_path / "rsa"), key_type="rsa")
     server = start_server("gnutls", rsa_pki, cleanup)
-    sock = server.connect()
-    cleanup.append(sock)
+    sock = dial(server, cleanup)
     session = handshake(plugins, context(sock, "client", "x509", client_config(rsa_pki, mutual=True)))
     exchange_with_server("gnutls", server, checker(sock, session))
     client, sock2, run = serve_one(plugins, rsa_pki, cleanup, "openssl", server_config(rsa_pki, require=True),
@@ -431,8 +400,7 @@ def test_rsa_pki_client_and_server(plugins, cleanup, tmp_path) -> None:
 
 def test_tls_debug_logs_handshake_states_but_never_secrets(plugins, pki, cleanup, caplog) -> None:
     server = start_server("openssl", pki, cleanup)
-    sock = server.connect()
-    cleanup.append(sock)
+    sock = dial(server, cleanup)
     config = client_config(pki)
     config.tls_debug = 1
     with caplog.at_level("DEBUG"):
@@ -446,8 +414,7 @@ def test_tls_debug_logs_handshake_states_but_never_secrets(plugins, pki, cleanup
 
 def test_no_debug_lines_without_tls_debug(plugins, pki, cleanup, caplog) -> None:
     server = start_server("openssl", pki, cleanup)
-    sock = server.connect()
-    cleanup.append(sock)
+    sock = dial(server, cleanup)
     with caplog.at_level("DEBUG"):
         handshake(plugins, context(sock, "client", "unauth", client_config(pki)))
     assert "openssl client:" not in caplog.text
@@ -497,8 +464,7 @@ def test_server_rejects_a_tls12_only_client(plugins, pki, cleanup, kind: str) ->
         client.argv[client.argv.index("-tls1_3")] = "-tls1_2"
     else:
         client.argv[client.argv.index("--priority") + 1] = "NORMAL:-VERS-ALL:+VERS-TLS1.2"
-    cleanup.append(client)
-    client.start()
+    started(client, cleanup)
     sock = listener.accept()
     cleanup.append(sock)
     expect_failure(plugins, context(sock, "server", "x509", server_config(pki)), PeerRejected, errno.EACCES,

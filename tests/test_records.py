@@ -8,6 +8,8 @@ every kTLS suite, including the cases it must refuse (bad tag, alert, KeyUpdate)
 from __future__ import annotations
 
 import socket
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 
@@ -65,19 +67,22 @@ def test_open_rejects_rfc8448_record_under_the_other_directions_key() -> None:
         server_rx.open(CLIENT_APP_RECORD)
 
 
-def _pair(suite: str, seq_a: int = 0, seq_b: int = 0):
-    """Two checkers on a socketpair, keyed like a client (a) and a server (b)."""
+@contextmanager
+def paired(suite: str, seq_a: int = 0, seq_b: int = 0) -> Iterator[tuple[KtlsRecordChecker, KtlsRecordChecker]]:
+    """Two checkers on a socketpair, keyed like a client (a) and a server (b); the sockets close after."""
     a_sock, b_sock = socket.socketpair()
-    a_secret, b_secret = bytes(range(48))[: 48 if "384" in suite else 32], bytes(range(100, 148))[: 48 if "384" in suite else 32]
-    a = KtlsRecordChecker(a_sock, tls13_crypto_info(suite, a_secret, seq_a), tls13_crypto_info(suite, b_secret, seq_b), timeout=5)
-    b = KtlsRecordChecker(b_sock, tls13_crypto_info(suite, b_secret, seq_b), tls13_crypto_info(suite, a_secret, seq_a), timeout=5)
-    return a, b, (a_sock, b_sock)
+    size = 48 if "384" in suite else 32
+    a_secret, b_secret = bytes(range(48))[:size], bytes(range(100, 148))[:size]
+    with a_sock, b_sock:
+        yield (KtlsRecordChecker(a_sock, tls13_crypto_info(suite, a_secret, seq_a),
+                                 tls13_crypto_info(suite, b_secret, seq_b), timeout=5),
+               KtlsRecordChecker(b_sock, tls13_crypto_info(suite, b_secret, seq_b),
+                                 tls13_crypto_info(suite, a_secret, seq_a), timeout=5))
 
 
 @pytest.mark.parametrize("suite", SUITES)
 def test_round_trip_both_directions(suite: str) -> None:
-    a, b, socks = _pair(suite, seq_a=7, seq_b=123456)
-    try:
+    with paired(suite, seq_a=7, seq_b=123456) as (a, b):
         big = bytes(range(256)) * 200  # 51200 bytes: four records
         a.send(b"ping\n")
         assert b.recv_until(b"\n") == b"ping\n"
@@ -87,9 +92,6 @@ def test_round_trip_both_directions(suite: str) -> None:
             received += a.recv_data()
         assert bytes(received) == big
         assert (a.tx.seq, a.rx.seq) == (8, 123456 + 4)
-    finally:
-        for s in socks:
-            s.close()
 
 
 def test_wire_format_matches_suite_overhead() -> None:
@@ -101,51 +103,35 @@ def test_wire_format_matches_suite_overhead() -> None:
 
 
 def test_post_handshake_messages_are_skipped_and_recorded() -> None:
-    a, b, socks = _pair(RFC_SUITE)
-    try:
+    with paired(RFC_SUITE) as (a, b):
         two_tickets = (bytes([NEW_SESSION_TICKET]) + (5).to_bytes(3, "big") + b"tick1"
                        + bytes([NEW_SESSION_TICKET]) + (5).to_bytes(3, "big") + b"tick2")
         b._send_all(b.tx.seal(HANDSHAKE, two_tickets))
         b.send(b"after tickets\n")
         assert a.recv_until(b"\n") == b"after tickets\n"
         assert a.handshake_messages == [NEW_SESSION_TICKET, NEW_SESSION_TICKET]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def test_key_update_is_refused() -> None:
-    a, b, socks = _pair(RFC_SUITE)
-    try:
+    with paired(RFC_SUITE) as (a, b):
         b._send_all(b.tx.seal(HANDSHAKE, bytes([24, 0, 0, 1, 0])))
         with pytest.raises(RecordError, match="KeyUpdate"):
             a.recv_data()
-    finally:
-        for s in socks:
-            s.close()
 
 
 def test_alert_raises_with_its_description() -> None:
-    a, b, socks = _pair("TLS_CHACHA20_POLY1305_SHA256")
-    try:
+    with paired("TLS_CHACHA20_POLY1305_SHA256") as (a, b):
         b.send_close_notify()
         with pytest.raises(TlsAlert) as info:
             a.recv_data()
         assert (info.value.level, info.value.description) == (1, 0)
-    finally:
-        for s in socks:
-            s.close()
 
 
 def test_tampered_record_fails_its_tag() -> None:
-    a, b, socks = _pair("TLS_AES_128_CCM_SHA256")
-    try:
+    with paired("TLS_AES_128_CCM_SHA256") as (a, b):
         record = bytearray(b.tx.seal(APPLICATION_DATA, b"integrity"))
         record[8] ^= 0x01
         b._send_all(bytes(record))
         with pytest.raises(RecordError, match="bad authentication tag"):
             a.recv_data()
-    finally:
-        for s in socks:
-            s.close()
 

@@ -11,35 +11,24 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from hsd import x509verify
-from hsd.credentials import X509Credentials, parse_certificates, parse_crls
+from hsd.credentials import X509Credentials
 from hsd.errors import PeerRejected
-from hsd.testing.pki import TestPki, make_pki
+from hsd.testing.handshakes import expect_handshake_error
+from hsd.testing.pki import TestPki, load_certificates as load, load_crls, x509_credentials as trusting
 
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
-    return make_pki(str(tmp_path_factory.mktemp("pki")))
-
-
-def load(path: str) -> list[x509.Certificate]:
-    with open(path, "rb") as handle:
-        return parse_certificates(handle.read(), path)
+@pytest.fixture(name="pki")
+def _pki(hsd_pki: TestPki) -> TestPki:
+    """The test kit's PKI (one per session)."""
+    return hsd_pki
 
 
 def crls(pki: TestPki) -> list[x509.CertificateRevocationList]:
-    with open(pki.crl, "rb") as handle:
-        return parse_crls(handle.read(), pki.crl)
-
-
-def trusting(pki: TestPki, **kw) -> X509Credentials:
-    return X509Credentials(trust=load(pki.ca), **kw)
+    return load_crls(pki.crl)
 
 
 def rejected(fragment: str, call, *args) -> None:
-    with pytest.raises(PeerRejected) as info:
-        call(*args)
-    assert info.value.status == errno.EACCES
-    assert fragment in info.value.reason, info.value.reason
+    expect_handshake_error(errno.EACCES, fragment, call, *args, error=PeerRejected)
 
 
 @pytest.mark.parametrize("name", ["localhost", "LOCALHOST.", "127.0.0.1"])

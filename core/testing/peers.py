@@ -226,10 +226,9 @@ class ServerPeer(PeerProcess):
         return sock
 
 
-def openssl_server(opts: PeerOptions, port: int | None = None) -> ServerPeer:
-    """`openssl s_server`: prints what it receives, sends what is written to its stdin."""
-    port = port or free_port()
-    argv = ["openssl", "s_server", "-accept", f"{LOOPBACK}:{port}", "-tls1_3", "-naccept", "1"]
+def _openssl_credentials(opts: PeerOptions) -> list[str]:
+    """Certificate, key, trust anchors, CRL and suites: the same flags for s_server and s_client."""
+    argv: list[str] = []
     if opts.cert:
         argv += ["-cert", opts.cert]
     if opts.key:
@@ -240,6 +239,28 @@ def openssl_server(opts: PeerOptions, port: int | None = None) -> ServerPeer:
         argv += ["-CRL", opts.crl, "-crl_check"]
     if opts.suites:
         argv += ["-ciphersuites", ":".join(opts.suites)]
+    return argv
+
+
+def _gnutls_credentials(opts: PeerOptions) -> list[str]:
+    """Certificate, key, trust anchors and CRL: the same flags for gnutls-serv and gnutls-cli."""
+    argv: list[str] = []
+    if opts.cert:
+        argv += ["--x509certfile", opts.cert]
+    if opts.key:
+        argv += ["--x509keyfile", opts.key]
+    if opts.ca:
+        argv += ["--x509cafile", opts.ca]
+    if opts.crl:
+        argv += ["--x509crlfile", opts.crl]
+    return argv
+
+
+def openssl_server(opts: PeerOptions, port: int | None = None) -> ServerPeer:
+    """`openssl s_server`: prints what it receives, sends what is written to its stdin."""
+    port = port or free_port()
+    argv = ["openssl", "s_server", "-accept", f"{LOOPBACK}:{port}", "-tls1_3", "-naccept", "1",
+            *_openssl_credentials(opts)]
     if opts.require_client_cert:
         argv += ["-Verify", "4", "-verify_return_error"]
     elif opts.request_client_cert:
@@ -250,15 +271,8 @@ def openssl_server(opts: PeerOptions, port: int | None = None) -> ServerPeer:
 def gnutls_server(opts: PeerOptions, port: int | None = None) -> ServerPeer:
     """`gnutls-serv --echo`: echoes what it receives (proves both directions at once)."""
     port = port or free_port()
-    argv = ["gnutls-serv", "--port", str(port), "--echo", "--priority", gnutls_priority(opts.suites)]
-    if opts.cert:
-        argv += ["--x509certfile", opts.cert]
-    if opts.key:
-        argv += ["--x509keyfile", opts.key]
-    if opts.ca:
-        argv += ["--x509cafile", opts.ca]
-    if opts.crl:
-        argv += ["--x509crlfile", opts.crl]
+    argv = ["gnutls-serv", "--port", str(port), "--echo", "--priority", gnutls_priority(opts.suites),
+            *_gnutls_credentials(opts)]
     if opts.require_client_cert:
         argv += ["--require-client-cert"]
     elif opts.request_client_cert:
@@ -269,17 +283,7 @@ def gnutls_server(opts: PeerOptions, port: int | None = None) -> ServerPeer:
 def openssl_client(opts: PeerOptions, port: int, host: str = LOOPBACK) -> PeerProcess:
     """`openssl s_client`: sends stdin lines, prints what it receives (-msg shows handshake messages)."""
     argv = ["openssl", "s_client", "-connect", f"{host}:{port}", "-tls1_3", "-ign_eof",
-            "-servername", opts.servername]
-    if opts.cert:
-        argv += ["-cert", opts.cert]
-    if opts.key:
-        argv += ["-key", opts.key]
-    if opts.ca:
-        argv += ["-CAfile", opts.ca]
-    if opts.crl:
-        argv += ["-CRL", opts.crl, "-crl_check"]
-    if opts.suites:
-        argv += ["-ciphersuites", ":".join(opts.suites)]
+            "-servername", opts.servername, *_openssl_credentials(opts)]
     if opts.verify:
         argv += ["-verify_return_error", "-verify_hostname", opts.servername]
     return PeerProcess(argv + opts.extra, "openssl s_client")
@@ -288,15 +292,7 @@ def openssl_client(opts: PeerOptions, port: int, host: str = LOOPBACK) -> PeerPr
 def gnutls_client(opts: PeerOptions, port: int, host: str = LOOPBACK) -> PeerProcess:
     """`gnutls-cli`: sends stdin lines, prints what it receives."""
     argv = ["gnutls-cli", "--port", str(port), "--priority", gnutls_priority(opts.suites),
-            "--sni-hostname", opts.servername]
-    if opts.cert:
-        argv += ["--x509certfile", opts.cert]
-    if opts.key:
-        argv += ["--x509keyfile", opts.key]
-    if opts.ca:
-        argv += ["--x509cafile", opts.ca]
-    if opts.crl:
-        argv += ["--x509crlfile", opts.crl]
+            "--sni-hostname", opts.servername, *_gnutls_credentials(opts)]
     if opts.verify:
         argv += ["--verify-hostname", opts.servername]
     else:
@@ -519,12 +515,12 @@ class PskClientPeer(_WithFiles, PeerProcess):
     pass
 
 
-def openssl_psk_server(psk: PskSecret, port: int | None = None) -> ServerPeer:
-    """`openssl s_server -nocert` with one external PSK; prints what it receives."""
+def openssl_psk_server(psk: PskSecret, port: int | None = None, extra: tuple[str, ...] = ()) -> ServerPeer:
+    """`openssl s_server -nocert` with one external PSK; prints what it receives (extra: e.g. -rev)."""
     port = port or free_port()
     files: list[MemoryFile] = []
     argv = ["openssl", "s_server", "-accept", f"{LOOPBACK}:{port}", "-tls1_3", "-naccept", "1", "-nocert",
-            *psk.openssl_args(files)]
+            *psk.openssl_args(files), *extra]
     peer = PskServerPeer(argv, "openssl s_server (psk)", port)
     peer.files = files
     return peer

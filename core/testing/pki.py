@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from hsd.credentials import X509Credentials, parse_certificates, parse_crls, parse_private_key
+
 ONE_DAY = datetime.timedelta(days=1)
 
 
@@ -150,3 +152,34 @@ def make_pki(directory: str, key_type: str = "p256") -> TestPki:
         crl=_write(os.path.join(directory, "crl.pem"), crl.public_bytes(serialization.Encoding.PEM)),
         key_type=key_type,
     )
+
+
+# ---------------------------------------------------------------- reading it back, as hsd would
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def load_certificates(path: str) -> list[x509.Certificate]:
+    """The certificates of a PEM file, parsed the way hsd parses configured ones."""
+    return parse_certificates(_read(path), path)
+
+
+def load_crls(path: str) -> list[x509.CertificateRevocationList]:
+    return parse_crls(_read(path), path)
+
+
+def certificate_der(path: str) -> bytes:
+    """The first certificate of a PEM file as DER: what Session.peer_certificates holds."""
+    return load_certificates(path)[0].public_bytes(serialization.Encoding.DER)
+
+
+def x509_credentials(pki: TestPki, pair: CertPair | None = None, **options) -> X509Credentials:
+    """Credentials trusting the test CA, presenting pair if given; options are X509Credentials fields."""
+    made = X509Credentials(trust=load_certificates(pki.ca), **options)
+    if pair is not None:
+        made.chain = load_certificates(pair.chain)
+        made.key = parse_private_key(_read(pair.key), pair.key)
+    return made

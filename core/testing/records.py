@@ -16,7 +16,8 @@ import time
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20Poly1305
 
-from hsd.ktls import TLS_1_3_VERSION, CryptoInfo
+from hsd.ktls import TLS_1_3_VERSION, CryptoInfo, session_crypto_info
+from hsd.session import Session
 
 CHANGE_CIPHER_SPEC = 20
 ALERT = 21
@@ -183,3 +184,13 @@ class KtlsRecordChecker:
         data = bytes(self._pending[:end])
         del self._pending[:end]
         return data
+
+
+def session_records(sock: socket.socket, session: Session, timeout: float = 10.0) -> KtlsRecordChecker:
+    """A record checker keyed by exactly the crypto_info hsd would install for this finished session.
+
+    The socket goes non-blocking so every read and write is bounded by the
+    checker's own timeout, whatever mode the handshake left it in."""
+    sock.setblocking(False)
+    tx, rx = session_crypto_info(session)
+    return KtlsRecordChecker(sock, tx, rx, timeout)
