@@ -26,6 +26,7 @@ from hsd.protocol import AuthMode, HandshakeRequest, MessageType
 from hsd.session import Session
 from hsd.testing import peers
 from hsd.testing.handshakes import expect_handshake_error, handshake_context, plugin_manager, run_handshake
+from hsd.testing.harness import assert_records_roundtrip
 from hsd.testing.pki import TestPki, certificate_der, load_certificates, make_pki, x509_credentials
 from hsd.testing.records import NEW_SESSION_TICKET, KtlsRecordChecker, TlsAlert, session_records
 
@@ -88,22 +89,13 @@ def checker(sock: socket.socket, session: Session) -> KtlsRecordChecker:
 
 
 def exchange_with_server(peer_kind: str, server: peers.PeerProcess, records: KtlsRecordChecker) -> None:
-    """hsd (client) -> peer and peer -> hsd, through the record checker."""
-    records.send(b"hello from hsd\n")
-    if peer_kind == "gnutls":  # gnutls-serv --echo answers with what it decrypted
-        assert records.recv_until(b"hello from hsd\n").endswith(b"hello from hsd\n")
-        return
-    server.wait_for("hello from hsd")
-    server.send_line("hello from the peer")
-    assert records.recv_until(b"hello from the peer\n").endswith(b"hello from the peer\n")
+    """hsd (client) -> peer and peer -> hsd, through the record checker (gnutls-serv --echo answers itself)."""
+    assert_records_roundtrip(records, server, echo=peer_kind == "gnutls")
 
 
 def exchange_with_client(client: peers.PeerProcess, records: KtlsRecordChecker) -> None:
     """hsd (server) -> peer and peer -> hsd, through the record checker."""
-    records.send(b"hello from hsd\n")
-    client.wait_for("hello from hsd")
-    client.send_line("hello from the peer")
-    assert records.recv_until(b"hello from the peer\n").endswith(b"hello from the peer\n")
+    assert_records_roundtrip(records, client)
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from hsd.errors import HandshakeError
 from hsd.protocol import AuthMode, HandshakeRequest, MessageType
 from hsd.session import Session
 from hsd.testing.handshakes import handshake_context, plugin_manager, run_handshake
+from hsd.testing.harness import assert_ktls_roundtrip, assert_records_roundtrip
 from hsd.testing.keyrings import ThrowawayKeyring
 from hsd.testing.peers import (
     LOOPBACK,
@@ -97,11 +98,7 @@ def test_client_against_openssl_server(plugins: pluggy.PluginManager, ring: Thro
         assert session.remote_auth == (serial,)
         assert session.cipher.endswith(hash_name.upper())
         assert session.details["psk_mode"] == mode
-        layer = records_for(sock, session)
-        layer.send(b"from-hsd-client\n")
-        peer.wait_for("from-hsd-client", TIMEOUT)
-        peer.send_line("from-openssl-server")
-        assert b"from-openssl-server" in layer.recv_until(b"\n")
+        assert_records_roundtrip(records_for(sock, session), peer)
 
 
 # gnutls-serv/-cli 3.7 compute external-PSK binders with SHA-256 only: SHA-384 is tested with openssl.
@@ -117,9 +114,7 @@ def test_client_against_gnutls_server(plugins: pluggy.PluginManager, ring: Throw
         assert session.remote_auth == (serial,)
         assert session.cipher.endswith(hash_name.upper())
         assert session.details["psk_mode"] == mode
-        layer = records_for(sock, session)
-        layer.send(b"echo-me-please\n")
-        assert layer.recv_until(b"\n") == b"echo-me-please\n"
+        assert_records_roundtrip(records_for(sock, session), peer, echo=True)
 
 
 # --- server role --------------------------------------------------------------------------------
@@ -137,11 +132,7 @@ def serve_one(plugins: pluggy.PluginManager, listener: Listener, keyring_serial:
 
 
 def prove_server_keys(sock: socket.socket, session: Session, peer: PeerProcess) -> None:
-    layer = records_for(sock, session)
-    peer.send_line("from-peer-client")
-    assert layer.recv_until(b"\n") == b"from-peer-client\n"
-    layer.send(b"from-hsd-server\n")
-    peer.wait_for("from-hsd-server", TIMEOUT)
+    assert_records_roundtrip(records_for(sock, session), peer)
 
 
 @pytest.mark.parametrize("hash_name", ["sha256", "sha384"])
@@ -229,9 +220,7 @@ def test_client_skips_identities_without_a_usable_key(plugins: pluggy.PluginMana
     with openssl_psk_server(psk) as peer, connect(peer.port, timeout=TIMEOUT) as sock:
         session = handshake(plugins, sock, "client", ring.serial, (gone, too_short, serial))
         assert session.remote_auth == (serial,)
-        layer = records_for(sock, session)
-        layer.send(b"after-skipping\n")
-        peer.wait_for("after-skipping", TIMEOUT)
+        assert_records_roundtrip(records_for(sock, session), peer)
 
 
 def test_client_with_no_usable_key_is_eio(plugins: pluggy.PluginManager, ring: ThrowawayKeyring) -> None:
@@ -398,12 +387,7 @@ def test_nvme_host_request_through_the_dispatcher(ring: ThrowawayKeyring) -> Non
             request = sim.client_hello_psk(mine, [serial], keyring=ring.serial, timeout_ms=10000)
             status, peerid = request.wait(TIMEOUT)
             assert (status, peerid) == (0, serial)  # the NVMe host insists on the serial of the PSK used
-            assert request.ktls_tx is not None and request.ktls_rx is not None
-            layer = KtlsRecordChecker(mine, request.ktls_tx, request.ktls_rx, TIMEOUT)
-            layer.send(b"nvme-over-ktls\n")
-            peer.wait_for("nvme-over-ktls", TIMEOUT)
-            peer.send_line("target-reply")
-            assert b"target-reply" in layer.recv_until(b"\n")
+            assert_ktls_roundtrip(request, peer, label="nvme")  # under the keys installed in the kernel
         finally:
             stop.set()
             thread.join(15)

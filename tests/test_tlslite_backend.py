@@ -29,6 +29,7 @@ from hsd.ktls import session_crypto_info
 from hsd.session import Session
 from hsd.testing.handshakes import expect_handshake_error, handshake_context, plugin_manager
 from hsd.testing.handshakes import run_handshake as run_hooks
+from hsd.testing.harness import assert_records_pair, assert_records_roundtrip
 from hsd.testing.keyrings import ThrowawayKeyring
 from hsd.testing.peers import (
     Listener,
@@ -120,9 +121,7 @@ def test_client_unauth_by_ip_address_against_gnutls(plugins, pki, backend: str) 
             server.connect() as sock:
         session = run_handshake(plugins, sock, backend, "client", "unauth", x509_credentials(pki),
                                 peername="127.0.0.1")
-        layer = records_for(sock, session)
-        layer.send(b"echo-me\n")
-        assert layer.recv_until(b"\n") == b"echo-me\n"
+        assert_records_roundtrip(records_for(sock, session), server, echo=True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -185,11 +184,7 @@ def test_server_x509_against_openssl_client(plugins, pki, backend: str, client_c
         with listener.accept(TIMEOUT) as sock:
             session = run_handshake(plugins, sock, backend, "server", "x509", x509_credentials(pki, pki.server))
             assert bool(session.peer_certificates) == client_cert
-            layer = records_for(sock, session)
-            layer.send(b"from-hsd-server\n")
-            peer.wait_for("from-hsd-server", TIMEOUT)
-            peer.send_line("from-openssl-client")
-            assert layer.recv_until(b"\n") == b"from-openssl-client\n"
+            assert_records_roundtrip(records_for(sock, session), peer)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -241,9 +236,7 @@ def test_tlslite_psk_client_against_gnutls(plugins, ring, hash_name: str, mode: 
         assert session.remote_auth == (serial,)
         assert session.cipher.endswith(hash_name.upper())
         assert session.details["psk_mode"] == mode
-        layer = records_for(sock, session)
-        layer.send(b"echo-psk\n")
-        assert layer.recv_until(b"\n") == b"echo-psk\n"
+        assert_records_roundtrip(records_for(sock, session), server, echo=True)
 
 
 def test_tlslite_psk_server_against_openssl_client(plugins, ring) -> None:
@@ -255,11 +248,7 @@ def test_tlslite_psk_server_against_openssl_client(plugins, ring) -> None:
             session = run_handshake(plugins, sock, "tlslite", "server", "psk", None, peername=None,
                                     keyring=ring.serial)
             assert session.remote_auth == (serial,)
-            layer = records_for(sock, session)
-            layer.send(b"psk-from-server\n")
-            peer.wait_for("psk-from-server", TIMEOUT)
-            peer.send_line("psk-from-client")
-            assert layer.recv_until(b"\n") == b"psk-from-client\n"
+            assert_records_roundtrip(records_for(sock, session), peer)
 
 
 def test_tlslite_psk_server_unknown_identity(plugins, ring) -> None:
@@ -323,11 +312,7 @@ def test_cross_backend(plugins, pki, client_backend: str, server_backend: str, a
     assert isinstance(server, Session), server
     assert client.cipher == server.cipher
     assert bool(server.peer_certificates) == (auth == "x509")
-    client_layer, server_layer = records_for(client_sock, client), records_for(server_sock, server)
-    client_layer.send(b"client->server\n")
-    assert server_layer.recv_until(b"\n") == b"client->server\n"
-    server_layer.send(b"server->client\n")
-    assert client_layer.recv_until(b"\n") == b"server->client\n"
+    assert_records_pair(records_for(client_sock, client), records_for(server_sock, server))
     client_sock.close()
     server_sock.close()
 

@@ -249,14 +249,19 @@ Exchange = Callable[[KtlsRecordChecker, bytes], bytes]
 
 def assert_ktls_roundtrip(request: SimRequest, peer: PeerProcess | None, *, echo: bool = False,
                           rounds: int = 2, label: str = "hsd") -> RoundTrip:
-    """Application data both ways under the request's kTLS keys, against the real peer.
+    """Application data both ways under the request's kTLS keys, against the real peer (see below)."""
+    return assert_records_roundtrip(checker_for(request), peer, echo=echo, rounds=rounds, label=label)
+
+
+def assert_records_roundtrip(records: KtlsRecordChecker, peer: PeerProcess | None, *, echo: bool = False,
+                             rounds: int = 2, label: str = "hsd") -> RoundTrip:
+    """Application data both ways through this record checker, against the real peer.
 
     echo=True: the peer sends back what it received (gnutls-serv --echo), so
     each line proves both directions.  Otherwise the peer is a tool that prints
     what it gets and sends its stdin lines (openssl s_server/s_client,
     gnutls-cli).  Records the peer sent first (NewSessionTicket) are decrypted
     and skipped: the RX sequence number must already account for them."""
-    records = checker_for(request)
     for index in range(rounds):
         ours = f"{label}-to-peer-{index}-{time.monotonic_ns()}".encode()
         records.send(ours + b"\n")
@@ -281,7 +286,11 @@ def assert_ktls_roundtrip(request: SimRequest, peer: PeerProcess | None, *, echo
 
 def assert_ktls_pair(client: SimRequest, server: SimRequest, rounds: int = 2) -> RoundTrip:
     """Both ends of one connection are hsd: each end's kTLS keys must open the other's records."""
-    a, b = checker_for(client), checker_for(server)
+    return assert_records_pair(checker_for(client), checker_for(server), rounds)
+
+
+def assert_records_pair(a: KtlsRecordChecker, b: KtlsRecordChecker, rounds: int = 2) -> RoundTrip:
+    """Lines a -> b and b -> a: each checker's keys must open the other's records."""
     for index in range(rounds):
         for sender, receiver, what in ((a, b, b"client->server"), (b, a, b"server->client")):
             line = what + b" %d\n" % index
@@ -293,4 +302,4 @@ def assert_ktls_pair(client: SimRequest, server: SimRequest, rounds: int = 2) ->
 
 
 __all__ = ["DaemonHarness", "Finished", "HarnessError", "RoundTrip", "assert_ktls_roundtrip", "assert_ktls_pair",
-           "checker_for"]
+           "assert_records_pair", "assert_records_roundtrip", "checker_for"]

@@ -226,17 +226,20 @@ class ServerPeer(PeerProcess):
         return sock
 
 
+def _path_flags(opts: PeerOptions, cert: str, key: str, ca: str, crl: str) -> list[str]:
+    """Each PEM file the options name, after the tool's flag for it."""
+    argv: list[str] = []
+    for flag, path in ((cert, opts.cert), (key, opts.key), (ca, opts.ca), (crl, opts.crl)):
+        if path:
+            argv += [flag, path]
+    return argv
+
+
 def _openssl_credentials(opts: PeerOptions) -> list[str]:
     """Certificate, key, trust anchors, CRL and suites: the same flags for s_server and s_client."""
-    argv: list[str] = []
-    if opts.cert:
-        argv += ["-cert", opts.cert]
-    if opts.key:
-        argv += ["-key", opts.key]
-    if opts.ca:
-        argv += ["-CAfile", opts.ca]
+    argv = _path_flags(opts, "-cert", "-key", "-CAfile", "-CRL")
     if opts.crl:
-        argv += ["-CRL", opts.crl, "-crl_check"]
+        argv += ["-crl_check"]
     if opts.suites:
         argv += ["-ciphersuites", ":".join(opts.suites)]
     return argv
@@ -244,16 +247,7 @@ def _openssl_credentials(opts: PeerOptions) -> list[str]:
 
 def _gnutls_credentials(opts: PeerOptions) -> list[str]:
     """Certificate, key, trust anchors and CRL: the same flags for gnutls-serv and gnutls-cli."""
-    argv: list[str] = []
-    if opts.cert:
-        argv += ["--x509certfile", opts.cert]
-    if opts.key:
-        argv += ["--x509keyfile", opts.key]
-    if opts.ca:
-        argv += ["--x509cafile", opts.ca]
-    if opts.crl:
-        argv += ["--x509crlfile", opts.crl]
-    return argv
+    return _path_flags(opts, "--x509certfile", "--x509keyfile", "--x509cafile", "--x509crlfile")
 
 
 def openssl_server(opts: PeerOptions, port: int | None = None) -> ServerPeer:
