@@ -118,7 +118,7 @@ def start_server(kind: str, pki: TestPki, cleanup: list, *, pair=None, **options
     return started(SERVER_PEERS[kind](peers.PeerOptions(cert=pair.cert, key=pair.key, ca=pki.ca, **options)), cleanup)
 
 
-def dial(peer: peers.ServerPeer | peers.ScriptedPeer, cleanup: list) -> socket.socket:
+def dial(peer: peers.LoopbackPort, cleanup: list) -> socket.socket:
     """A connected, non-blocking socket to peer (what the kernel hands over), closed after the test."""
     sock = peer.connect()
     cleanup.append(sock)

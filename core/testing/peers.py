@@ -73,6 +73,22 @@ def gnutls_priority(suites: list[str] | None) -> str:
     return base + ":-CIPHER-ALL:" + ":".join("+" + GNUTLS_CIPHERS[s] for s in suites)
 
 
+class LoopbackPort:
+    """Something listening on a loopback port, dialled the way the kernel's consumer would connect."""
+
+    port: int
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (LOOPBACK, self.port)
+
+    def connect(self, timeout: float = 5.0) -> socket.socket:
+        """A connected, non-blocking TCP socket to this peer (what the kernel would hand over)."""
+        sock = socket.create_connection(self.address, timeout=timeout)
+        sock.setblocking(False)
+        return sock
+
+
 class PeerProcess:
     """A peer subprocess: stdin to write lines to, combined stdout/stderr collected in the background."""
 
@@ -195,16 +211,12 @@ class PeerOptions:
     extra: list[str] = field(default_factory=list)
 
 
-class ServerPeer(PeerProcess):
+class ServerPeer(LoopbackPort, PeerProcess):
     """A listening peer; start() returns once the port accepts connections."""
 
     def __init__(self, argv: list[str], name: str, port: int) -> None:
         super().__init__(argv, name)
         self.port = port
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return (LOOPBACK, self.port)
 
     def start(self, timeout: float = 10.0) -> "ServerPeer":
         super().start()
@@ -218,12 +230,6 @@ class ServerPeer(PeerProcess):
                 raise PeerError(f"{self.name} did not listen on {self.port} in time; output:\n{self.output}")
             time.sleep(0.02)
         return self
-
-    def connect(self, timeout: float = 5.0) -> socket.socket:
-        """A connected, non-blocking TCP socket to this peer (what the kernel would hand over)."""
-        sock = socket.create_connection(self.address, timeout=timeout)
-        sock.setblocking(False)
-        return sock
 
 
 def _path_flags(opts: PeerOptions, cert: str, key: str, ca: str, crl: str) -> list[str]:
@@ -326,7 +332,7 @@ class Listener:
 Behaviour = Callable[[socket.socket], None]
 
 
-class ScriptedPeer:
+class ScriptedPeer(LoopbackPort):
     """A TCP server on loopback that runs one behaviour per connection in a thread."""
 
     def __init__(self, behaviour: Behaviour, name: str) -> None:
@@ -338,18 +344,9 @@ class ScriptedPeer:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
 
-    @property
-    def address(self) -> tuple[str, int]:
-        return (LOOPBACK, self.port)
-
     def start(self) -> "ScriptedPeer":
         self._thread.start()
         return self
-
-    def connect(self, timeout: float = 5.0) -> socket.socket:
-        sock = socket.create_connection(self.address, timeout=timeout)
-        sock.setblocking(False)
-        return sock
 
     def _serve(self) -> None:
         self.listener.sock.settimeout(0.1)
