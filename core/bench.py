@@ -1150,8 +1150,10 @@ def _sim_cpu_ms(figures: RunFigures | None) -> float | None:
 def report(results: Results, plan: Plan) -> str:
     rows, models = results.rows, results.models
     concs = list(plan.counts)
-    parts = [f"hsd bench: {os.cpu_count()} CPUs, counts {plan.counts}, burst {plan.burst}, "
-             f"max_inflight {plan.max_inflight}; handshakes/s unless noted"]
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    parts = [f"hsd bench: {os.cpu_count()} CPUs, load average at the end {load} (other work on the machine "
+             f"skews every figure), counts {plan.counts}, burst {plan.burst}, max_inflight {plan.max_inflight}; "
+             "handshakes/s unless noted"]
     head = ["workload", "cert", "group", "C s_time"] + [f"bare c{c}" for c in concs] + ["tlslite c1"] \
         + [f"hsd c{c}" for c in concs] + [f"hsd/bare c{c}" for c in concs] + ["hsd/C", "negotiated"]
     lines = []
