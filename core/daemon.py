@@ -122,14 +122,15 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
         if on_ready:
             on_ready()
 
-    for role_config in (config.client, config.server):  # warn (or refuse, when strict) at start-up
-        if role_config.private_key:
-            try:
-                check_private_key_file(role_config.private_key, config.strict_permissions)
-            except CredentialError as exc:
-                log.error("%s", exc)
-                channel.close()
-                return 1
+    roles = (config.client, config.server)
+    key_files = [path for rc in roles for path in (rc.private_key, rc.pq_private_key) if path]
+    for key_file in key_files:  # warn (or refuse, when strict) at start-up
+        try:
+            check_private_key_file(key_file, config.strict_permissions)
+        except CredentialError as exc:
+            log.error("%s", exc)
+            channel.close()
+            return 1
     if drop_capabilities:
         try:
             privileges.drop_privileges()

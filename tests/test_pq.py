@@ -12,6 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -27,11 +30,13 @@ import hsd_tlslite
 from hsd_tlslite import identity as tlslite_identity
 from hsd.config import Config
 from hsd.context import HandshakeContext
+from hsd.daemon import serve
 from hsd.credentials import X509Credentials, load_x509
 from hsd.errors import CredentialError, PeerRejected
 from hsd.hookspecs import PROJECT, HookSpecs
 from hsd.protocol import AuthMode, HandshakeRequest, MessageType
 from hsd.session import Session
+from hsd.simulator import Simulator
 from hsd.testing import peers
 from hsd.testing.pki_pq import PqPki, make_pq_pki
 from hsd.testing.records import session_records
@@ -341,6 +346,28 @@ def test_pq_key_file_readable_by_others_is_refused_when_strict(pki, tmp_path) ->
         load(config)
 
 
+def test_strict_daemon_refuses_to_start_with_an_open_pq_key(pki, tmp_path, caplog) -> None:
+    loose = tmp_path / "open-pq.key"
+    with open(pki.server.key, "rb") as handle:
+        loose.write_bytes(handle.read())
+    os.chmod(loose, 0o604)
+    config = server_config(pki)
+    config.server.pq_private_key = str(loose)
+    config.strict_permissions = True
+    stop = threading.Event()
+    started: list[bool] = []
+
+    def ready() -> None:  # a daemon that did not refuse: note it and stop it, the test must not hang
+        started.append(True)
+        stop.set()
+
+    with Simulator() as sim:
+        code = serve(sim.channel(), config, backend="openssl", config_path=None, drop_capabilities=False,
+                     stop=stop, on_ready=ready)
+    assert not started and code == 1
+    assert f"{loose}: private key file is accessible by others" in caplog.text
+
+
 # ---------------------------------------------------------------- tlslite: no ML-DSA, says so once
 
 
@@ -365,3 +392,33 @@ def test_tlslite_backend_warns_once_and_uses_the_classic_pair(pki, cleanup, capl
     assert len(warnings) == 1 and len(debugs) == 1  # the first handshake warns, the second only at debug
     assert "ignored" in warnings[0].getMessage() and "classic" in warnings[0].getMessage()
     assert not any("PRIVATE KEY" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------- as the daemon runs: capabilities dropped
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping capabilities needs root (CI runs as root)")
+def test_both_pairs_install_after_capabilities_are_dropped(pki) -> None:
+    """The chain goes through /proc/self/fd/<memfd>: still readable with CAP_NET_ADMIN only."""
+    script = textwrap.dedent(f"""
+        import socket
+        from hsd import privileges
+        from hsd.config import Config
+        from hsd.credentials import load_x509
+        from hsd.protocol import HandshakeRequest, MessageType, AuthMode
+        from hsd_openssl.identity import install_identity
+        from hsd_openssl.suites import tls13_context
+        privileges.drop_all_but()
+        assert privileges.capability_sets()["CapEff"] == 1 << privileges.CAP_NET_ADMIN
+        config = Config()
+        config.server.certificate, config.server.private_key = {pki.classic.server.cert!r}, {pki.classic.server.key!r}
+        config.server.pq_certificate, config.server.pq_private_key = {pki.server.chain!r}, {pki.server.key!r}
+        a, b = socket.socketpair()
+        creds = load_x509(config, HandshakeRequest(sockfd=a.fileno(), message_type=MessageType.SERVERHELLO,
+                                                   auth_mode=AuthMode.X509))
+        install_identity(tls13_context(), creds, "server")
+        print("installed", len(creds.chain), len(creds.pq_chain))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "installed 1 2"
