@@ -148,6 +148,8 @@ class Dispatcher:
                 request = self.channel.accept()
             except PermissionError:
                 raise  # no CAP_NET_ADMIN: nothing will ever work, the daemon must say so and stop
+            except ConnectionError:
+                raise  # the channel itself is gone (not this request): retrying would spin forever
             except OSError as exc:
                 # the kernel could not hand this request over (e.g. its keyring could not be linked);
                 # it has already failed the request itself, so log and go on with the queue

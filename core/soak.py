@@ -283,7 +283,9 @@ class DaemonProcess:
 
 def _serve_for_soak(sim_address: str, config_path: str, verbose: bool) -> int:
     """Child side of DaemonProcess: the real serve() loop over a SimChannel."""
+    import faulthandler
     import logging
+    import signal
 
     import hsd_openssl
 
@@ -291,6 +293,7 @@ def _serve_for_soak(sim_address: str, config_path: str, verbose: bool) -> int:
     from .daemon import serve, setup_logging
     from .simulator import SimChannel
 
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # a stuck daemon can be asked where it is
     setup_logging(True, logging.INFO if verbose else logging.CRITICAL, syslog=False)
     config = config_mod.load(config_path)
     host = PluginHost(config)

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import datetime
 import errno
-import logging
 import os
 import signal
 import socket
-import tempfile
+import subprocess
 import threading
 import time
 from contextlib import contextmanager
@@ -36,7 +35,7 @@ from hsd.session import Session
 from hsd.simulator import Simulator
 from hsd.soak import (FAST, DaemonProcess, FastBackend, RunningDaemon, open_fds, soak_config_text,
                       submit_retrying, tcp_pair)
-from hsd.testing.peers import PeerOptions, ServerPeer, openssl_client, openssl_server, silent_peer
+from hsd.testing.peers import PeerOptions, openssl_client, openssl_server, silent_peer
 from hsd.testing.pki import TestPki, make_pki
 
 from flightproxy import FlightProxy
@@ -414,7 +413,13 @@ def test_simulator_stopped_under_the_daemon_process_exits_with_failure(tmp_path,
     try:
         _wait_listening(sim, proc)
         sim.stop()
-        assert proc.proc.wait(WAIT) == 1
+        try:
+            code = proc.proc.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.proc.pid, signal.SIGUSR2)  # faulthandler: where is it stuck?
+            time.sleep(1)
+            code = None
+        assert code == 1, (tmp_path / "daemon.log").read_text()
     finally:
         proc.stop()
     log = (tmp_path / "daemon.log").read_text()

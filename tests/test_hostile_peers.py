@@ -10,7 +10,6 @@ the tlslite backend and ends with a real handshake through the same daemon.
 
 from __future__ import annotations
 
-import errno
 import socket
 import threading
 from contextlib import contextmanager
@@ -24,7 +23,8 @@ from hsd.config import Config
 from hsd.errors import HandshakeTimeout, PeerRejected
 from hsd.simulator import Simulator
 from hsd.soak import RunningDaemon, tcp_pair
-from hsd.testing.peers import LOOPBACK, PeerOptions, PeerProcess, ServerPeer, free_port, openssl_client, openssl_server
+from hsd.testing.peers import (LOOPBACK, PeerOptions, PeerProcess, ServerPeer, free_port, openssl_client,
+                               openssl_server)
 from hsd.testing.pki import TestPki, make_pki
 
 from flightproxy import FlightProxy
