@@ -29,7 +29,6 @@ import re
 import secrets as secrets_mod
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
