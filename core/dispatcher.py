@@ -155,9 +155,8 @@ class Dispatcher:
                 # it has already failed the request itself, so log and go on with the queue
                 log.error("ACCEPT failed: %s", exc.strerror or exc)
                 backlog = backlog - 1 if backlog > 0 else backlog
-                if exc.errno in (errno.ENOBUFS, errno.ENOMEM, errno.EINTR):
-                    time.sleep(0.05)
-                continue
+                time.sleep(0.05)  # never spin on a failing ACCEPT
+                return backlog  # back to the loop, which checks the stop flag
             except ProtocolError as exc:
                 log.error("malformed ACCEPT reply: %s", exc)
                 if exc.sockfd is not None and exc.sockfd >= 0:

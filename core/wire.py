@@ -56,6 +56,8 @@ class RecordSocket:
         length = int.from_bytes(header[3:5], "big")
         if header[0] not in (20, 21, 22, 23) or header[1] != 3:
             raise PeerRejected("peer sent something that is not TLS")
+        if length == 0:  # RFC 8446 5.1: no zero-length handshake/alert fragments; 5.2: AEAD needs a tag
+            raise PeerRejected("peer sent an empty TLS record")
         if length > MAX_RECORD:
             raise PeerRejected(f"peer sent an oversized record ({length} bytes)")
         return header + self._recv_exact(length)
