@@ -43,6 +43,8 @@ class Config:
     backend: str = "openssl"
     backends: dict[str, str] = field(default_factory=dict)  # "client.psk" -> backend name
     max_inflight: int = 64
+    workers: int = 1  # daemon processes serving the queue (the kernel gives each request to one)
+    isolation: str = "none"  # "process": each handshake runs in a child process (crash isolation)
     handshake_timeout_ms: int = 10000  # when ACCEPT carries no timeout
     require_client_certificate: bool = False
     strict_permissions: bool = False  # refuse private key files readable by group/others (else warn)
@@ -149,6 +151,12 @@ def _apply(cfg: Config, section: str, key: str, value: str, where: str) -> bool:
             cfg.backend = value
         elif key == "max_inflight":
             cfg.max_inflight = _int(value, where, 1, 100000)
+        elif key == "workers":
+            cfg.workers = _int(value, where, 1, 256)
+        elif key == "isolation":
+            if value not in ("none", "process"):
+                raise ConfigError(f"{where}: isolation must be 'none' or 'process', got {value!r}")
+            cfg.isolation = value
         elif key == "handshake_timeout":
             cfg.handshake_timeout_ms = _int(value, where, 1, 3600_000)
         elif key == "enable_plugins":
