@@ -39,6 +39,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "hsd_backend(name): the backend hsd_case/hsd_daemon use in this test")
+    # The process keyring lives in each thread's credentials: create it now, in the main
+    # thread before any test starts a thread, so every thread (simulator, dispatcher,
+    # test) shares the one the kernel links request keyrings into - as hsd's daemon does.
+    from hsd.testing.harness import _ensure_process_keyring
+
+    _ensure_process_keyring()
 
 
 def _selected_backend(config: pytest.Config, node: Any = None) -> str:
