@@ -1,11 +1,15 @@
 """Certificate-based TLS 1.3 handshakes (client unauth/x509, server x509) with OpenSSL.
 
-One fresh SSL.Context per handshake: the trust policy, our identity and the
-secret capture belong to this request only, and nothing leaks between
-requests (no session cache, no tickets).
+Contexts (trust policy, our identity, verify mode) are shared between requests
+that would build identical ones (plugins/openssl/contexts.py); everything of
+one handshake - peer name check, SNI, secret capture, verification outcome,
+trace logging - lives on its SSL.Connection, reached from the context's
+callbacks through conn.get_app_data().  No session cache, no tickets.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from OpenSSL import SSL
 
@@ -15,12 +19,13 @@ from hsd.errors import CredentialError, HandshakeError, PeerClosed, PeerRejected
 from hsd.session import Session
 from hsd.wire import RecordSocket
 
+from .contexts import context_key, contexts
 from .driver import ErrorTranslator, drive_handshake, ssl_error_text
 from .identity import install_identity
-from .secrets import TrafficSecrets
+from .secrets import TrafficSecrets, route_keylog
 from .sessions import build_session
 from .suites import tls13_context
-from .verification import VerifyOutcome, install_trust, pin_peer_name
+from .verification import VerifyOutcome, install_trust, pin_peer_name, routed_verify
 
 
 def _translator(outcome: VerifyOutcome) -> ErrorTranslator:
@@ -43,7 +48,15 @@ def _translator(outcome: VerifyOutcome) -> ErrorTranslator:
     return translate
 
 
-def _trace(context: SSL.Context, ctx: HandshakeContext) -> None:
+@dataclass
+class ConnectionState:
+    """What the shared context's callbacks find on one connection (conn.get_app_data())."""
+
+    secrets: TrafficSecrets
+    outcome: VerifyOutcome
+
+
+def _trace(conn: SSL.Connection, ctx: HandshakeContext) -> None:
     """[debug] tls > 0: log the handshake's state machine (no secrets in state names)."""
     if ctx.config.tls_debug <= 0:
         return
@@ -52,26 +65,60 @@ def _trace(context: SSL.Context, ctx: HandshakeContext) -> None:
     def on_info(conn: SSL.Connection, where: int, ret: int) -> None:
         ctx.log.debug("openssl %s: %s", role, conn.get_state_string().decode(errors="replace"))
 
-    context.set_info_callback(on_info)
+    conn.set_info_callback(on_info)
 
 
-def _run(ctx: HandshakeContext, context: SSL.Context, secrets: TrafficSecrets, outcome: VerifyOutcome,
-         prepare=None) -> Session:
+def _run(ctx: HandshakeContext, context: SSL.Context, outcome: VerifyOutcome, prepare=None) -> Session:
     role = ctx.request.role
-    _trace(context, ctx)
+    secrets = TrafficSecrets()
     conn = SSL.Connection(context, None)
-    if prepare is not None:
-        prepare(conn)
+    conn.set_app_data(ConnectionState(secrets, outcome))
+    _trace(conn, ctx)
     try:
+        if prepare is not None:
+            prepare(conn)
         dropped = drive_handshake(conn, RecordSocket(ctx.sock, ctx.deadline), server=role == "server",
                                   translate=_translator(outcome))
         session = build_session(conn, secrets, role)
     except BaseException:
         secrets.wipe()
         raise
+    finally:
+        conn.set_app_data(None)
     if dropped:
         session.details["dropped_post_handshake_bytes"] = str(dropped)
     return session
+
+
+def _shared_context(verify_mode: int) -> SSL.Context:
+    """A TLS 1.3 context whose callbacks route to each connection's own state."""
+    context = tls13_context()
+    route_keylog(context)
+    if verify_mode == SSL.VERIFY_NONE:
+        context.set_verify(SSL.VERIFY_NONE)
+    else:
+        context.set_verify(verify_mode, routed_verify)
+    return context
+
+
+def _client_context(ctx: HandshakeContext, creds: X509Credentials) -> SSL.Context:
+    context = _shared_context(SSL.VERIFY_PEER if creds.verify_peer else SSL.VERIFY_NONE)
+    if creds.verify_peer:
+        install_trust(context, creds)
+    if ctx.request.auth == "x509":
+        install_identity(context, creds, "client")
+    return context
+
+
+def _server_context(creds: X509Credentials) -> SSL.Context:
+    mode = SSL.VERIFY_PEER
+    # an allow-list of client names is meaningless if a client can send no certificate at all
+    if creds.require_peer_cert or creds.allowed_sans:
+        mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+    context = _shared_context(mode)
+    install_identity(context, creds, "server")
+    install_trust(context, creds)
+    return context
 
 
 def client_handshake(ctx: HandshakeContext) -> Session:
@@ -81,24 +128,16 @@ def client_handshake(ctx: HandshakeContext) -> Session:
     if verify and not ctx.peername:
         raise PeerRejected("client handshake without a peer name: the server certificate cannot be "
                            "checked (hsd does no reverse DNS lookup; the kernel consumer must pass one)")
-    context = tls13_context()
-    secrets = TrafficSecrets()
-    secrets.attach(context)
-    outcome = VerifyOutcome("server", [], enforce=True)
-    if verify:
-        install_trust(context, creds)
-        context.set_verify(SSL.VERIFY_PEER, outcome.callback)
-    else:
-        context.set_verify(SSL.VERIFY_NONE)
+    if not verify:
         ctx.log.debug("server certificate verification disabled by configuration")
-    if ctx.request.auth == "x509":
-        install_identity(context, creds, "client")
+    context = contexts.obtain(context_key(ctx, creds), lambda: _client_context(ctx, creds))
+    outcome = VerifyOutcome("server", [], enforce=True)
 
     def prepare(conn: SSL.Connection) -> None:
         if ctx.peername:
             pin_peer_name(conn, ctx.peername, check=verify)
 
-    return _run(ctx, context, secrets, outcome, prepare)
+    return _run(ctx, context, outcome, prepare)
 
 
 def server_handshake(ctx: HandshakeContext) -> Session:
@@ -106,15 +145,6 @@ def server_handshake(ctx: HandshakeContext) -> Session:
     creds = ctx.x509
     if creds is None:
         raise CredentialError("server x509 handshake but no server credentials were loaded")
-    context = tls13_context()
-    secrets = TrafficSecrets()
-    secrets.attach(context)
-    install_identity(context, creds, "server")
-    install_trust(context, creds)
-    mode = SSL.VERIFY_PEER
-    # an allow-list of client names is meaningless if a client can send no certificate at all
-    if creds.require_peer_cert or creds.allowed_sans:
-        mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+    context = contexts.obtain(context_key(ctx, creds), lambda: _server_context(creds))
     outcome = VerifyOutcome("client", creds.allowed_sans, enforce=creds.verify_peer)
-    context.set_verify(mode, outcome.callback)
-    return _run(ctx, context, secrets, outcome)
+    return _run(ctx, context, outcome)

@@ -3,6 +3,10 @@
 The keylog line is the only place pyOpenSSL exposes them.  Only the two
 application secrets are kept, in bytearrays the core wipes after kTLS has them;
 the line itself is never logged or stored.
+
+A context shared by many connections (plugins/openssl/contexts.py) gets one
+routing callback that hands each line to the sink of the connection it
+belongs to (conn.get_app_data()), so one handshake's secrets never reach another.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ class TrafficSecrets:
         self.server: bytearray | None = None
 
     def attach(self, context: SSL.Context) -> None:
+        """For a context of this one connection (PSK): the sink is fixed."""
         context.set_keylog_callback(self._on_keylog)
 
     def _on_keylog(self, conn: SSL.Connection, line: bytes) -> None:
@@ -47,3 +52,15 @@ class TrafficSecrets:
         for buf in (self.client, self.server):
             if buf is not None:
                 buf[:] = bytes(len(buf))
+
+
+def route_keylog(context: SSL.Context) -> None:
+    """For a shared context: each line goes to its own connection's sink, or nowhere."""
+    context.set_keylog_callback(_route_line)
+
+
+def _route_line(conn: SSL.Connection, line: bytes) -> None:
+    # No sink (should not happen): drop the line; the handshake then fails for want of secrets.
+    sink = getattr(conn.get_app_data(), "secrets", None)
+    if isinstance(sink, TrafficSecrets):
+        sink._on_keylog(conn, line)

@@ -30,6 +30,13 @@ class VerifyOutcome:
         self.reason: str | None = None
 
     def callback(self, conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int) -> bool:
+        try:
+            return self._judge(cert, errnum, depth, ok)
+        except Exception as exc:  # noqa: BLE001  pyOpenSSL would park it on the (shared) context
+            self.reason = self.reason or f"certificate check failed: {type(exc).__name__}"
+            return False
+
+    def _judge(self, cert: crypto.X509, errnum: int, depth: int, ok: int) -> bool:
         if not ok:
             if self.reason is None:
                 self.reason = ffi.string(lib.X509_verify_cert_error_string(errnum)).decode()
@@ -47,6 +54,14 @@ class VerifyOutcome:
         if self.reason:
             return PeerRejected(f"{self.peer_role} certificate verify failed: {self.reason}")
         return PeerRejected(detail)
+
+
+def routed_verify(conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int) -> bool:
+    """The verify callback of a shared context: the connection's own VerifyOutcome judges (none: reject)."""
+    outcome = getattr(conn.get_app_data(), "outcome", None)
+    if not isinstance(outcome, VerifyOutcome):
+        return False
+    return outcome.callback(conn, cert, errnum, depth, ok)
 
 
 def install_trust(context: SSL.Context, creds: X509Credentials) -> None:
