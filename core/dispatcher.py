@@ -25,6 +25,7 @@ from .context import HandshakeContext
 from .credentials import load_x509
 from .errors import HandshakeError, HandshakeTimeout, Unsupported
 from .hookspecs import Mode
+from .isolation import run_isolated
 from .ktls import install_session
 from .plugins import PluginHost
 from .protocol import AuthMode, Done, HandshakeRequest, MessageType, ProtocolError, errno_name
@@ -219,7 +220,8 @@ class Dispatcher:
             outcome.peer = _peer(sock)
             ctx = self._context(request, sock, deadline)
             outcome.backend = ctx.backend
-            session = ctx.hook.hsd_handshake(ctx=ctx)
+            session = (run_isolated(ctx) if self.config.isolation == "process"
+                       else ctx.hook.hsd_handshake(ctx=ctx))
             if session is None:
                 raise Unsupported(f"backend {ctx.backend!r} did not handle {ctx.mode}")
             outcome.cipher, outcome.group = session.cipher, session.group
