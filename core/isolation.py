@@ -198,7 +198,7 @@ def _session_header(session: Session) -> dict[str, object]:
             "ktls_installed": session.ktls_installed, "details": dict(session.details)}
 
 
-def _encode(header: dict[str, object], tx: bytearray = bytearray(), rx: bytearray = bytearray()) -> bytearray:
+def _encode(header: dict[str, object], tx: bytes | bytearray = b"", rx: bytes | bytearray = b"") -> bytearray:
     head = json.dumps(header).encode()
     frame = bytearray(_FRAME_HEAD.pack(_MAGIC, len(head), len(tx), len(rx)))
     frame += head
@@ -220,7 +220,8 @@ def _decode(frame: bytearray) -> tuple[dict, bytearray, bytearray]:
 
 
 def _wipe(buf: bytearray) -> None:
-    ctypes.memset((ctypes.c_char * len(buf)).from_buffer(buf), 0, len(buf)) if buf else None
+    if buf:
+        ctypes.memset((ctypes.c_char * len(buf)).from_buffer(buf), 0, len(buf))
 
 
 # ---------------------------------------------------------------- the parent
@@ -258,6 +259,10 @@ def _collect(pid: int, read_fd: int, kill_at: float) -> tuple[bytearray, int, bo
                 break
         while reading and _read_some(read_fd, frame, drain=True):
             pass
+    except BaseException:
+        _kill(pid)  # never wait for a child we stopped listening to
+        _wipe(frame)
+        raise
     finally:
         if pidfd is not None:
             os.close(pidfd)

@@ -33,7 +33,6 @@ from hsd.isolation import _fork_with_request_keyrings
 from hsd.session import Session
 from hsd.testing import peers
 from hsd.testing.harness import DaemonHarness, assert_ktls_pair, assert_ktls_roundtrip
-from hsd.testing.keyrings import ThrowawayKeyring
 from hsd.testing.matrix import MATRIX, run_case
 
 CRASHER = "crasher"
