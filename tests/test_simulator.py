@@ -325,6 +325,9 @@ def test_channel_accept_installs_the_fd_cloexec_and_reports_it(sim, channel, tcp
 
 def test_accept_with_a_keyring_links_it_and_a_bad_keyring_fails_the_request(sim, channel, tcp_pair):
     ring = keyring.add_key("keyring", f"hsd-sim-link-{os.getpid()}", b"", keyring.KEY_SPEC_USER_KEYRING)
+    # like a consumer's keyring (e.g. .nvme): linkable by its owner, whether or not this test
+    # process still possesses the user keyring (other tests may have changed the session keyring)
+    keyring.set_perm(ring, 0x3F3F0000)
     good, _ = tcp_pair()
     sim.client_hello_psk(good, [1], keyring=ring)
     hr = accept_one(channel)
