@@ -32,6 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--version", action="version", version=f"hsd {__version__}")
     parser.add_argument("--backend", metavar="NAME", help="default TLS backend (openssl, tlslite, ...)")
     parser.add_argument("--max-inflight", type=int, metavar="N", help="handshakes in flight at most")
+    parser.add_argument("--workers", type=int, metavar="N",
+                        help="daemon processes serving the queue (default: [hsd] workers, 1)")
     parser.add_argument("--simulator", metavar="SOCKET", help="serve the kernel simulator at SOCKET (hsd-sim)")
     parser.add_argument("--debug", action="store_true", help="debug logging (like [debug] loglevel=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -74,13 +76,17 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         return run_demo(cfg, rounds=args.rounds)
-    return _serve(args, cfg)
+    return _serve(args, cfg, argv)
 
 
-def _serve(args: argparse.Namespace, cfg: config_mod.Config) -> int:
-    from .daemon import serve, setup_logging
+def _serve(args: argparse.Namespace, cfg: config_mod.Config, argv: list[str]) -> int:
+    from .daemon import serve_workers, setup_logging
     from .plugins import PluginHost
 
+    workers = args.workers if args.workers is not None else cfg.workers
+    if workers < 1:
+        print("hsd: --workers must be at least 1", file=sys.stderr)
+        return EXIT_USAGE
     level = logging.DEBUG if (args.debug or cfg.loglevel > 0) else logging.INFO
     setup_logging(args.stderr, level, syslog=args.simulator is None)
     host = PluginHost.discover(cfg)
@@ -88,27 +94,33 @@ def _serve(args: argparse.Namespace, cfg: config_mod.Config) -> int:
         print(f"hsd: backend {cfg.backend!r} is not installed (installed: {', '.join(host.backends()) or 'none'})",
               file=sys.stderr)
         return EXIT_USAGE
-    try:
+
+    def open_channel():
+        """Called in every worker process after the fork: each has its own socket to the kernel."""
         if args.simulator:
             from .simulator import SimChannel
 
-            channel = SimChannel.connect(args.simulator)
-        else:
-            from .netlink_channel import KernelUnsupported, NetlinkChannel
+            return SimChannel.connect(args.simulator)
+        from .netlink_channel import NetlinkChannel
 
-            try:
-                channel = NetlinkChannel()
-            except KernelUnsupported as exc:
-                print(f"hsd: {exc}", file=sys.stderr)
-                return EXIT_FAILURE
-        return serve(channel, cfg, backend=cfg.backend, config_path=args.config,
-                     max_inflight=args.max_inflight, host=host)
+        return NetlinkChannel()
+
+    try:
+        return serve_workers(open_channel, cfg, workers=workers, respawn_argv=argv, backend=cfg.backend,
+                             config_path=args.config, max_inflight=args.max_inflight, host=host)
     except PermissionError:
         print("hsd: the kernel refused ACCEPT: hsd needs CAP_NET_ADMIN (run as root or grant the capability)",
               file=sys.stderr)
         return EXIT_FAILURE
     except OSError as exc:
         print(f"hsd: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except RuntimeError as exc:
+        from .netlink_channel import KernelUnsupported
+
+        if not isinstance(exc, KernelUnsupported):
+            raise
+        print(f"hsd: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 0

@@ -1,8 +1,20 @@
-"""Running the dispatcher as a service: logging, signals, readiness, reload.
+"""Running the dispatcher as a service: logging, signals, readiness, reload, worker processes.
 
 SIGTERM/SIGINT stop accepting; in-flight handshakes finish (or fail at their
 deadline), each with its DONE.  SIGHUP/SIGUSR1 re-read the config for new
 requests only.  READY=1 goes to systemd once the multicast group is joined.
+
+With `[hsd] workers = N` (or --workers N) N processes serve the queue: one
+Python process is GIL-bound, and the kernel hands each request to exactly one
+ACCEPT caller (the others get EAGAIN), so processes share the work without any
+coordination of ours.  The parent forks N-1 children while it is still single
+threaded; each opens its own channel after the fork and runs its own
+dispatcher.  The parent serves too, forwards SIGTERM/SIGINT/SIGHUP/SIGUSR1 to
+the children, restarts a child that dies while running, and exits after all
+of them when stopping.  A restarted child is a fresh interpreter
+(posix_spawn of `python -m hsd.cli` with the same arguments), because the
+parent has handshake threads by then and forking a threaded process could
+copy a lock some thread holds.
 """
 
 from __future__ import annotations
@@ -14,6 +26,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from typing import Callable
 
 from . import config as config_mod
@@ -43,7 +56,7 @@ def setup_logging(to_stderr: bool, level: int, syslog: bool = True) -> None:
     if syslog and os.path.exists("/dev/log"):
         try:
             sys_handler = logging.handlers.SysLogHandler("/dev/log", logging.handlers.SysLogHandler.LOG_AUTH)
-            sys_handler.setFormatter(logging.Formatter(f"hsd[{os.getpid()}]: %(message)s"))
+            sys_handler.setFormatter(logging.Formatter("hsd[%(process)d]: %(message)s"))  # a worker's own pid
             root.addHandler(sys_handler)
         except OSError:
             pass
@@ -83,11 +96,13 @@ def _ensure_process_keyring() -> None:
 def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
           config_path: str | None, max_inflight: int | None = None, host: PluginHost | None = None,
           stop: threading.Event | None = None, on_ready: Callable[[], None] | None = None,
-          drop_capabilities: bool = True) -> int:
+          drop_capabilities: bool = True, on_signal: Callable[[int], None] | None = None) -> int:
     """Run until a stop signal; returns the process exit code.
 
     The channel is already connected and joined; as root, every capability but
-    CAP_NET_ADMIN is dropped here, before any handshake thread exists."""
+    CAP_NET_ADMIN is dropped here, before any handshake thread exists.
+    on_signal(signum) is called for every stop/reload signal (worker processes
+    forward them to their children)."""
     stop = stop or threading.Event()
     _ensure_process_keyring()
     host = host or PluginHost.discover(config)
@@ -96,8 +111,12 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
     def on_stop(signum: int, _frame: object) -> None:
         log.info("received %s: finishing in-flight handshakes and stopping", signal.Signals(signum).name)
         stop.set()
+        if on_signal:
+            on_signal(signum)
 
-    def on_reload(_signum: int, _frame: object) -> None:
+    def on_reload(signum: int, _frame: object) -> None:
+        if on_signal:
+            on_signal(signum)
         try:
             fresh = config_mod.load(config_path)
         except config_mod.ConfigError as exc:
@@ -149,3 +168,171 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
         notify_systemd("STOPPING=1")
         channel.close()
     return 0
+
+
+# ---------------------------------------------------------------- worker processes
+
+WORKER_ENV = "HSD_WORKER_OF"  # set in a worker child: the supervising parent's pid
+PR_SET_PDEATHSIG = 1
+RESTART_BACKOFF = 1.0  # a child that dies younger than this waits this long before its replacement starts
+REAP_INTERVAL = 0.1
+
+
+def is_worker_child() -> bool:
+    return bool(os.environ.get(WORKER_ENV))
+
+
+def become_worker_child() -> None:
+    """In a child: never notify systemd (the parent does), and die with the parent."""
+    os.environ.pop("NOTIFY_SOCKET", None)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    parent = os.environ.get(WORKER_ENV, "")
+    if parent.isdigit() and os.getppid() != int(parent):
+        log.error("worker: the parent %s is gone; exiting", parent)
+        os._exit(1)
+
+
+class WorkerPool:
+    """The parent's children: forked at start, restarted (spawned fresh) when one dies while running."""
+
+    def __init__(self, respawn_argv: list[str]) -> None:
+        self.respawn_argv = respawn_argv
+        self.children: dict[int, float] = {}  # pid -> start time
+        self.stopping = False
+        self.failed_on_stop = False
+        self._lock = threading.Lock()
+        self._reaper: threading.Thread | None = None
+
+    def fork_child(self, child_main: Callable[[], int]) -> None:
+        """Fork one worker; the child runs child_main() and never returns here."""
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.environ[WORKER_ENV] = str(os.getppid())
+                become_worker_child()
+                code = child_main()
+            except BaseException:  # noqa: BLE001  a child must never fall back into the parent's code
+                log.exception("worker %d failed", os.getpid())
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.children[pid] = time.monotonic()
+        log.info("worker %d started", pid)
+
+    def _spawn_child(self) -> int:
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        env[WORKER_ENV] = str(os.getpid())
+        argv = [sys.executable, "-m", "hsd.cli", *self.respawn_argv]
+        return os.posix_spawn(sys.executable, argv, env)
+
+    def signal_all(self, signum: int) -> None:
+        """Forward a signal; a stop signal also means: do not restart anyone any more."""
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.stopping = True
+        with self._lock:
+            pids = list(self.children)
+        for pid in pids:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.signal_all(signal.SIGTERM)
+
+    def start_reaping(self) -> None:
+        self._reaper = threading.Thread(target=self._reap, name="hsd-workers", daemon=True)
+        self._reaper.start()
+
+    def _reap(self) -> None:
+        while True:
+            with self._lock:
+                if self.stopping and not self.children:
+                    return
+                pids = list(self.children)
+            for pid in pids:
+                try:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    done, status = pid, 0
+                if done:
+                    self._exited(pid, status)
+            time.sleep(REAP_INTERVAL)
+
+    def _exited(self, pid: int, status: int) -> None:
+        with self._lock:
+            started = self.children.pop(pid)
+        how = (f"signal {signal.Signals(os.WTERMSIG(status)).name}" if os.WIFSIGNALED(status)
+               else f"status {os.waitstatus_to_exitcode(status)}")
+        if self.stopping:
+            stopped_by_us = os.WIFSIGNALED(status) and os.WTERMSIG(status) in (signal.SIGTERM, signal.SIGINT)
+            if status and not stopped_by_us:
+                self.failed_on_stop = True
+            log.info("worker %d stopped (%s)", pid, how)
+            return
+        log.error("worker %d exited unexpectedly (%s); starting a new one", pid, how)
+        if time.monotonic() - started < RESTART_BACKOFF:
+            time.sleep(RESTART_BACKOFF)
+        if self.stopping:
+            return
+        try:
+            fresh = self._spawn_child()
+        except OSError as exc:
+            log.error("cannot start a new worker: %s", exc.strerror)
+            return
+        with self._lock:
+            self.children[fresh] = time.monotonic()
+            late = self.stopping  # a stop that came while it was spawned did not reach it
+        log.info("worker %d started (replacing %d)", fresh, pid)
+        if late:
+            os.kill(fresh, signal.SIGTERM)
+
+    def wait(self) -> None:
+        """Until every child has exited (call after stop())."""
+        if self._reaper is not None:
+            self._reaper.join()
+
+
+def serve_workers(open_channel: Callable[[], Channel], config: config_mod.Config, *, workers: int,
+                  respawn_argv: list[str], backend: str | None, config_path: str | None,
+                  max_inflight: int | None = None, host: PluginHost | None = None) -> int:
+    """serve() in `workers` processes; the channel is opened in each process after the fork.
+
+    Must be called before any thread exists (the children are forked)."""
+    if is_worker_child():
+        become_worker_child()
+        workers = 1
+    if workers <= 1:
+        return serve(open_channel(), config, backend=backend, config_path=config_path,
+                     max_inflight=max_inflight, host=host)
+    if threading.active_count() > 1:
+        raise RuntimeError("serve_workers() must fork before any thread is started")
+    pool = WorkerPool(respawn_argv)
+
+    def child_main() -> int:
+        try:
+            channel = open_channel()
+        except (OSError, RuntimeError) as exc:
+            log.error("worker %d: cannot open the handshake channel: %s", os.getpid(), exc)
+            return 1
+        return serve(channel, config, backend=backend, config_path=config_path,
+                     max_inflight=max_inflight, host=host)
+
+    for _ in range(workers - 1):
+        pool.fork_child(child_main)
+    pool.start_reaping()
+    code = 1
+    try:
+        code = serve(open_channel(), config, backend=backend, config_path=config_path,
+                     max_inflight=max_inflight, host=host, on_signal=pool.signal_all)
+    finally:
+        pool.stop()
+        pool.wait()
+    return code or (1 if pool.failed_on_stop else 0)

@@ -1,0 +1,175 @@
+"""`hsd --workers N`: several daemon processes serve one queue; a dead worker is replaced; SIGTERM stops all.
+
+The real daemon runs as a subprocess against the kernel simulator of this
+test; the test plays the kernel consumer and real `openssl s_client` peers
+connect to the sockets it hands over (hsd is the TLS server).  Which process
+served a request is read from the daemon's own per-handshake log line, which
+carries the pid (`hsd[PID]: handshake ... status=0`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hsd.simulator import Simulator
+from hsd.testing import peers
+from hsd.testing.pki import TestPki
+
+WORKERS = 2
+WAVE = 6  # requests in flight at once (one openssl s_client each)
+HANDSHAKE_LINE = re.compile(r"hsd\[(\d+)\]: handshake .* status=(-?\d+)")
+
+pytestmark = pytest.mark.skipif(not peers.tool_available("openssl"), reason="needs the openssl command-line tool")
+
+
+def write_config(directory: Path, pki: TestPki) -> str:
+    path = directory / "hsd.conf"
+    path.write_text(f"[authenticate.server]\nx509.truststore={pki.ca}\nx509.certificate={pki.server.cert}\n"
+                    f"x509.private_key={pki.server.key}\n[hsd]\nbackend=openssl\n")
+    return str(path)
+
+
+class WorkerDaemon:
+    """`hsd --simulator SOCK --workers N -s` with its log in a file."""
+
+    def __init__(self, sim: Simulator, config: str, log: Path, workers: int = WORKERS) -> None:
+        self.sim = sim
+        self.log = log
+        self.workers = workers
+        with open(log, "wb") as handle:
+            self.proc = subprocess.Popen([sys.executable, "-m", "hsd.cli", "-c", config, "--simulator", sim.address,
+                                          "--workers", str(workers), "-s"],
+                                         stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT)
+
+    def wait_joined(self, timeout: float = 30.0) -> None:
+        """Until every worker process has joined the group."""
+        deadline = time.monotonic() + timeout
+        while self.sim.listeners() < self.workers:
+            assert self.proc.poll() is None, f"hsd exited early:\n{self.text()}"
+            assert time.monotonic() < deadline, f"only {self.sim.listeners()} of {self.workers} joined:\n{self.text()}"
+            time.sleep(0.05)
+
+    def children(self) -> list[int]:
+        """Child pids of every thread (a replacement is started by the supervising thread)."""
+        pids: list[int] = []
+        for task in os.listdir(f"/proc/{self.proc.pid}/task"):
+            try:
+                with open(f"/proc/{self.proc.pid}/task/{task}/children") as handle:
+                    pids += [int(pid) for pid in handle.read().split()]
+            except OSError:
+                continue  # the thread ended meanwhile
+        return sorted(pids)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def served_by(self) -> dict[int, list[int]]:
+        """pid -> the statuses of the handshakes it logged."""
+        served: dict[int, list[int]] = {}
+        for pid, status in HANDSHAKE_LINE.findall(self.text()):
+            served.setdefault(int(pid), []).append(int(status))
+        return served
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def sim() -> Iterator[Simulator]:
+    with Simulator() as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def daemon(sim: Simulator, hsd_pki: TestPki, tmp_path: Path) -> Iterator[WorkerDaemon]:
+    running = WorkerDaemon(sim, write_config(tmp_path, hsd_pki), tmp_path / "hsd.log")
+    try:
+        running.wait_joined()
+        yield running
+    finally:
+        running.stop()
+
+
+def serve_requests(sim: Simulator, pki: TestPki, count: int) -> list[int]:
+    """count server-x509 requests, WAVE at a time, each with its own s_client peer: their DONE statuses."""
+    statuses: list[int] = []
+    with peers.Listener() as listener:
+        for start in range(0, count, WAVE):
+            wave = []
+            try:
+                for _ in range(min(WAVE, count - start)):
+                    client = peers.openssl_client(peers.PeerOptions(ca=pki.ca), listener.port).start()
+                    sock = listener.accept()
+                    wave.append((client, sock, sim.server_hello_x509(sock, timeout_ms=10000)))
+                for _, _, request in wave:
+                    statuses.append(request.wait(20)[0])
+            finally:
+                for client, sock, _ in wave:
+                    sock.close()
+                    client.stop()
+    return statuses
+
+
+def test_two_workers_share_the_queue_and_a_killed_one_is_replaced(sim, daemon, hsd_pki) -> None:
+    children = daemon.children()
+    assert len(children) == WORKERS - 1, f"expected {WORKERS - 1} forked worker(s), found {children}"
+
+    statuses = serve_requests(sim, hsd_pki, 36)
+    assert statuses == [0] * 36, statuses
+    served = daemon.served_by()
+    assert set(served) == {daemon.proc.pid, *children}, f"not every worker served: {served}\n{daemon.text()}"
+    assert all(all(s == 0 for s in logged) for logged in served.values()), served
+
+    killed = children[0]
+    os.kill(killed, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while True:
+        replacements = [pid for pid in daemon.children() if pid != killed]
+        if replacements and sim.listeners() == WORKERS:
+            break
+        assert time.monotonic() < deadline, f"no replacement worker joined:\n{daemon.text()}"
+        time.sleep(0.05)
+    assert f"worker {killed} exited unexpectedly (signal SIGKILL)" in daemon.text()
+    assert f"(replacing {killed})" in daemon.text()
+
+    before = sum(len(v) for v in daemon.served_by().values())
+    statuses = serve_requests(sim, hsd_pki, 12)
+    assert statuses == [0] * 12, statuses
+    assert sum(len(v) for v in daemon.served_by().values()) == before + 12
+
+    survivors = daemon.children()
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(30) == 0, daemon.text()
+    for pid in survivors:
+        assert not os.path.exists(f"/proc/{pid}") or _is_zombie_of_someone_else(pid), f"worker {pid} outlived hsd"
+    assert sim.listeners() == 0
+
+
+def _is_zombie_of_someone_else(pid: int) -> bool:
+    """A pid that was reused by an unrelated process after our worker exited."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return b"hsd.cli" not in handle.read()
+    except OSError:
+        return True
+
+
+def test_sigterm_stops_every_worker_and_exits_zero(sim, daemon, hsd_pki) -> None:
+    children = daemon.children()
+    assert serve_requests(sim, hsd_pki, 4) == [0] * 4
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(30) == 0, daemon.text()
+    for pid in children:
+        assert not os.path.exists(f"/proc/{pid}") or _is_zombie_of_someone_else(pid)
+    assert "stopped" in daemon.text()
