@@ -165,11 +165,24 @@ def _is_zombie_of_someone_else(pid: int) -> bool:
         return True
 
 
-def test_sigterm_stops_every_worker_and_exits_zero(sim, daemon, hsd_pki) -> None:
+def test_sighup_reaches_every_worker_and_sigterm_stops_them_all(sim, daemon, hsd_pki) -> None:
     children = daemon.children()
     assert serve_requests(sim, hsd_pki, 4) == [0] * 4
+    daemon.proc.send_signal(signal.SIGHUP)
+    reloaded = re.compile(r"hsd\[(\d+)\]: configuration reloaded")
+    deadline = time.monotonic() + 15
+    while {int(pid) for pid in reloaded.findall(daemon.text())} != {daemon.proc.pid, *children}:
+        assert time.monotonic() < deadline, f"not every worker reloaded:\n{daemon.text()}"
+        time.sleep(0.05)
     daemon.proc.send_signal(signal.SIGTERM)
     assert daemon.proc.wait(30) == 0, daemon.text()
     for pid in children:
         assert not os.path.exists(f"/proc/{pid}") or _is_zombie_of_someone_else(pid)
     assert "stopped" in daemon.text()
+
+
+def test_workers_must_be_at_least_one(sim, hsd_pki, tmp_path) -> None:
+    result = subprocess.run([sys.executable, "-m", "hsd.cli", "-c", write_config(tmp_path, hsd_pki),
+                             "--simulator", sim.address, "--workers", "0"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "--workers must be at least 1" in result.stderr
