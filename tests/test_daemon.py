@@ -1,0 +1,148 @@
+"""The daemon as a service: readiness to systemd, SIGHUP reload, SIGTERM drain.
+
+The real `hsd` runs as a subprocess against the kernel simulator of this test,
+which plays the kernel consumer; hsd is the TLS client towards real or scripted
+peers on loopback.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hsd.simulator import Simulator
+from hsd.testing import peers
+from hsd.testing.pki import TestPki
+
+
+def write_config(path: Path, truststore: str) -> str:
+    path.write_text(f"[authenticate.client]\nx509.truststore={truststore}\n[hsd]\nbackend=openssl\n")
+    return str(path)
+
+
+class Daemon:
+    def __init__(self, sim: Simulator, config: str, log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        with open(log, "wb") as handle:
+            self.proc = subprocess.Popen([sys.executable, "-m", "hsd.cli", "-c", config, "--simulator", sim.address, "-s"],
+                                         stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
+                                         env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 30
+        while sim.listeners() < 1:
+            assert self.proc.poll() is None, f"hsd exited early:\n{self.text()}"
+            assert time.monotonic() < deadline, f"hsd never joined:\n{self.text()}"
+            time.sleep(0.05)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(30)
+
+
+@pytest.fixture
+def sim():
+    with Simulator() as simulator:
+        yield simulator
+
+
+def wait_accepted(req, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not req.accepted:
+        assert time.monotonic() < deadline, "the daemon never accepted the request"
+        time.sleep(0.02)
+
+
+def test_ready_is_notified_to_systemd_once_joined(sim, tmp_path, hsd_pki: TestPki):
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(30)
+    daemon = Daemon(sim, write_config(tmp_path / "hsd.conf", hsd_pki.ca), tmp_path / "hsd.log",
+                    env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+    try:
+        assert notify.recv(4096) == b"READY=1"
+        assert sim.listeners() >= 1  # ready means joined: a request can be submitted now
+    finally:
+        assert daemon.stop() == 0
+        assert notify.recv(4096) == b"STOPPING=1"
+        notify.close()
+
+
+def test_sigterm_finishes_in_flight_handshakes_each_with_its_done(sim, tmp_path, hsd_pki: TestPki):
+    daemon = Daemon(sim, write_config(tmp_path / "hsd.conf", hsd_pki.ca), tmp_path / "hsd.log")
+    with peers.silent_peer() as silent:
+        sock = silent.connect()
+        req = sim.client_hello_anon(sock, peername="localhost", timeout_ms=2000)
+        wait_accepted(req)
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert req.wait(15) == (errno.ETIMEDOUT, 0)  # answered at its deadline, not abandoned
+        assert req.done_calls == 1
+        assert daemon.proc.wait(30) == 0
+        sock.close()
+    assert "finishing in-flight handshakes" in daemon.text()
+    assert "Traceback" not in daemon.text()
+
+
+def test_sighup_reloads_for_new_requests_without_disturbing_in_flight(sim, tmp_path, hsd_pki: TestPki):
+    config = tmp_path / "hsd.conf"
+    daemon = Daemon(sim, write_config(config, hsd_pki.other_ca), tmp_path / "hsd.log")
+    opts = peers.PeerOptions(cert=hsd_pki.server.cert, key=hsd_pki.server.key, ca=hsd_pki.ca)
+    server = peers.openssl_server(opts).start()  # each s_server here serves one connection
+    try:
+        first = server.connect()
+        assert sim.client_hello_anon(first, peername="localhost", timeout_ms=5000).wait(15)[0] == errno.EACCES
+        first.close()
+        server.stop()
+        server = peers.openssl_server(opts).start()
+
+        with peers.silent_peer() as silent:
+            stalled_sock = silent.connect()
+            stalled = sim.client_hello_anon(stalled_sock, peername="localhost", timeout_ms=3000)
+            wait_accepted(stalled)
+            write_config(config, hsd_pki.ca)  # now trust the right CA
+            daemon.proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 15
+            while "configuration reloaded" not in daemon.text():
+                assert time.monotonic() < deadline, daemon.text()
+                time.sleep(0.05)
+            second = server.connect()
+            assert sim.client_hello_anon(second, peername="localhost", timeout_ms=5000).wait(15)[0] == 0
+            assert stalled.wait(15) == (errno.ETIMEDOUT, 0)  # the reload did not cut it short
+            assert stalled.done_calls == 1
+            stalled_sock.close()
+        second.close()
+    finally:
+        server.stop()
+        assert daemon.stop() == 0
+    assert daemon.proc.returncode == 0
+
+
+def test_a_reload_with_a_broken_config_keeps_the_running_one(sim, tmp_path, hsd_pki: TestPki):
+    config = tmp_path / "hsd.conf"
+    daemon = Daemon(sim, write_config(config, hsd_pki.ca), tmp_path / "hsd.log")
+    server = peers.openssl_server(peers.PeerOptions(cert=hsd_pki.server.cert, key=hsd_pki.server.key,
+                                                    ca=hsd_pki.ca)).start()
+    try:
+        config.write_text("[hsd]\nmax_inflight=lots\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while "reload failed" not in daemon.text():
+            assert time.monotonic() < deadline, daemon.text()
+            time.sleep(0.05)
+        assert "hsd.conf:2" in daemon.text()  # the message names file and line
+        sock = server.connect()
+        assert sim.client_hello_anon(sock, peername="localhost", timeout_ms=5000).wait(15)[0] == 0
+        sock.close()
+    finally:
+        server.stop()
+        assert daemon.stop() == 0
