@@ -91,12 +91,19 @@ class ContextCache:
         with self._lock:
             self._items.clear()
 
+    def forget_after_fork(self) -> None:
+        """In a forked child: another thread may have held our lock, or an OpenSSL lock inside a
+        cached context (a handshake in progress), at the moment of the fork; start empty."""
+        self._lock = threading.Lock()
+        self._items = OrderedDict()
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._items)
 
 
 contexts = ContextCache()
+os.register_at_fork(after_in_child=contexts.forget_after_fork)  # [hsd] isolation = process forks per handshake
 
 
 def _public_half(key: PrivateKeyTypes | None) -> bytes | None:
