@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -45,15 +46,29 @@ class WorkerDaemon:
         self.sim = sim
         self.log = log
         self.workers = workers
+        # stands in for systemd's notify socket: who says READY=1, and how often
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(log.with_suffix(".notify")))
+        self.notify.setblocking(False)
+        env = {**os.environ, "NOTIFY_SOCKET": str(log.with_suffix(".notify"))}
         with open(log, "wb") as handle:
             self.proc = subprocess.Popen([sys.executable, "-m", "hsd.cli", "-c", config, "--simulator", sim.address,
                                           "--workers", str(workers), "-s"],
-                                         stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT)
+                                         stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, env=env)
+
+    def notifications(self) -> list[str]:
+        """The sd_notify datagrams received so far."""
+        got = []
+        while True:
+            try:
+                got.append(self.notify.recv(4096).decode())
+            except BlockingIOError:
+                return got
 
     def wait_joined(self, timeout: float = 30.0) -> None:
-        """Until every worker process has joined the group."""
+        """Until every worker process has joined the group and said it is serving."""
         deadline = time.monotonic() + timeout
-        while self.sim.listeners() < self.workers:
+        while self.sim.listeners() < self.workers or self.text().count("hsd ready") < self.workers:
             assert self.proc.poll() is None, f"hsd exited early:\n{self.text()}"
             assert time.monotonic() < deadline, f"only {self.sim.listeners()} of {self.workers} joined:\n{self.text()}"
             time.sleep(0.05)
@@ -83,6 +98,7 @@ class WorkerDaemon:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+        self.notify.close()
 
 
 @pytest.fixture
@@ -124,6 +140,9 @@ def serve_requests(sim: Simulator, pki: TestPki, count: int) -> list[int]:
 def test_two_workers_share_the_queue_and_a_killed_one_is_replaced(sim, daemon, hsd_pki) -> None:
     children = daemon.children()
     assert len(children) == WORKERS - 1, f"expected {WORKERS - 1} forked worker(s), found {children}"
+    ready_lines = re.findall(r"hsd\[(\d+)\]: hsd ready", daemon.text())
+    assert len(ready_lines) == WORKERS, daemon.text()  # every worker has joined and is serving
+    assert daemon.notifications() == ["READY=1"], "only the parent notifies systemd, once"
 
     statuses = serve_requests(sim, hsd_pki, 36)
     assert statuses == [0] * 36, statuses
