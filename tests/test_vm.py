@@ -7,8 +7,9 @@ rest.  The harness runs as a subprocess (python3 -m tests.vm), exactly as a
 developer would run it; a guest that cannot be built fails the test (exit 2),
 it is never skipped.  Beyond each scenario's own verdict, these tests read the
 scenarios' logs for what the issues ask to be shown: both backends served,
-per-mode selection, hsd served from tlshd's own config file, and every
-handshake line carries all its fields.
+per-mode selection, hsd served from tlshd's own config file, every
+handshake line carries all its fields, and the benchmarks' figures (printed,
+never asserted: emulation makes times meaningless, only hsd/tlshd ratios count).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 BACKENDS = ("openssl", "tlslite")
 PARITY = ("ktls-matrix", "hsd-nfs", "nvme-psk")  # each runs once per backend
 SCENARIOS = ("tlshd-nfs", "tlshd-config", *(f"{name}@{b}" for name in PARITY for b in BACKENDS), "nvme-psk@mixed",
-             "bench-nfs")
+             "nvme-psk@tlshd", "bench-nfs", "bench-nvme")
 HARNESS_TIMEOUT = 3600  # the harness bounds every boot itself; this only guards against a hung host
 
 # core/dispatcher.py Outcome.line(): the one line hsd logs per handshake
@@ -158,3 +159,32 @@ def test_hsd_check_accepts_the_shipped_tlshd_config(vm_run: VmRun) -> None:
     assert "ok: hsd check -c /etc/tlshd.conf: exit 0, no warning" in log
     assert re.search(r"ok: hsd check \(no -c\) reads /etc/tlshd", log)
     assert not re.search(r"(?i)warning", log.replace("no warning", "")), log
+
+
+def test_nvme_psk_scenario_passes_with_the_reference_tlshd(vm_run: VmRun) -> None:
+    """The scenario itself is right: tlshd, not hsd, served every queue's handshakes."""
+    _require_pass(vm_run, "nvme-psk@tlshd")
+    log = vm_run.log("nvme-psk@tlshd")
+    assert "handshake peer=" not in log and "hsd ready" not in log, "hsd ran in the tlshd variant"
+    successes = re.findall(r"tlshd: \S+ tlshd\[\d+\]: Handshake with .* was successful", log)
+    figures = re.search(r"AGENT-FIGURES agent=tlshd handshakes=(\d+) ", log)
+    assert figures and int(figures.group(1)) == len(successes) >= 2, (figures and figures.group(0), len(successes))
+    print(next(line for line in log.splitlines() if "AGENT-FIGURES" in line))
+
+
+BENCH_LINE = re.compile(r"^\S+ BENCH (?P<what>\S+) (?P<fields>.*)$", re.M)
+
+
+@pytest.mark.parametrize("scenario", ["bench-nfs", "bench-nvme"])
+def test_bench_prints_figures_for_both_agents(vm_run: VmRun, scenario: str) -> None:
+    """Figures only: every cycle worked (the scenario's PASS); the times and ratio are printed."""
+    _require_pass(vm_run, scenario)
+    match = BENCH_LINE.search(vm_run.log(scenario))
+    assert match, f"{scenario} printed no BENCH line"
+    fields = dict(pair.split("=", 1) for pair in match["fields"].split())
+    for key in ("cycles", "tlshd_mean_ms", "hsd_mean_ms", "ratio_hsd_over_tlshd"):
+        assert key in fields, f"{scenario}: no {key} in {match.group(0)}"
+    cycles = int(fields["cycles"])
+    counted = re.findall(r" (hsd|tlshd) cycle (\d+): \d+ ms", vm_run.log(scenario))
+    assert sorted(counted) == sorted((a, str(i)) for a in ("hsd", "tlshd") for i in range(1, cycles + 1)), counted
+    print(match.group(0))

@@ -154,3 +154,80 @@ config_fingerprint() {
         && die "$1 has a section tlshd does not know"
     say "AGENT-CONFIG $2 sha256=$(sha256sum < "$1" | cut -d' ' -f1) path=$1"
 }
+
+# NVMe/TCP over TLS on loopback (nvme-psk, bench-nvme): one subsystem, one host NQN, one port.
+SUBNQN=nqn.2014-08.org.hsd:vm-subsystem
+HOSTNQN=nqn.2014-08.org.nvmexpress:uuid:9d4a1c52-1a53-4c8e-9a5e-6f1f0a9f2b11
+NVMET=/sys/kernel/config/nvmet
+
+# nvme_psk_insert: the retained PSK both sides find in the .nvme keyring ("NVMe0R01 <hostnqn> <subnqn>")
+nvme_psk_insert() {
+    nvme gen-tls-key --subsysnqn="$SUBNQN" --hostnqn="$HOSTNQN" --insert > /tmp/nvme-key.out 2>&1 \
+        || { cat /tmp/nvme-key.out; die "nvme gen-tls-key --insert"; }
+    grep -q "NVMe0R01 $HOSTNQN $SUBNQN" /proc/keys || die "the retained PSK is not in a keyring: $(grep -i nvme /proc/keys)"
+    check "PSK inserted: $(grep -o "NVMe0R01 [^ ]* [^ ]*" /proc/keys | head -1 | cut -c1-40)..."
+}
+
+# nvme_target_start: nvmet subsystem with a 64 MiB file-backed namespace on 127.0.0.1:4420,
+# TLS 1.3 required (the target's handshakes go to the agent as server PSK requests).
+nvme_target_start() {
+    local m
+    for m in tls nvmet nvmet-tcp nvme-tcp nvme-fabrics; do modprobe "$m" || die "modprobe $m"; done
+    mountpoint -q /sys/kernel/config || mount -t configfs configfs /sys/kernel/config
+    truncate -s 64M /tmp/nvme-backing.img
+    mkdir "$NVMET/subsystems/$SUBNQN"
+    echo 1 > "$NVMET/subsystems/$SUBNQN/attr_allow_any_host"
+    mkdir "$NVMET/subsystems/$SUBNQN/namespaces/1"
+    echo /tmp/nvme-backing.img > "$NVMET/subsystems/$SUBNQN/namespaces/1/device_path"
+    echo 1 > "$NVMET/subsystems/$SUBNQN/namespaces/1/enable"
+    mkdir "$NVMET/ports/1"
+    echo tcp > "$NVMET/ports/1/addr_trtype"
+    echo ipv4 > "$NVMET/ports/1/addr_adrfam"
+    echo 127.0.0.1 > "$NVMET/ports/1/addr_traddr"
+    echo 4420 > "$NVMET/ports/1/addr_trsvcid"
+    echo tls1.3 > "$NVMET/ports/1/addr_tsas"
+    echo required > "$NVMET/ports/1/addr_treq"
+    ln -s "$NVMET/subsystems/$SUBNQN" "$NVMET/ports/1/subsystems/$SUBNQN"
+    check "nvmet target on 127.0.0.1:4420 requires TLS 1.3"
+}
+
+# nvme_target_stop: disconnect the host and remove the target (cleanup: never fails)
+nvme_target_stop() {
+    nvme disconnect -n "$SUBNQN" >/dev/null 2>&1 || true
+    rm -f "$NVMET/ports/1/subsystems/$SUBNQN" 2>/dev/null || true
+    rmdir "$NVMET/ports/1" 2>/dev/null || true
+    if [ -d "$NVMET/subsystems/$SUBNQN" ]; then
+        echo 0 > "$NVMET/subsystems/$SUBNQN/namespaces/1/enable" 2>/dev/null || true
+        rmdir "$NVMET/subsystems/$SUBNQN/namespaces/1" "$NVMET/subsystems/$SUBNQN" 2>/dev/null || true
+    fi
+}
+
+# nvme_tls_connect: the host connects to the target over TLS (PSK from the .nvme keyring)
+nvme_tls_connect() {
+    nvme connect -t tcp -a 127.0.0.1 -s 4420 -n "$SUBNQN" --hostnqn="$HOSTNQN" --tls > /tmp/nvme-connect.out 2>&1
+}
+
+# tlshd_stamped LOG CONF: start the reference tlshd in the background, each stderr line prefixed
+# with the guest's clock in seconds ($EPOCHREALTIME: tlshd's own lines carry no time), so that
+# handshake_ms_tlshd can time each handshake.  $! afterwards is tlshd's own pid.  A FIFO, not
+# >(...): the guest has no /dev/fd; the stamping loop ends when tlshd does.
+tlshd_stamped() {
+    local fifo=/tmp/tlshd-stamp.fifo
+    rm -f "$fifo" && mkfifo "$fifo"
+    (while IFS= read -r line; do printf '%s %s\n' "$EPOCHREALTIME" "$line"; done < "$fifo" > "$1") &
+    tlshd -s -c "$2" > "$fifo" 2>&1 &
+}
+
+# handshake_ms_tlshd LOG: one figure per successful tlshd handshake, in ms: tlshd forks a child per
+# request, so it is the time from that child's first line to its "was successful" line.
+handshake_ms_tlshd() {
+    awk '{ pid = $2; sub(/^tlshd\[/, "", pid); sub(/\]:$/, "", pid) }
+         !(pid in first) { first[pid] = $1 }
+         /was successful/ { printf "%.1f\n", ($1 - first[pid]) * 1000 }' "$1"
+}
+
+# handshake_ms_hsd LOG: the duration hsd logs with every successful handshake, in ms
+handshake_ms_hsd() { grep -o "duration=[0-9.]*ms status=0 " "$1" | sed 's/duration=//; s/ms .*//'; }
+
+# mean_of: the mean of the numbers on stdin, one decimal ("-" for none)
+mean_of() { awk '{ s += $1; n++ } END { if (n) printf "%.1f", s / n; else printf "-" }'; }

@@ -4,37 +4,33 @@
 # on every queue, one hsd log line per handshake, disconnect.  nvme-psk@tlslite runs both sides on
 # the tlslite backend; nvme-psk@mixed keeps the default openssl and adds `[hsd.backends]
 # client.psk=tlslite`: the host's handshakes on tlslite, nvmet's on openssl, in one hsd process.
-# variants: openssl tlslite mixed
+# nvme-psk@tlshd runs the very same steps with the reference tlshd as the agent: it proves the
+# scenario itself and gives reference figures (connect time, per-handshake time).
+# variants: openssl tlslite mixed tlshd
 # limit: 600
 set -eu
 . ./_lib.sh
 
-BACKEND=$(variant_backend)
-CLIENT_BACKEND=$BACKEND SERVER_BACKEND=$BACKEND
-[ "${HSD_VARIANT:-}" = mixed ] && CLIENT_BACKEND=tlslite
-
-SUBNQN=nqn.2014-08.org.hsd:vm-subsystem
-HOSTNQN=nqn.2014-08.org.nvmexpress:uuid:9d4a1c52-1a53-4c8e-9a5e-6f1f0a9f2b11
-CFS=/sys/kernel/config/nvmet
-CONF=/tmp/hsd-nvme.conf
-HSDLOG=/tmp/hsd-nvme.log
+AGENT=hsd
+[ "${HSD_VARIANT:-}" = tlshd ] && AGENT=tlshd
+if [ "$AGENT" = hsd ]; then
+    BACKEND=$(variant_backend)
+    CLIENT_BACKEND=$BACKEND SERVER_BACKEND=$BACKEND
+    [ "${HSD_VARIANT:-}" = mixed ] && CLIENT_BACKEND=tlslite
+fi
+CONF=/tmp/nvme-agent.conf
+LOG=/tmp/nvme-agent.log
 agent=
 
 cleanup() {
     local rc=$?
-    nvme disconnect -n "$SUBNQN" >/dev/null 2>&1 || true
-    rm -f "$CFS/ports/1/subsystems/$SUBNQN" 2>/dev/null || true
-    rmdir "$CFS/ports/1" 2>/dev/null || true
-    [ -d "$CFS/subsystems/$SUBNQN" ] && { echo 0 > "$CFS/subsystems/$SUBNQN/namespaces/1/enable" 2>/dev/null
-        rmdir "$CFS/subsystems/$SUBNQN/namespaces/1" "$CFS/subsystems/$SUBNQN" 2>/dev/null; } || true
+    nvme_target_stop
     [ -n "$agent" ] && kill "$agent" 2>/dev/null || true
-    sed 's/^/hsd: /' "$HSDLOG" 2>/dev/null | grep -v "pyroute2\|await data\|enqueue\|message {\|yield {\|get: 0" || true
+    sed "s/^/$AGENT: /" "$LOG" 2>/dev/null | grep -v "pyroute2\|await data\|enqueue\|message {\|yield {\|get: 0" || true
     exit $rc
 }
 trap cleanup EXIT
 
-for m in tls nvmet nvmet-tcp nvme-tcp nvme-fabrics; do modprobe "$m" || die "modprobe $m"; done
-mountpoint -q /sys/kernel/config || mount -t configfs configfs /sys/kernel/config
 make_pki
 agent_config "$CONF" server
 if [ "${HSD_VARIANT:-}" = mixed ]; then
@@ -44,40 +40,27 @@ if [ "${HSD_VARIANT:-}" = mixed ]; then
         || { cat /tmp/hsd-check.out; die "hsd check does not show the client.psk override"; }
     check "per-mode override: default backend $BACKEND, [hsd.backends] client.psk=$CLIENT_BACKEND"
 fi
-: > "$HSDLOG"
-hsd --backend "$BACKEND" -s -c "$CONF" >> "$HSDLOG" 2>&1 &
-agent=$!
+nvme_target_start   # loads tls/nvme modules: the .nvme keyring exists from here on
+nvme_psk_insert     # before the agent starts: tlshd's server finds the PSK only then
+: > "$LOG"
+if [ "$AGENT" = tlshd ]; then
+    tlshd_stamped "$LOG" "$CONF"; agent=$!
+else
+    hsd --backend "$BACKEND" -s -c "$CONF" >> "$LOG" 2>&1 & agent=$!
+fi
 
-# the PSK both sides find in the .nvme keyring ("NVMe0R01 <hostnqn> <subnqn>")
-nvme gen-tls-key --subsysnqn="$SUBNQN" --hostnqn="$HOSTNQN" --insert > /tmp/nvme-key.out 2>&1 \
-    || { cat /tmp/nvme-key.out; die "nvme gen-tls-key --insert"; }
-grep -q "NVMe0R01 $HOSTNQN $SUBNQN" /proc/keys || die "the retained PSK is not in a keyring: $(grep -i nvme /proc/keys)"
-check "PSK inserted: $(grep -o "NVMe0R01 [^ ]* [^ ]*" /proc/keys | head -1 | cut -c1-40)..."
-
-truncate -s 64M /tmp/nvme-backing.img
-mkdir "$CFS/subsystems/$SUBNQN"
-echo 1 > "$CFS/subsystems/$SUBNQN/attr_allow_any_host"
-mkdir "$CFS/subsystems/$SUBNQN/namespaces/1"
-echo /tmp/nvme-backing.img > "$CFS/subsystems/$SUBNQN/namespaces/1/device_path"
-echo 1 > "$CFS/subsystems/$SUBNQN/namespaces/1/enable"
-mkdir "$CFS/ports/1"
-echo tcp > "$CFS/ports/1/addr_trtype"
-echo ipv4 > "$CFS/ports/1/addr_adrfam"
-echo 127.0.0.1 > "$CFS/ports/1/addr_traddr"
-echo 4420 > "$CFS/ports/1/addr_trsvcid"
-echo tls1.3 > "$CFS/ports/1/addr_tsas"
-echo required > "$CFS/ports/1/addr_treq"
-ln -s "$CFS/subsystems/$SUBNQN" "$CFS/ports/1/subsystems/$SUBNQN"
-check "nvmet target on 127.0.0.1:4420 requires TLS 1.3"
-
-for _ in $(seq 120); do grep -q "hsd ready" "$HSDLOG" && break; sleep 0.5; done
-grep -q "hsd ready" "$HSDLOG" || { cat "$HSDLOG"; die "hsd not ready"; }
+if [ "$AGENT" = hsd ]; then
+    for _ in $(seq 120); do grep -q "hsd ready" "$LOG" && break; sleep 0.5; done
+    grep -q "hsd ready" "$LOG" || { cat "$LOG"; die "hsd not ready"; }
+else
+    sleep 1; kill -0 "$agent" || die "tlshd exited: $(cat "$LOG")"
+fi
 
 tx0=$(tls_stat TlsTxSw)
 t0=$(date +%s%N)
-nvme connect -t tcp -a 127.0.0.1 -s 4420 -n "$SUBNQN" --hostnqn="$HOSTNQN" --tls > /tmp/nvme-connect.out 2>&1 \
-    || { cat /tmp/nvme-connect.out; dmesg | tail -20; die "nvme connect --tls failed"; }
-say "nvme connect --tls took $(ms_since "$t0") ms"
+nvme_tls_connect || { cat /tmp/nvme-connect.out; dmesg | tail -20; die "nvme connect --tls failed"; }
+connect_ms=$(ms_since "$t0")
+say "nvme connect --tls took $connect_ms ms"
 dev=
 for _ in $(seq 60); do
     dev=$(ls /dev/nvme*n1 2>/dev/null | head -1); [ -n "$dev" ] && break; sleep 0.5
@@ -91,11 +74,21 @@ got=$(dd if="$dev" bs=1M count=8 iflag=direct status=none | sha256sum | cut -d' 
 check "8 MiB O_DIRECT written to $dev and read back identical"
 cur=$(tls_stat TlsCurrTxSw); tx1=$(tls_stat TlsTxSw)
 [ "$cur" -ge 2 ] || die "only $cur kTLS sockets open (expected admin + I/O queues on both sides)"
-lines=$(grep -c "handshake peer=.*status=0 " "$HSDLOG" || true)
-[ "$lines" -eq $((tx1 - tx0)) ] || die "hsd logged $lines successful handshakes for $((tx1 - tx0)) kTLS sockets"
-grep -q "role=client auth=psk .*status=0 " "$HSDLOG" || die "no client PSK handshake logged"
-grep -q "role=server auth=psk .*status=0 " "$HSDLOG" || die "no server PSK handshake logged"
-check "$cur kTLS sockets open, $lines PSK handshakes by hsd (client and server)"
-check_hsd_log "$HSDLOG" "$CLIENT_BACKEND" "$SERVER_BACKEND"
+if [ "$AGENT" = hsd ]; then
+    lines=$(grep -c "handshake peer=.*status=0 " "$LOG" || true)
+    [ "$lines" -eq $((tx1 - tx0)) ] || die "hsd logged $lines successful handshakes for $((tx1 - tx0)) kTLS sockets"
+    grep -q "role=client auth=psk .*status=0 " "$LOG" || die "no client PSK handshake logged"
+    grep -q "role=server auth=psk .*status=0 " "$LOG" || die "no server PSK handshake logged"
+    check "$cur kTLS sockets open, $lines PSK handshakes by hsd (client and server)"
+    check_hsd_log "$LOG" "$CLIENT_BACKEND" "$SERVER_BACKEND"
+    times=$(handshake_ms_hsd "$LOG")
+else
+    lines=$(grep -c "was successful" "$LOG" || true)
+    [ "$lines" -eq $((tx1 - tx0)) ] || die "tlshd logged $lines successful handshakes for $((tx1 - tx0)) kTLS sockets"
+    check "$cur kTLS sockets open, $lines PSK handshakes by tlshd (client and server)"
+    times=$(handshake_ms_tlshd "$LOG")
+fi
+say "AGENT-FIGURES agent=$AGENT connect_ms=$connect_ms handshakes=$lines handshake_ms=$(echo "$times" | tr '\n' ' ' | sed 's/ $//; s/ /,/g') mean_ms=$(echo "$times" | mean_of)"
 nvme disconnect -n "$SUBNQN" > /dev/null || die "nvme disconnect"
+kill -0 "$agent" || die "$AGENT exited"
 say "PASS"
