@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace, cfg: config_mod.Config, argv: list[str]) -> int:
+    from .channel import Channel
     from .daemon import serve_workers, setup_logging
     from .plugins import PluginHost
 
@@ -95,7 +96,7 @@ def _serve(args: argparse.Namespace, cfg: config_mod.Config, argv: list[str]) ->
               file=sys.stderr)
         return EXIT_USAGE
 
-    def open_channel():
+    def open_channel() -> Channel:
         """Called in every worker process after the fork: each has its own socket to the kernel."""
         if args.simulator:
             from .simulator import SimChannel
