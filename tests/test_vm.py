@@ -167,7 +167,7 @@ def test_nvme_psk_scenario_passes_with_the_reference_tlshd(vm_run: VmRun) -> Non
     log = vm_run.log("nvme-psk@tlshd")
     assert "handshake peer=" not in log and "hsd ready" not in log, "hsd ran in the tlshd variant"
     successes = re.findall(r"tlshd: \S+ tlshd\[\d+\]: Handshake with .* was successful", log)
-    figures = re.search(r"AGENT-FIGURES agent=tlshd handshakes=(\d+) ", log)
+    figures = re.search(r"AGENT-FIGURES agent=tlshd connect_ms=\d+ handshakes=(\d+) ", log)
     assert figures and int(figures.group(1)) == len(successes) >= 2, (figures and figures.group(0), len(successes))
     print(next(line for line in log.splitlines() if "AGENT-FIGURES" in line))
 
