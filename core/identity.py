@@ -12,7 +12,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
 
 from . import keyring
 from .protocol import HandshakeRequest, MessageType
@@ -30,11 +32,44 @@ def remote_auth_for(request: HandshakeRequest, session: Session) -> tuple[int, .
         return ()
     if request.message_type == MessageType.SERVERHELLO:
         return tuple(SERVER_X509_SENTINEL for _ in certs)
-    return tuple(s for s in (_cert_key(der, request.peername or "") for der in certs) if s)
+    peer = request.peername or ""
+    # the leaf is described exactly like the reference daemon's key; the rest of the chain
+    # gets its own keys (one shared description would make every add_key overwrite the leaf)
+    descriptions = [f"TLS x509 {peer}".strip()] + [f"TLS x509 {peer} #{i}".strip() for i in range(1, len(certs))]
+    return tuple(s for s in (_cert_key(der, d) for der, d in zip(certs, descriptions)) if s)
 
 
-def _cert_key(der: bytes, peername: str) -> int:
-    description = f"TLS x509 {peername}".strip()
+_known: dict[tuple[str, bytes], int] = {}  # (description, cert digest) -> serial still in the keyring
+_known_lock = threading.Lock()
+
+
+def _cert_key(der: bytes, description: str) -> int:
+    """Serial of a key holding this certificate; add_key only when no live key holds it yet.
+
+    The kernel parses an "asymmetric" payload on every add_key, so reconnecting
+    to the same server re-uses the key it already has (checked to be alive).
+    """
+    cache_key = (description, hashlib.sha256(der).digest())
+    with _known_lock:
+        serial = _known.get(cache_key)
+    if serial:
+        try:
+            if keyring.describe_key(serial)[4] == description:
+                return serial
+        except keyring.KeyringError:
+            pass
+    serial = _add_cert_key(der, description)
+    if serial:
+        with _known_lock:
+            for stale in [k for k in _known if k[0] == description]:  # add_key replaced its payload
+                del _known[stale]
+            if len(_known) > 1024:
+                _known.clear()
+            _known[cache_key] = serial
+    return serial
+
+
+def _add_cert_key(der: bytes, description: str) -> int:
     for key_type in ("asymmetric", "user"):
         try:
             return keyring.add_key(key_type, description, der, keyring.KEY_SPEC_USER_KEYRING)

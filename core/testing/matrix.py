@@ -217,10 +217,13 @@ def _check_remote_auth(case: Case, finished: Finished, psk_serial: int) -> None:
     elif case.remote_auth == "cert-keys":
         if not got or not all(got):
             raise HarnessError(f"client x509 reported remote-auth {got}, not peer-certificate key serials")
-        for serial in got:  # the peer's certificate went into a key the consumer can find by name
+        if len(set(got)) != len(got):
+            raise HarnessError(f"peer certificates share a key: {got}")
+        for index, serial in enumerate(got):  # each certificate went into a key found by name
             description = keyring.describe_key(serial)[4]
-            if description != f"TLS x509 {case.peername}":
-                raise HarnessError(f"remote-auth key {serial} is described {description!r}")
+            wanted = f"TLS x509 {case.peername}" + (f" #{index}" if index else "")
+            if description != wanted:
+                raise HarnessError(f"remote-auth key {serial} is described {description!r}, not {wanted!r}")
             _drop_key(serial)
     elif got:
         raise HarnessError(f"expected no remote-auth, DONE reported {got}")
