@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import ctypes
 import errno
+import faulthandler
 import json
 import logging
 import os
@@ -147,6 +148,7 @@ def _child_main(ctx: HandshakeContext, handshake: Handshake, read_fd: int, write
     code = _EXIT_FRAME_FAILED
     try:
         os.close(read_fd)
+        faulthandler.disable()  # a crash here is reported by the parent (signal name), not as a dump
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGALRM):
             signal.signal(sig, signal.SIG_DFL)  # the daemon's handlers are not ours to run
         signal.setitimer(signal.ITIMER_REAL, max(0.01, ctx.remaining() + CHILD_ALARM_GRACE))
