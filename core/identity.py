@@ -39,40 +39,41 @@ def remote_auth_for(request: HandshakeRequest, session: Session) -> tuple[int, .
     return tuple(s for s in (_cert_key(der, d) for der, d in zip(certs, descriptions)) if s)
 
 
-_known: dict[tuple[str, bytes], int] = {}  # (description, cert digest) -> serial still in the keyring
+_known: dict[tuple[str, bytes], tuple[int, str]] = {}  # (description, digest) -> (serial, key type)
 _known_lock = threading.Lock()
 
 
 def _cert_key(der: bytes, description: str) -> int:
-    """Serial of a key holding this certificate; add_key only when no live key holds it yet.
+    """Serial of a key holding this certificate; add_key only when no linked key holds it yet.
 
     The kernel parses an "asymmetric" payload on every add_key, so reconnecting
-    to the same server re-uses the key it already has (checked to be alive).
+    to the same server re-uses the key still linked in the user keyring.
     """
     cache_key = (description, hashlib.sha256(der).digest())
     with _known_lock:
-        serial = _known.get(cache_key)
-    if serial:
+        known = _known.get(cache_key)
+    if known:
+        serial, key_type = known
         try:
-            if keyring.describe_key(serial)[4] == description:
+            if keyring.search(keyring.KEY_SPEC_USER_KEYRING, key_type, description) == serial:
                 return serial
         except keyring.KeyringError:
             pass
-    serial = _add_cert_key(der, description)
+    serial, key_type = _add_cert_key(der, description)
     if serial:
         with _known_lock:
             for stale in [k for k in _known if k[0] == description]:  # add_key replaced its payload
                 del _known[stale]
             if len(_known) > 1024:
                 _known.clear()
-            _known[cache_key] = serial
+            _known[cache_key] = (serial, key_type)
     return serial
 
 
-def _add_cert_key(der: bytes, description: str) -> int:
+def _add_cert_key(der: bytes, description: str) -> tuple[int, str]:
     for key_type in ("asymmetric", "user"):
         try:
-            return keyring.add_key(key_type, description, der, keyring.KEY_SPEC_USER_KEYRING)
+            return keyring.add_key(key_type, description, der, keyring.KEY_SPEC_USER_KEYRING), key_type
         except keyring.KeyringError as exc:
             log.debug("cannot store peer certificate as %s key: %s", key_type, exc.strerror)
-    return 0
+    return 0, ""
