@@ -592,7 +592,10 @@ def setup(key_types: tuple[str, ...]) -> Iterator[Setup]:
     from .testing.pki import make_pki
 
     workdir = tempfile.mkdtemp(prefix="hsd-bench-")
-    ring = keyring.add_key("keyring", f"hsd-bench-{uuid.uuid4().hex}", b"", keyring.KEY_SPEC_SESSION_KEYRING)
+    # the process keyring, not the session keyring: adding to a missing session keyring would
+    # make this process join a fresh one and lose possession of the user keyring
+    ring = keyring.add_key("keyring", f"hsd-bench-{uuid.uuid4().hex}", b"", keyring.KEY_SPEC_PROCESS_KEYRING)
+    keyring.set_perm(ring, 0x3F3F0000)  # the daemon (another process) links it, as the kernel would
     try:
         secret = secrets_mod.token_bytes(32)
         serial = keyring.add_key("user", PSK_IDENTITY, secret, ring)
