@@ -573,16 +573,16 @@ class Setup:
     keyring: int
     psk_serial: int
 
-    def config_path(self, key_type: str, max_inflight: int) -> str:
+    def config_path(self, key_type: str, max_inflight: int, backend: str = "openssl") -> str:
         pki = self.pki[key_type]
-        path = os.path.join(self.workdir, f"hsd-{key_type}.conf")
+        path = os.path.join(self.workdir, f"hsd-{key_type}-{backend}.conf")
         with open(path, "w") as handle:
             handle.write(
                 f"[authenticate.client]\nx509.truststore={pki}/ca.pem\n"
                 f"x509.certificate={pki}/client-chain.pem\nx509.private_key={pki}/client.key\n"
                 f"[authenticate.server]\nx509.truststore={pki}/ca.pem\n"
                 f"x509.certificate={pki}/server-chain.pem\nx509.private_key={pki}/server.key\n"
-                f"[hsd]\nbackend=openssl\nmax_inflight={max_inflight}\n")
+                f"[hsd]\nbackend={backend}\nmax_inflight={max_inflight}\n")
         return path
 
 
@@ -960,11 +960,14 @@ class Plan:
     silent_count: int = 200
     max_inflight: int = 64
     models: bool = True  # also measure the alternative concurrency models
+    backends: tuple[str, ...] = ("openssl", "tlslite")  # hsd with each backend, same workloads
+    backend_counts: dict[int, int] = field(default_factory=lambda: {1: 40, 8: 80})
 
     @classmethod
     def quick(cls) -> "Plan":
         return cls(workloads=WORKLOADS, key_types=("p256",), groups=("x25519",), counts={1: 8, 8: 16}, burst=40,
-                   c_seconds=1, tlslite_count=2, silent=5, silent_count=5, max_inflight=16, models=False)
+                   c_seconds=1, tlslite_count=2, silent=5, silent_count=5, max_inflight=16, models=False,
+                   backend_counts={1: 4, 8: 8})
 
 
 @dataclass
@@ -1099,10 +1102,41 @@ def measure_models(sim: Any, st: Setup, plan: Plan, say: Callable[[str], None]) 
 
 
 @dataclass
+class BackendFigures:
+    backend: str
+    workload: str
+    concurrency: int
+    figures: RunFigures
+
+
+def measure_backends(sim: Any, st: Setup, plan: Plan, say: Callable[[str], None]) -> list[BackendFigures]:
+    """hsd with each backend on the same workloads: what the pure-Python stack costs."""
+    key_type, group = plan.key_types[0], "x25519"  # tlslite has no hybrid group here
+    out: list[BackendFigures] = []
+    peers = PeerServers(st, "client-unauth", key_type, group)
+    try:
+        for backend in plan.backends:
+            daemon = Daemon(sim, st.config_path(key_type, plan.max_inflight, backend), plan.max_inflight)
+            try:
+                for conc, count in plan.backend_counts.items():
+                    say(f"backend {backend}: client-unauth and server-x509 at concurrency {conc}")
+                    out.append(BackendFigures(backend, "client-unauth", conc,
+                                              run_hsd_client(sim, st, "client-unauth", peers, conc, count, daemon)))
+                    figures, _ = run_hsd_server(sim, st, key_type, group, conc, count, daemon)
+                    out.append(BackendFigures(backend, "server-x509", conc, figures))
+            finally:
+                daemon.stop()
+    finally:
+        peers.close()
+    return out
+
+
+@dataclass
 class Results:
     rows: list[Row] = field(default_factory=list)
     floor: dict[int, RunFigures] = field(default_factory=dict)  # no-TLS pipeline, by concurrency
     models: list[ModelFigures] = field(default_factory=list)
+    backends: list[BackendFigures] = field(default_factory=list)
 
 
 def run_bench(plan: Plan, say: Callable[[str], None] = lambda _: None) -> Results:
@@ -1119,6 +1153,8 @@ def run_bench(plan: Plan, say: Callable[[str], None] = lambda _: None) -> Result
                     results.rows.append(measure_row(sim, st, plan, workload, key_type, group, say))
         if plan.models:
             results.models = measure_models(sim, st, plan, say)
+        if plan.backends:
+            results.backends = measure_backends(sim, st, plan, say)
     return results
 
 
@@ -1228,6 +1264,14 @@ def report(results: Results, plan: Plan) -> str:
                   _num(m.figures.cpu_per_handshake_ms, "{:.2f}"), _num(m.rss_mb, "{:.1f}"),
                   _num(m.start_to_ready, "{:.3f}")] for m in models]
         parts.append(f"Concurrency models (client-unauth {plan.key_types[0]} {plan.groups[0]})\n" + _table(head, lines))
+    if results.backends:
+        head = ["workload", "concurrency"] + [f"{b} hs/s | p50/p99 ms" for b in plan.backends]
+        cells: dict[tuple[str, int], dict[str, str]] = {}
+        for b in results.backends:
+            cells.setdefault((b.workload, b.concurrency), {})[b.backend] = (
+                f"{_num(b.figures.rate)} | {_ms(b.figures.pct(0.5))}/{_ms(b.figures.pct(0.99))}")
+        lines = [[w, str(c)] + [byb.get(name, "-") for name in plan.backends] for (w, c), byb in cells.items()]
+        parts.append(f"hsd by backend, side by side ({plan.key_types[0]} x25519)\n" + _table(head, lines))
     parts.append("Targets\n" + "\n".join(targets(rows, plan)))
     return "\n\n".join(parts) + "\n"
 
@@ -1279,7 +1323,8 @@ def targets(rows: list[Row], plan: Plan) -> list[str]:
 
 def all_handshakes_ok(results: Results) -> bool:
     """Correctness of a run: every hsd and bare handshake (and every floor request) ended with status 0."""
-    runs_everywhere = list(results.floor.values()) + [m.figures for m in results.models]
+    runs_everywhere = (list(results.floor.values()) + [m.figures for m in results.models]
+                       + [b.figures for b in results.backends])
     if any(f.ok != f.count for f in runs_everywhere):
         return False
     for row in results.rows:
