@@ -11,7 +11,7 @@ import errno
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
@@ -156,22 +156,32 @@ class KtlsInstaller(Protocol):
     def install(self, sock: socket.socket, tx: CryptoInfo, rx: CryptoInfo) -> None: ...
 
 
+def install_via(setsockopt: Callable[[int, int, bytes], None], tx: CryptoInfo, rx: CryptoInfo,
+                no_ulp: str = "kernel TLS is not available (tls module missing: CONFIG_TLS)") -> None:
+    """TCP_ULP "tls", then TLS_TX, then TLS_RX through setsockopt(level, optname, value).
+
+    One sequence and one error translation for the kernel and for the simulator
+    standing in for it; `no_ulp` says what ENOENT on the ULP means there.
+    """
+    try:
+        setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            raise KtlsError(no_ulp) from None
+        if exc.errno != errno.EEXIST:
+            raise KtlsError(f"cannot attach the tls ULP: {exc.strerror}") from None
+    for name, opt, info in (("TLS_TX", TLS_TX, tx), ("TLS_RX", TLS_RX, rx)):
+        try:
+            setsockopt(SOL_TLS, opt, info.pack())
+        except OSError as exc:
+            raise KtlsError(f"kernel refused {name} ({info.spec.name}): {exc.strerror}") from None
+
+
 class KernelKtls:
     """The real thing: setsockopt on the handed-over TCP socket."""
 
     def install(self, sock: socket.socket, tx: CryptoInfo, rx: CryptoInfo) -> None:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                raise KtlsError("kernel TLS is not available (tls module missing: CONFIG_TLS)") from None
-            if exc.errno != errno.EEXIST:
-                raise KtlsError(f"cannot attach the tls ULP: {exc.strerror}") from None
-        for name, opt, info in (("TLS_TX", TLS_TX, tx), ("TLS_RX", TLS_RX, rx)):
-            try:
-                sock.setsockopt(SOL_TLS, opt, info.pack())
-            except OSError as exc:
-                raise KtlsError(f"kernel refused {name} ({info.spec.name}): {exc.strerror}") from None
+        install_via(sock.setsockopt, tx, rx)
 
 
 def install_session(installer: KtlsInstaller, sock: socket.socket, session: Session) -> None:

@@ -62,8 +62,7 @@ from typing import Callable
 from . import keyring as keyrings
 from . import protocol as p
 from .channel import OVERRUN
-from .errors import KtlsError
-from .ktls import SOL_TLS, TCP_ULP, TLS_RX, TLS_TX, CryptoInfo
+from .ktls import SOL_TLS, TCP_ULP, TLS_RX, TLS_TX, CryptoInfo, install_via
 
 log = logging.getLogger(__name__)
 
@@ -948,18 +947,8 @@ class SimKtls:
             raise OSError(err, os.strerror(err))
 
     def install(self, sock: socket.socket, tx: CryptoInfo, rx: CryptoInfo) -> None:
-        try:
-            self.setsockopt(sock, socket.IPPROTO_TCP, TCP_ULP, b"tls")
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                raise KtlsError("kernel TLS is not available (tls ULP unknown)") from None
-            if exc.errno != errno.EEXIST:
-                raise KtlsError(f"cannot attach the tls ULP: {exc.strerror}") from None
-        for name, opt, info in (("TLS_TX", TLS_TX, tx), ("TLS_RX", TLS_RX, rx)):
-            try:
-                self.setsockopt(sock, SOL_TLS, opt, info.pack())
-            except OSError as exc:
-                raise KtlsError(f"kernel refused {name} ({info.spec.name}): {exc.strerror}") from None
+        install_via(lambda level, optname, value: self.setsockopt(sock, level, optname, value), tx, rx,
+                    no_ulp="kernel TLS is not available (tls ULP unknown)")
 
 
 # ---------------------------------------------------------------- CLI
