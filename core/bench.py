@@ -551,6 +551,12 @@ class Daemon:
     def fds(self) -> int:
         return sum(len(os.listdir(f"/proc/{proc.pid}/fd")) for proc in self.procs)
 
+    def __enter__(self) -> "Daemon":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
@@ -1080,24 +1086,18 @@ def measure_models(sim: Any, st: Setup, plan: Plan, say: Callable[[str], None]) 
     """Threads (one process) against process pools, same workload and offered concurrency."""
     key_type, group = plan.key_types[0], plan.groups[0]
     out: list[ModelFigures] = []
-    peers = PeerServers(st, "client-unauth", key_type, group)
-    try:
+    with contextlib.closing(PeerServers(st, "client-unauth", key_type, group)) as peers:
         for name, processes, inflight, conc in (
             ("threads", 1, 64, 8), ("threads", 1, 64, 64),
             ("2 processes x threads", 2, 32, 8), ("2 processes x threads", 2, 32, 64),
             ("process per worker", 8, 1, 8),
         ):
             say(f"model {name}: {processes} x max_inflight {inflight}, concurrency {conc}")
-            daemon = Daemon(sim, st.config_path(key_type, inflight), inflight, processes)
-            try:
+            with Daemon(sim, st.config_path(key_type, inflight), inflight, processes) as daemon:
                 run_hsd_client(sim, st, "client-unauth", peers, processes, 3 * processes, daemon)
                 figures = run_hsd_client(sim, st, "client-unauth", peers, conc, plan.counts.get(conc, 400), daemon)
                 out.append(ModelFigures(name, processes, inflight, conc, figures, daemon.status_mb("VmHWM"),
                                         daemon.start_to_ready))
-            finally:
-                daemon.stop()
-    finally:
-        peers.close()
     return out
 
 
@@ -1113,21 +1113,15 @@ def measure_backends(sim: Any, st: Setup, plan: Plan, say: Callable[[str], None]
     """hsd with each backend on the same workloads: what the pure-Python stack costs."""
     key_type, group = plan.key_types[0], "x25519"  # tlslite has no hybrid group here
     out: list[BackendFigures] = []
-    peers = PeerServers(st, "client-unauth", key_type, group)
-    try:
+    with contextlib.closing(PeerServers(st, "client-unauth", key_type, group)) as peers:
         for backend in plan.backends:
-            daemon = Daemon(sim, st.config_path(key_type, plan.max_inflight, backend), plan.max_inflight)
-            try:
+            with Daemon(sim, st.config_path(key_type, plan.max_inflight, backend), plan.max_inflight) as daemon:
                 for conc, count in plan.backend_counts.items():
                     say(f"backend {backend}: client-unauth and server-x509 at concurrency {conc}")
                     out.append(BackendFigures(backend, "client-unauth", conc,
                                               run_hsd_client(sim, st, "client-unauth", peers, conc, count, daemon)))
                     figures, _ = run_hsd_server(sim, st, key_type, group, conc, count, daemon)
                     out.append(BackendFigures(backend, "server-x509", conc, figures))
-            finally:
-                daemon.stop()
-    finally:
-        peers.close()
     return out
 
 
