@@ -14,7 +14,7 @@ from hsd.hookspecs import ALL_MODES
 from hsd.testing import matrix, peers
 from hsd.testing.harness import DaemonHarness
 from hsd.testing.keyrings import keyrings_usable
-from hsd.testing.pki import TestPki, make_pki
+from hsd.testing.pki import TestPki
 
 pytestmark = pytest.mark.skipif(not (peers.tool_available("openssl") and peers.tool_available("gnutls-serv")),
                                 reason="needs the openssl and gnutls-bin command-line tools")
@@ -25,8 +25,8 @@ PARAMS = [pytest.param(backend, case, id=f"{backend}-{case.name}")
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
-    return make_pki(str(tmp_path_factory.mktemp("pki")))
+def pki(hsd_pki: TestPki) -> TestPki:
+    return hsd_pki  # the kit's session-wide test PKI, generated once for all test files
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 from hsd.hookspecs import ALL_MODES
 from hsd.testing import matrix, peers
 from hsd.testing.harness import DaemonHarness, HarnessError, assert_ktls_roundtrip
-from hsd.testing.pki import TestPki, make_pki
+from hsd.testing.pki import TestPki
 from hsd.testing.records import RecordError
 
 pytestmark = pytest.mark.skipif(not (peers.tool_available("openssl") and peers.tool_available("gnutls-serv")),
@@ -27,8 +27,8 @@ CASES = {case.name: case for case in matrix.MATRIX}
 
 
 @pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
-    return make_pki(str(tmp_path_factory.mktemp("pki")))
+def pki(hsd_pki: TestPki) -> TestPki:
+    return hsd_pki  # the kit's session-wide test PKI, generated once for all test files
 
 
 @pytest.fixture(scope="module")
