@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import socket
 import time
-from collections.abc import Iterator
 
 import pluggy
 import pytest
@@ -96,15 +95,6 @@ def exchange_with_server(peer_kind: str, server: peers.PeerProcess, records: Ktl
 def exchange_with_client(client: peers.PeerProcess, records: KtlsRecordChecker) -> None:
     """hsd (server) -> peer and peer -> hsd, through the record checker."""
     assert_records_roundtrip(records, client)
-
-
-@pytest.fixture
-def cleanup() -> Iterator[list]:
-    """Things to stop/close at the end of a test, whatever happens."""
-    items: list = []
-    yield items
-    for item in reversed(items):
-        (item.stop if hasattr(item, "stop") else item.close)()
 
 
 def started(peer, cleanup: list):

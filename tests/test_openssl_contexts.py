@@ -12,7 +12,6 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Iterator
 
 import pluggy
 import pytest
@@ -38,14 +37,6 @@ pytestmark = pytest.mark.skipif(not peers.tool_available("openssl"), reason="nee
 @pytest.fixture(scope="module")
 def plugins() -> pluggy.PluginManager:
     return plugin_manager(hsd_openssl)
-
-
-@pytest.fixture
-def cleanup() -> Iterator[list]:
-    items: list = []
-    yield items
-    for item in reversed(items):
-        (item.stop if hasattr(item, "stop") else item.close)()
 
 
 def server_config(pki: TestPki) -> Config:

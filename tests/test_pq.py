@@ -17,7 +17,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 
 import pluggy
 import pytest
@@ -60,14 +59,6 @@ def backend(module) -> pluggy.PluginManager:
 @pytest.fixture(scope="module")
 def openssl_backend() -> pluggy.PluginManager:
     return backend(hsd_openssl)
-
-
-@pytest.fixture
-def cleanup() -> Iterator[list]:
-    items: list = []
-    yield items
-    for item in reversed(items):
-        (item.stop if hasattr(item, "stop") else item.close)()
 
 
 def server_config(pki: PqPki, *, pq: bool = True, require_client_cert: bool = False) -> Config:
