@@ -16,7 +16,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from . import identity
 from .channel import OVERRUN, Channel
@@ -44,6 +44,7 @@ class Outcome:
     status: int
     backend: str = "-"
     peer: str = "-"
+    local: str = "-"  # our end of the connection; with peer it names the connection
     cipher: str | None = None
     group: str | None = None
     duration: float = 0.0
@@ -217,7 +218,7 @@ class Dispatcher:
                 sock = socket.socket(fileno=request.sockfd)
             except OSError as exc:
                 raise HandshakeError(f"fd {request.sockfd} from ACCEPT is not a usable socket: {exc.strerror}") from None
-            outcome.peer = _peer(sock)
+            outcome.peer, outcome.local = address_of(sock.getpeername), address_of(sock.getsockname)
             ctx = self._context(request, sock, deadline)
             outcome.backend = ctx.backend
             session = (run_isolated(ctx) if self.config.isolation == "process"
@@ -282,9 +283,10 @@ class Dispatcher:
             self.on_outcome(outcome)
 
 
-def _peer(sock: socket.socket) -> str:
+def address_of(get_address: Callable[[], Any]) -> str:
+    """"host:port" ("[v6]:port") of a socket's getpeername/getsockname, "-" when it has none."""
     try:
-        addr = sock.getpeername()
+        addr = get_address()
     except OSError:
         return "-"
     if isinstance(addr, tuple):

@@ -87,6 +87,31 @@ def test_expect_catches_an_unexpected_success(daemon: DaemonHarness, pki: TestPk
         matrix.run_case(daemon, case, pki, "openssl")
 
 
+def test_finish_pairs_each_request_with_its_own_outcome(daemon: DaemonHarness, pki: TestPki) -> None:
+    """Outcomes are matched by connection, not by peer: one peer address serves many requests.
+
+    A server on a reused port negotiated another suite a moment ago, and two
+    requests run at once against one server; each finish() must get the outcome
+    of its own connection (a stale match once made the cross-backend case fail)."""
+    daemon.reconfigure(matrix.case_config(CASES["client-unauth-gnutls-aes-128-gcm-sha256"], pki), "openssl")
+    port = peers.free_port()
+    for suite in ("TLS_CHACHA20_POLY1305_SHA256", "TLS_AES_128_GCM_SHA256"):
+        server = peers.gnutls_server(peers.PeerOptions(cert=pki.server.chain, key=pki.server.key, suites=[suite]),
+                                     port=port).start()
+        try:
+            socks = [server.connect(), server.connect()]
+            requests = [daemon.client_hello_anon(sock, peername="localhost", timeout_ms=5000) for sock in socks]
+            finished = [daemon.finish(request).expect(0) for request in requests]
+            assert finished[0].outcome is not finished[1].outcome
+            for sock, done in zip(socks, finished):
+                local, peer = sock.getsockname(), sock.getpeername()
+                assert (done.outcome.local, done.outcome.peer) == (f"{local[0]}:{local[1]}", f"{peer[0]}:{peer[1]}")
+                assert done.outcome.cipher == suite
+                sock.close()
+        finally:
+            server.stop()
+
+
 def test_ticket_detector_sees_tickets_when_a_server_sends_them(pki: TestPki) -> None:
     """The no-tickets proof reads s_client's -msg trace: against openssl s_server, tickets do show."""
     server = peers.openssl_server(peers.PeerOptions(cert=pki.server.chain, key=pki.server.key)).start()

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from hsd import keyring
 from hsd.config import Config
-from hsd.dispatcher import Dispatcher, Outcome
+from hsd.dispatcher import Dispatcher, Outcome, address_of
 from hsd.plugins import PluginHost
 from hsd.protocol import errno_name
 from hsd.simulator import SimChannel, SimRequest, Simulator
@@ -37,13 +37,12 @@ class HarnessError(AssertionError):
     """The daemon under test did not do what the test expected (status, DONE count, data)."""
 
 
-def _peer_of(sock: socket.socket) -> str:
-    """The same "host:port" the dispatcher logs for the agent's copy of this socket."""
-    try:
-        host, port = sock.getpeername()[:2]
-    except OSError:
-        return "-"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def _ends_of(sock: socket.socket) -> tuple[str, str]:
+    """The same (local, peer) "host:port" pair the dispatcher logs for the agent's copy of this socket.
+
+    Both ends together name one live connection; the peer alone does not (two
+    clients of one listener share it, and a closed listener's port comes back)."""
+    return address_of(sock.getsockname), address_of(sock.getpeername)
 
 
 def _ensure_process_keyring() -> None:
@@ -78,6 +77,9 @@ class DaemonHarness:
         self.extra_plugins = dict(extra_plugins or {})
         self.max_inflight = max_inflight
         self.outcomes: list[Outcome] = []
+        self._arrivals: list[Outcome] = []  # every outcome in arrival order (tests may clear self.outcomes)
+        self._claimed: set[int] = set()  # indexes into _arrivals already handed to a finish()
+        self._fences: dict[int, int] = {}  # id(request) -> len(_arrivals) when it was queued
         self._outcomes_changed = threading.Condition()
         self.sim: Simulator | None = None
         self.host: PluginHost | None = None
@@ -146,20 +148,28 @@ class DaemonHarness:
             raise HarnessError("the harness is not running (use it as a context manager)")
         return self.sim
 
+    def _queued(self, submit: Callable[..., SimRequest], *args: Any, **kw: Any) -> SimRequest:
+        """Queue a request, remembering which outcomes came before it (none of those can be its own)."""
+        with self._outcomes_changed:
+            fence = len(self._arrivals)
+        request = submit(*args, **kw)
+        self._fences[id(request)] = fence
+        return request
+
     def client_hello_anon(self, sock: socket.socket, **kw: Any) -> SimRequest:
-        return self._simulator().client_hello_anon(sock, **kw)
+        return self._queued(self._simulator().client_hello_anon, sock, **kw)
 
     def client_hello_x509(self, sock: socket.socket, **kw: Any) -> SimRequest:
-        return self._simulator().client_hello_x509(sock, **kw)
+        return self._queued(self._simulator().client_hello_x509, sock, **kw)
 
     def client_hello_psk(self, sock: socket.socket, peerids: list[int] | tuple[int, ...], **kw: Any) -> SimRequest:
-        return self._simulator().client_hello_psk(sock, peerids, **kw)
+        return self._queued(self._simulator().client_hello_psk, sock, peerids, **kw)
 
     def server_hello_x509(self, sock: socket.socket, **kw: Any) -> SimRequest:
-        return self._simulator().server_hello_x509(sock, **kw)
+        return self._queued(self._simulator().server_hello_x509, sock, **kw)
 
     def server_hello_psk(self, sock: socket.socket, **kw: Any) -> SimRequest:
-        return self._simulator().server_hello_psk(sock, **kw)
+        return self._queued(self._simulator().server_hello_psk, sock, **kw)
 
     def cancel(self, sock: socket.socket) -> bool:
         return self._simulator().cancel(sock)
@@ -169,12 +179,14 @@ class DaemonHarness:
     def _record(self, outcome: Outcome) -> None:
         with self._outcomes_changed:
             self.outcomes.append(outcome)
+            self._arrivals.append(outcome)
             self._outcomes_changed.notify_all()
 
     def finish(self, request: SimRequest, timeout: float | None = None) -> "Finished":
         """Wait for the request's DONE and the dispatcher's outcome line for it."""
         limit = timeout if timeout is not None else (request.timeout_ms or self.config.handshake_timeout_ms) / 1000
-        peer = _peer_of(request.sock)
+        local, peer = _ends_of(request.sock)
+        fence = self._fences.pop(id(request), 0)
         try:
             status, peerid = request.wait(limit + DONE_GRACE)
         except TimeoutError:
@@ -182,9 +194,12 @@ class DaemonHarness:
         deadline = time.monotonic() + 5
         with self._outcomes_changed:
             while True:
-                found = [o for o in self.outcomes if o.peer == peer and o.status == status]
+                found = [i for i in range(fence, len(self._arrivals)) if i not in self._claimed
+                         and self._arrivals[i].local == local and self._arrivals[i].peer == peer
+                         and self._arrivals[i].status == status]
                 if found:
-                    outcome = found[-1]
+                    self._claimed.add(found[0])
+                    outcome = self._arrivals[found[0]]
                     break
                 if not self._outcomes_changed.wait(max(0.0, deadline - time.monotonic())):
                     raise HarnessError(f"DONE arrived but the dispatcher reported no outcome for peer {peer}")
