@@ -1,7 +1,7 @@
 """The worked third-party plugin (examples/hsd-stdlib-ssl) and two broken ones, installed for real.
 
 They are installed from their own pyproject.toml into a throwaway venv that
-sees this environment's packages (hsd included), so the test environment
+chains this environment's packages (hsd included), so the test environment
 itself never changes.  Then: `hsd plugins` lists the example with its mode and
 reports the broken ones, selection by --backend and [hsd.backends] works, and
 the test kit's interop matrix (the example's own few-line test file) passes.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +29,14 @@ BROKEN = ROOT / "examples" / "hsd-broken"
 def venv(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A venv over this environment's site-packages with the example plugins installed; removed afterwards."""
     where = tmp_path_factory.mktemp("plugin-venv")
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(where / "venv")], check=True,
-                   timeout=120)
+    subprocess.run([sys.executable, "-m", "venv", str(where / "venv")], check=True, timeout=120)
     python = str(where / "venv" / "bin" / "python")
+    # --system-site-packages would only reach the base interpreter's packages, not this venv's (where hsd
+    # is installed, editable): chain this environment's site directories instead, .pth files included.
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             check=True, capture_output=True, text=True, timeout=60).stdout.strip()
+    chain = "".join(f"import site; site.addsitedir({path!r})\n" for path in site.getsitepackages())
+    Path(purelib, "zz-hsd-test-parent.pth").write_text(chain)
     env = dict(os.environ, XDG_CACHE_HOME=str(where / "cache"), PIP_DISABLE_PIP_VERSION_CHECK="1")
     install = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", str(EXAMPLE), str(BROKEN)],
                              env=env, capture_output=True, text=True, timeout=300)
