@@ -153,6 +153,17 @@ def check_allowed_sans(leaf: x509.Certificate, allowed: Sequence[str]) -> None:
         raise PeerRejected(f"client certificate names {sans or ['(none)']} are not in allowed_client_sans")
 
 
+def require_peer_name(peername: str | None) -> str:
+    """A client that verifies the server needs a name to check it against; hsd never guesses one.
+
+    tlshd falls back to reverse DNS (slow, and spoofable); the kernel consumer
+    knows the name it mounted or connected to, so it must pass it."""
+    if not peername:
+        raise PeerRejected("client handshake without a peer name: the server certificate cannot be "
+                           "checked (hsd does no reverse DNS lookup; the kernel consumer must pass one)")
+    return peername
+
+
 def verify_server_certificate(chain: Sequence[x509.Certificate], creds: X509Credentials, peername: str | None,
                               now: datetime.datetime | None = None) -> list[x509.Certificate]:
     """We are the client: the server's chain must lead to a trust anchor and name peername.
@@ -160,9 +171,7 @@ def verify_server_certificate(chain: Sequence[x509.Certificate], creds: X509Cred
     Returns the verified path, leaf first.  Raises PeerRejected with an
     OpenSSL-like reason.  The caller decides whether verification is on.
     """
-    if not peername:
-        raise PeerRejected("client handshake without a peer name: the server certificate cannot be "
-                           "checked (hsd does no reverse DNS lookup; the kernel consumer must pass one)")
+    require_peer_name(peername)
     if not chain:
         raise PeerRejected("server sent no certificate")
     subject = peer_subject(peername)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from OpenSSL import SSL
 
+from hsd import x509verify
 from hsd.context import HandshakeContext
 from hsd.credentials import X509Credentials
 from hsd.errors import CredentialError, HandshakeError, PeerClosed, PeerRejected
@@ -125,9 +126,8 @@ def client_handshake(ctx: HandshakeContext) -> Session:
     """Client unauth (server verified) or x509 (and we present our certificate)."""
     creds = ctx.x509 or X509Credentials()
     verify = creds.verify_peer
-    if verify and not ctx.peername:
-        raise PeerRejected("client handshake without a peer name: the server certificate cannot be "
-                           "checked (hsd does no reverse DNS lookup; the kernel consumer must pass one)")
+    if verify:
+        x509verify.require_peer_name(ctx.peername)
     if not verify:
         ctx.log.debug("server certificate verification disabled by configuration")
     context = contexts.obtain(context_key(ctx, creds), lambda: _client_context(ctx, creds))

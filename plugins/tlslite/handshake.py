@@ -122,9 +122,8 @@ def client_handshake(ctx: HandshakeContext) -> Session:
     """Client unauth (server verified) or x509 (and we present our certificate)."""
     creds = ctx.x509 or X509Credentials()
     verify = creds.verify_peer
-    if verify and not ctx.peername:
-        raise PeerRejected("client handshake without a peer name: the server certificate cannot be "
-                           "checked (hsd does no reverse DNS lookup; the kernel consumer must pass one)")
+    if verify:
+        x509verify.require_peer_name(ctx.peername)
     chain = key = None
     if ctx.request.auth == "x509":
         chain, key = tlslite_identity(creds, "client", ctx.log)
