@@ -83,7 +83,15 @@ def describe_key(serial: int) -> tuple[str, int, int, int, str]:
     size = _check(_keyctl(KEYCTL_DESCRIBE, serial, None, 0), f"describe key {serial}")
     buf = ctypes.create_string_buffer(size)
     _check(_keyctl(KEYCTL_DESCRIBE, serial, buf, size), f"describe key {serial}")
-    ktype, uid, gid, perm, desc = buf.value.decode(errors="replace").split(";", 4)
+    return parse_description(buf.value)
+
+
+def parse_description(raw: bytes) -> tuple[str, int, int, int, str]:
+    """KEYCTL_DESCRIBE's "type;uid;gid;perm;description" (the description may itself hold ';')."""
+    fields = raw.decode(errors="replace").split(";", 4)
+    if len(fields) != 5:
+        raise ValueError(f"key description has {len(fields)} fields, not 5")
+    ktype, uid, gid, perm, desc = fields
     return ktype, int(uid), int(gid), int(perm, 16), desc
 
 

@@ -264,6 +264,26 @@ def test_server_handshake_cut_at_each_flight(pki, no_leaks, flight, partial, act
 # ---------------------------------------------------------------- consumer-side faults
 
 
+def test_accept_that_fails_costs_one_request_and_the_daemon_serves_on(pki, no_leaks, caplog):
+    """The kernel fails an ACCEPT it cannot complete (ta_keyring not linkable) and DONEs that request
+    with EIO itself; hsd logs it, does not spin on ACCEPT, serves the next request and still stops."""
+    bogus_keyring = 0x7FFFFFF0  # no such key: linking it into the process keyring fails (ENOKEY)
+    with daemon(tls_config(pki)) as (sim, running), silent_peer() as peer:
+        mine = socket.create_connection(peer.address)
+        try:
+            accepts_before = sim.stats.accepted + sim.stats.accept_eagain
+            req = sim.client_hello_anon(mine, peername="localhost", timeout_ms=5000, keyring=bogus_keyring)
+            assert req.wait(WAIT)[0] == errno.EIO
+            assert req.done_calls == 1
+            time.sleep(0.5)  # an idle daemon after a failed ACCEPT: a few ACCEPTs, not a busy loop
+            assert sim.stats.accepted + sim.stats.accept_eagain - accepts_before < 20
+        finally:
+            mine.close()
+        assert "ACCEPT failed" in caplog.text and "cannot link keyring" in caplog.text
+        real_client_handshake(sim, pki)
+    assert [o.status for o in running.outcomes] == [0]  # the failed ACCEPT never reached a backend
+
+
 def test_consumer_cancels_in_flight(pki, no_leaks):
     """cancel() after ACCEPT: hsd's DONE arrives later, the kernel ignores it, no callback fires."""
     with daemon(tls_config(pki)) as (sim, running), silent_peer() as peer:

@@ -1,14 +1,18 @@
 """Property-based fuzzing of everything that parses outside input.
 
 The decoders read bytes from the kernel (or anything that can write to a
-netlink socket), the config parser reads a file an administrator edits, and
-CryptoInfo.unpack reads what getsockopt returns.  Whatever the input, each may
-only fail with its own documented error: ProtocolError, ConfigError,
-ValueError.  Anything else would kill a dispatcher thread or leave a socket
-without its DONE.
+netlink socket), the config parser reads a file an administrator edits,
+CryptoInfo.unpack reads what getsockopt returns, the PSK server reads a
+peer's ClientHello before its TLS library does, and key descriptions (PSK
+identities, KEYCTL_DESCRIBE, /proc/keys) come from whoever filled the
+keyrings.  Whatever the input, each may only fail with its own documented
+error: ProtocolError, ConfigError, ValueError, MalformedClientHello,
+CredentialError.  Anything else would kill a dispatcher thread or leave a
+socket without its DONE.
 
 Runs derandomized (same cases every run, so CI is stable) with no deadline;
-about 13,000 cases in total.
+18,700 cases in total (`pytest --hypothesis-show-statistics` prints them per
+property; README's test command does).
 """
 
 from __future__ import annotations
@@ -20,8 +24,14 @@ from hypothesis import strategies as st
 
 from hsd import protocol as p
 from hsd.config import ConfigError, parse
+from hsd.errors import CredentialError
+from hsd.keyring import parse_description
 from hsd.ktls import BY_TYPE, TLS_1_2_VERSION, TLS_1_3_VERSION, CryptoInfo
 from hsd.protocol import GenlMessage, HandshakeRequest, NetlinkError, ProtocolError
+from hsd_psk.clienthello import (MalformedClientHello, OfferedPsks, client_hello_length, handshake_bytes,
+                                 offered_psks)
+from hsd_psk.identity import nvme_hash, psk_hash
+from hsd_psk.keys import keyring_in_proc_keys_line
 
 
 def fuzz(examples: int) -> settings:
@@ -307,3 +317,123 @@ def test_crypto_info_unpack_on_plausible_headers(version: int, cipher_type: int,
                 or len(raw) != BY_TYPE[cipher_type].struct_size)
         return
     assert info.pack() == raw and len(raw) == info.spec.struct_size
+
+
+# ---------------------------------------------------------------- a peer's ClientHello (server-side PSK selection)
+
+
+def client_hello(identities: list[bytes], modes: list[int], extra_extensions: list[tuple[int, bytes]]) -> bytes:
+    """A ClientHello message (RFC 8446 4.1.2) with pre_shared_key and psk_key_exchange_modes."""
+    def vec(n: int, data: bytes) -> bytes:
+        return len(data).to_bytes(n, "big") + data
+
+    exts = b"".join(t.to_bytes(2, "big") + vec(2, body) for t, body in extra_extensions)
+    exts += (45).to_bytes(2, "big") + vec(2, vec(1, bytes(modes)))
+    offered = b"".join(vec(2, ident) + b"\0\0\0\0" for ident in identities)
+    binders = b"".join(vec(1, b"\x55" * 32) for _ in identities)
+    exts += (41).to_bytes(2, "big") + vec(2, vec(2, offered) + vec(2, binders))  # pre_shared_key comes last
+    body = b"\x03\x03" + b"\x11" * 32 + vec(1, b"") + vec(2, b"\x13\x01\x13\x02") + vec(1, b"\0") + vec(2, exts)
+    return b"\x01" + vec(3, body)
+
+
+hellos = st.builds(client_hello, st.lists(st.binary(min_size=1, max_size=60), min_size=1, max_size=5),
+                   st.lists(st.sampled_from([0, 1]), min_size=1, max_size=2),
+                   st.lists(st.tuples(st.sampled_from([0, 10, 13, 43, 51, 0xFAFA]), st.binary(max_size=40)),
+                            max_size=4))
+
+
+def parse_client_hello(data: bytes) -> None:
+    """Every ClientHello entry point: a clean MalformedClientHello or a result that fits the input."""
+    for parse_one in (client_hello_length, offered_psks, lambda d: handshake_bytes([d])):
+        try:
+            result = parse_one(data)
+        except MalformedClientHello:
+            continue
+        if isinstance(result, OfferedPsks):
+            assert all(ident in data for ident in result.identities)
+            assert len(result.identities) <= len(data) // 6
+
+
+@fuzz(1000)
+@given(st.binary(max_size=300) | st.binary(max_size=200).map(lambda b: b"\x01" + len(b).to_bytes(3, "big") + b))
+def test_client_hello_parser_on_arbitrary_bytes(data: bytes) -> None:
+    parse_client_hello(data)
+
+
+@fuzz(600)
+@given(st.data())
+def test_client_hello_parser_reads_back_every_offered_identity(data: st.DataObject) -> None:
+    identities = data.draw(st.lists(st.binary(min_size=1, max_size=60), min_size=1, max_size=5))
+    modes = data.draw(st.lists(st.sampled_from([0, 1]), min_size=1, max_size=2))
+    message = client_hello(identities, modes, [])
+    assert client_hello_length(message) == len(message)
+    assert offered_psks(message) == OfferedPsks(tuple(identities), tuple(modes))
+
+
+@fuzz(1500)
+@given(hellos, st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), min_size=1, max_size=4),
+       st.integers(0, 400))
+def test_client_hello_parser_on_mutated_hellos(message: bytes, flips: list[tuple[int, int]], cut: int) -> None:
+    buf = bytearray(message)
+    for pos, value in flips:
+        buf[pos % len(buf)] = value
+    parse_client_hello(bytes(buf))
+    parse_client_hello(bytes(buf[:cut]))
+
+
+# ---------------------------------------------------------------- key descriptions
+
+
+@fuzz(800)
+@given(st.text(max_size=120) | st.builds(lambda v, k, h, rest: f"NVMe{v}{k}{h} {rest}", st.integers(0, 9),
+                                         st.sampled_from("RGX"), st.sampled_from(["01", "02", "03", "1", ""]),
+                                         st.text(max_size=40)),
+       st.integers(-1, 100))
+def test_psk_hash_from_any_identity_and_length(identity: str, length: int) -> None:
+    try:
+        hash_name = psk_hash(identity, length)
+    except CredentialError as exc:
+        assert identity in str(exc)
+        return
+    assert hash_name in ("sha256", "sha384") and 0 < length <= 48
+    named = nvme_hash(identity)
+    assert hash_name == (named or {32: "sha256", 48: "sha384"}[length])
+
+
+@fuzz(600)
+@given(st.binary(max_size=120))
+def test_key_description_parse_on_arbitrary_bytes(raw: bytes) -> None:
+    try:
+        ktype, uid, gid, perm, desc = parse_description(raw)
+    except ValueError:
+        return
+    text = raw.decode(errors="replace")
+    assert text.startswith(ktype + ";") and text.endswith(";" + desc) and ";" not in ktype
+    assert isinstance(uid, int) and isinstance(gid, int) and isinstance(perm, int)
+
+
+@fuzz(600)
+@given(st.sampled_from(["user", "psk", "keyring", "asymmetric"]), st.integers(0, 1 << 32), st.integers(0, 1 << 32),
+       st.integers(0, 0xFFFFFFFF), st.text(st.characters(blacklist_categories=("Cs",)), max_size=80))
+def test_key_description_parse_round_trip(ktype: str, uid: int, gid: int, perm: int, desc: str) -> None:
+    raw = f"{ktype};{uid};{gid};{perm:08x};{desc}".encode()
+    assert parse_description(raw) == (ktype, uid, gid, perm, desc)
+
+
+proc_keys_lines = st.one_of(
+    st.text(max_size=160),
+    st.builds(lambda serial, kind, name, rest: f"{serial} I--Q---     1 perm 3f030000     0     0 {kind} {name}: {rest}\n",
+              st.integers(0, 0xFFFFFFFF).map(lambda n: f"{n:08x}") | st.text(max_size=9),
+              st.sampled_from(["keyring", "user", "psk", ""]), st.sampled_from([".nvme", ".nfs", "x", ""]),
+              st.text(max_size=30)),
+)
+
+
+@fuzz(800)
+@given(proc_keys_lines, st.sampled_from([".nvme", ".nfs", "x"]))
+def test_proc_keys_line_parse(line: str, name: str) -> None:
+    found = keyring_in_proc_keys_line(line, name)
+    if found is None:
+        return
+    fields = line.split()
+    assert fields[7] == "keyring" and fields[8].rstrip(":") == name and found == int(fields[0], 16)

@@ -31,12 +31,23 @@ def _from_proc_keys(name: str) -> int | None:
     try:
         with open(PROC_KEYS, encoding="utf-8", errors="replace") as handle:
             for line in handle:
-                fields = line.split(None, 9)
-                if len(fields) >= 9 and fields[7] == "keyring" and fields[8].rstrip(":") == name:
-                    return int(fields[0], 16)
+                found = keyring_in_proc_keys_line(line, name)
+                if found is not None:
+                    return found
     except OSError:
         return None
     return None
+
+
+def keyring_in_proc_keys_line(line: str, name: str) -> int | None:
+    """The serial on one /proc/keys line if it is the keyring called name ("<hex serial> ... keyring name: ...")."""
+    fields = line.split(None, 9)
+    if len(fields) < 9 or fields[7] != "keyring" or fields[8].rstrip(":") != name:
+        return None
+    try:
+        return int(fields[0], 16)
+    except ValueError:
+        return None
 
 
 def find_keyring(name: str) -> int | None:
