@@ -14,3 +14,35 @@ def cleanup() -> Iterator[list]:
     yield items
     for item in reversed(items):
         (item.stop if hasattr(item, "stop") else item.close)()
+
+
+# ---------------------------------------------------------------- figures in the CI log
+#
+# Tests that measure or prove something print it (interop lines with the verified kTLS
+# exchange, soak and isolation figures, the VM verdicts with the hsd/tlshd figures).
+# pytest hides a passing test's output; this gathers it into one section at the end of
+# the run, so the CI log carries the evidence without pytest's per-test headers.
+
+_printed: dict[str, list[tuple[str, str]]] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.passed and report.when in ("setup", "call") and report.capstdout.strip():
+        where, _, name = report.nodeid.partition("::")
+        _printed.setdefault(where, []).append((name, report.capstdout.strip("\n")))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    if not _printed:
+        return
+    terminalreporter.section("figures printed by the tests")
+    for where, entries in _printed.items():
+        terminalreporter.write_line(where)
+        for name, text in entries:
+            lines = text.splitlines()
+            if len(lines) == 1:
+                terminalreporter.write_line(f"  {name}: {lines[0].strip()}")
+                continue
+            terminalreporter.write_line(f"  {name}:")
+            for line in lines:
+                terminalreporter.write_line(f"    {line}")
