@@ -27,9 +27,13 @@ _printed: dict[str, list[tuple[str, str]]] = {}
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.passed and report.when in ("setup", "call") and report.capstdout.strip():
+    if not report.passed or report.when not in ("setup", "call"):
+        return
+    # only this phase's own output (a call report repeats what its setup printed)
+    text = "".join(body for title, body in report.sections if title == f"Captured stdout {report.when}")
+    if text.strip():
         where, _, name = report.nodeid.partition("::")
-        _printed.setdefault(where, []).append((name, report.capstdout.strip("\n")))
+        _printed.setdefault(where, []).append((name, text.strip("\n")))
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]

@@ -108,6 +108,7 @@ def test_every_handshake_line_has_all_fields_and_the_variants_backend(vm_run: Vm
     _require_pass(vm_run, scenario)
     log = vm_run.log(scenario)
     backend = scenario.split("@")[1]
+    print("\n".join(line for line in log.splitlines() if " ok: " in line))  # the scenario's own checks
     raw = [line for line in log.splitlines() if "handshake peer=" in line]
     parsed = _handshakes(log)
     assert raw and len(parsed) == len(raw), (
