@@ -99,6 +99,7 @@ def test_harness_exit_code_matches_verdicts(vm_run: VmRun) -> None:
 def test_ktls_matrix_runs_every_suite_and_role_on_each_backend(vm_run: VmRun, backend: str) -> None:
     scenario = f"ktls-matrix@{backend}"
     _require_pass(vm_run, scenario)
+    print("\n".join(line for line in vm_run.log(scenario).splitlines() if " ok: " in line))
     cases = re.findall(rf"ok: (TLS_\S+) hsd-(client|server) \({backend}\): handshake", vm_run.log(scenario))
     assert len(set(cases)) == 8, f"{scenario}: expected 4 suites x 2 roles on {backend}, got {sorted(set(cases))}"
 
@@ -108,7 +109,7 @@ def test_every_handshake_line_has_all_fields_and_the_variants_backend(vm_run: Vm
     _require_pass(vm_run, scenario)
     log = vm_run.log(scenario)
     backend = scenario.split("@")[1]
-    print("\n".join(line for line in log.splitlines() if " ok: " in line))  # the scenario's own checks
+    print("\n".join(line for line in log.splitlines() if " ok: " in line))
     raw = [line for line in log.splitlines() if "handshake peer=" in line]
     parsed = _handshakes(log)
     assert raw and len(parsed) == len(raw), (
