@@ -514,14 +514,21 @@ class Simulator:
             self._drop_conn(conn)
             return
         fds = _fds_from_ancdata(ancdata)
+        replies: list[bytes] = []
         try:
             if not data:
                 self._drop_conn(conn)
                 return
             for raw in _raw_messages(data):
-                self._handle(conn, raw, fds[0] if fds else None)
+                reply = self._handle(conn, raw, fds[0] if fds else None)
+                if reply is not None:
+                    replies.append(reply)
         finally:
+            # the kernel only looks a DONE's fd up for the call (sockfd_lookup/fput): by the time the
+            # agent reads the ACK, the "kernel" holds no copy of it
             _close_all(fds)
+        for reply in replies:
+            self._reply(conn, reply)
 
     def _reply(self, conn: _Conn, data: bytes, fd: int | None = None) -> None:
         """Send a unicast reply, waiting briefly if the agent's buffer is full."""
@@ -537,11 +544,13 @@ class Simulator:
                 log.debug("reply to port %d failed: %s", conn.port, exc)
                 return
 
-    def _handle(self, conn: _Conn, raw: bytes, fd: int | None) -> None:
-        """One netlink message, netlink_rcv_skb style: an error echoes the request, success ACKs if asked."""
+    def _handle(self, conn: _Conn, raw: bytes, fd: int | None) -> bytes | None:
+        """One netlink message, netlink_rcv_skb style: an error echoes the request, success ACKs if asked.
+
+        Returns that error/ACK message; the caller sends it once the message's fds are closed."""
         _, mtype, flags, _, _ = p.NLMSG_HDR.unpack_from(raw)
         if mtype < 0x10 and mtype != SIMCALL_TYPE:
-            return  # control messages are skipped by the kernel
+            return None  # control messages are skipped by the kernel
         err = 0
         if flags & p.NLM_F_REQUEST:
             try:
@@ -555,7 +564,8 @@ class Simulator:
                     log.exception("simulator failed on a message from port %d", conn.port)
                     err = errno.EIO
         if err or flags & p.NLM_F_ACK:
-            self._reply(conn, p.encode_error(raw, err, pid=conn.port))
+            return p.encode_error(raw, err, pid=conn.port)
+        return None
 
     def _dispatch(self, conn: _Conn, msg: p.GenlMessage, fd: int | None) -> int:
         if msg.type == p.GENL_ID_CTRL:
