@@ -171,10 +171,10 @@ def verify_server_certificate(chain: Sequence[x509.Certificate], creds: X509Cred
     Returns the verified path, leaf first.  Raises PeerRejected with an
     OpenSSL-like reason.  The caller decides whether verification is on.
     """
-    require_peer_name(peername)
+    name = require_peer_name(peername)
     if not chain:
         raise PeerRejected("server sent no certificate")
-    subject = peer_subject(peername)
+    subject = peer_subject(name)
     now = now or _now()
     verifier = (PolicyBuilder().store(trust_store(creds)).time(now).max_chain_depth(MAX_CHAIN_DEPTH)
                 .build_server_verifier(subject))

@@ -128,7 +128,7 @@ def client_handshake(ctx: HandshakeContext) -> Session:
     verify = creds.verify_peer
     if verify:
         x509verify.require_peer_name(ctx.peername)
-    if not verify:
+    else:
         ctx.log.debug("server certificate verification disabled by configuration")
     context = contexts.obtain(context_key(ctx, creds), lambda: _client_context(ctx, creds))
     outcome = VerifyOutcome("server", [], enforce=True)
