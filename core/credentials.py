@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import mldsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from . import keyring
@@ -26,8 +25,13 @@ from .errors import CredentialError
 from .protocol import HandshakeRequest
 
 MAX_CHAIN = 10
-MLDSA_PUBLIC_KEYS = (mldsa.MLDSA44PublicKey, mldsa.MLDSA65PublicKey, mldsa.MLDSA87PublicKey)
-MLDSA_PRIVATE_KEYS = (mldsa.MLDSA44PrivateKey, mldsa.MLDSA65PrivateKey, mldsa.MLDSA87PrivateKey)
+try:  # ML-DSA keys arrived in cryptography 46; Debian trixie ships 43 (x509.pq.* is then refused)
+    from cryptography.hazmat.primitives.asymmetric import mldsa
+    MLDSA_PUBLIC_KEYS: tuple[type, ...] = (mldsa.MLDSA44PublicKey, mldsa.MLDSA65PublicKey, mldsa.MLDSA87PublicKey)
+    MLDSA_PRIVATE_KEYS: tuple[type, ...] = (mldsa.MLDSA44PrivateKey, mldsa.MLDSA65PrivateKey,
+                                            mldsa.MLDSA87PrivateKey)
+except ImportError:
+    MLDSA_PUBLIC_KEYS = MLDSA_PRIVATE_KEYS = ()
 
 log = logging.getLogger("hsd")
 _warned_modes: set[tuple[str, int]] = set()
