@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from . import filetrust
+
 DEFAULT_PATHS = ("/etc/tlshd/config", "/etc/tlshd.conf")
 MODES = ("client.unauth", "client.x509", "client.psk", "server.x509", "server.psk")
 
@@ -211,4 +213,8 @@ def load(path: str | None) -> Config:
         raise ConfigError(f"{chosen}: cannot read config: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{chosen}: not a UTF-8 text file") from None
-    return parse(text, chosen)
+    cfg = parse(text, chosen)
+    warning = filetrust.enforce(chosen, "config", cfg.strict_permissions, refuse=ConfigError)
+    if warning:  # once per file and problem (not again at every reload)
+        cfg.warnings.append(warning)
+    return cfg

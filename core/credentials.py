@@ -11,7 +11,6 @@ import hashlib
 import hmac
 import logging
 import os
-import stat
 import threading
 from dataclasses import dataclass, field
 
@@ -19,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from . import keyring
+from . import filetrust, keyring
 from .config import Config
 from .errors import CredentialError
 from .protocol import HandshakeRequest
@@ -34,7 +33,6 @@ except ImportError:
     MLDSA_PUBLIC_KEYS = MLDSA_PRIVATE_KEYS = ()
 
 log = logging.getLogger("hsd")
-_warned_modes: set[tuple[str, int]] = set()
 
 
 @dataclass
@@ -142,20 +140,17 @@ def _from_keyring(serial: int, parse, what: str):
 
 
 def check_private_key_file(path: str, strict: bool) -> None:
-    """A private key readable by group or others: warn once per file and mode; refuse when strict."""
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except OSError:
-        return  # reading it will report the problem
-    if not mode & 0o077:
-        return
-    who = " and ".join(w for w, bits in (("group", 0o070), ("others", 0o007)) if mode & bits)
-    text = f"{path}: private key file is accessible by {who} (mode {mode:04o}); chmod 600 it"
-    if strict:
-        raise CredentialError(f"{text} ([hsd] strict_permissions refuses it)")
-    if (path, mode) not in _warned_modes:
-        _warned_modes.add((path, mode))
-        log.warning("%s", text)
+    """A private key others could read or replace: warn once per file and problem; refuse when strict."""
+    warning = filetrust.enforce(path, "private key", strict, refuse=CredentialError, secret=True)
+    if warning:
+        log.warning("%s", warning)
+
+
+def check_trusted_file(path: str, strict: bool, what: str = "trusted") -> None:
+    """A trust store, CRL or certificate others could replace: warn once; refuse when strict."""
+    warning = filetrust.enforce(path, what, strict, refuse=CredentialError)
+    if warning:
+        log.warning("%s", warning)
 
 
 def _load_pq_pair(config: Config, request: HandshakeRequest) -> tuple[list[x509.Certificate], PrivateKeyTypes | None]:
@@ -195,6 +190,10 @@ def load_x509(config: Config, request: HandshakeRequest) -> X509Credentials:
     role = request.role
     rc = config.role(role)
     creds = X509Credentials()
+    for trusted, what in ((rc.truststore, "trust store"), (rc.crl, "CRL"), (rc.certificate, "certificate"),
+                          (rc.pq_certificate, "certificate")):
+        if trusted:
+            check_trusted_file(trusted, config.strict_permissions, what)
     if rc.truststore:
         creds.trust = list(_cache.get(rc.truststore, "trust", parse_certificates))
     if rc.crl:
