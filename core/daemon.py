@@ -32,7 +32,7 @@ from typing import Callable
 from . import config as config_mod
 from . import privileges
 from .channel import Channel
-from .credentials import check_private_key_file
+from .credentials import check_private_key_file, check_trusted_file
 from .errors import CredentialError
 from .dispatcher import Dispatcher
 from .plugins import PluginHost
@@ -93,28 +93,135 @@ def _ensure_process_keyring() -> None:
         log.debug("no process keyring: %s", exc)
 
 
+class SignalRelay:
+    """Stop and reload signals, acted on by a thread of ours instead of inside the signal handler.
+
+    Why: a Python signal handler runs in the main thread between two bytecodes of
+    whatever it interrupted - possibly while that code holds a lock (a logging
+    handler's, an Event's condition, the worker pool's).  A handler that logs,
+    sets an Event or takes any other lock can then wait forever for itself, and
+    every thread that wants the same lock waits with it.  So the handler only
+    writes the signal number to a non-blocking self-pipe (os.write takes no
+    lock); the "hsd-signals" thread reads it and does the work in ordinary code.
+
+    The handler ignores signals in a forked child (an isolated handshake, before
+    it resets its handlers): the pipe belongs to the process that made it.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+    _CLOSE = 0  # not a signal number: tells the thread to end
+
+    def __init__(self) -> None:
+        self._owner = os.getpid()
+        self._read_fd, self._write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        os.set_blocking(self._read_fd, True)
+        self._previous: dict[int, object] = {}
+        self._thread: threading.Thread | None = None
+        self.act: Callable[[int], None] = lambda _signum: None  # runs in the thread
+
+    def _handler(self, signum: int, _frame: object) -> None:
+        """The whole signal handler: one write, no lock, no logging."""
+        if os.getpid() != self._owner:
+            return
+        try:
+            os.write(self._write_fd, bytes((signum,)))
+        except OSError:
+            pass  # pipe full: earlier signals are still queued, and stopping twice is stopping once
+
+    def install(self) -> None:
+        """Main thread only (signal.signal's rule); signals are queued until start()."""
+        for signum in self.SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handler)
+
+    def start(self, act: Callable[[int], None]) -> None:
+        """From now on act(signum) runs for each signal, the queued ones first (a later call replaces act)."""
+        self.act = act
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="hsd-signals", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            try:
+                data = os.read(self._read_fd, 64)
+            except InterruptedError:
+                continue
+            for signum in data:
+                if signum == self._CLOSE:
+                    return
+                try:
+                    self.act(signum)
+                except Exception:  # noqa: BLE001  a failed reload must not end signal handling
+                    log.exception("handling %s failed", signal.Signals(signum).name)
+            if not data:
+                return
+
+    def close(self) -> None:
+        """Previous handlers back, thread ended, pipe closed (signals after this get the old handlers)."""
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)  # type: ignore[arg-type]
+        self._previous.clear()
+        if self._thread is not None:
+            os.set_blocking(self._write_fd, True)
+            os.write(self._write_fd, bytes((self._CLOSE,)))
+            self._thread.join()
+            self._thread = None
+        os.close(self._read_fd)
+        os.close(self._write_fd)
+
+
+def check_credential_files(config: config_mod.Config) -> None:
+    """Every file hsd will trust, checked at start-up: warn once, or CredentialError when strict."""
+    for rc in (config.client, config.server):
+        for path, what in ((rc.truststore, "trust store"), (rc.crl, "CRL"), (rc.certificate, "certificate"),
+                           (rc.pq_certificate, "certificate")):
+            if path:
+                check_trusted_file(path, config.strict_permissions, what)
+        for path in (rc.private_key, rc.pq_private_key):
+            if path:
+                check_private_key_file(path, config.strict_permissions)
+
+
 def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
           config_path: str | None, max_inflight: int | None = None, host: PluginHost | None = None,
           stop: threading.Event | None = None, on_ready: Callable[[], None] | None = None,
-          drop_capabilities: bool = True, on_signal: Callable[[int], None] | None = None) -> int:
+          drop_capabilities: bool = True, on_signal: Callable[[int], None] | None = None,
+          hardened: bool = False, signals: SignalRelay | None = None) -> int:
     """Run until a stop signal; returns the process exit code.
 
-    The channel is already connected and joined; as root, every capability but
-    CAP_NET_ADMIN is dropped here, before any handshake thread exists.
+    The channel is already connected and joined.  First, while this process has
+    one thread: no core dumps and, as root, every capability but CAP_NET_ADMIN
+    dropped (hardened=True: the caller - serve_workers - did that already;
+    drop_capabilities=False, for serve() inside a test process: neither).
     on_signal(signum) is called for every stop/reload signal (worker processes
-    forward them to their children)."""
+    forward them to their children); signals is the caller's installed
+    SignalRelay (serve_workers keeps it past serve()), else serve() makes its own
+    when it runs in the main thread."""
+    if drop_capabilities and not hardened:
+        try:
+            privileges.harden_process()
+        except privileges.PrivilegeError as exc:
+            log.error("cannot drop privileges, refusing to run with them: %s", exc.strerror)
+            channel.close()
+            return 1
+    try:
+        check_credential_files(config)  # warn (or refuse, when strict) at start-up
+    except CredentialError as exc:
+        log.error("%s", exc)
+        channel.close()
+        return 1
     stop = stop or threading.Event()
     _ensure_process_keyring()
     host = host or PluginHost.discover(config)
     dispatcher = Dispatcher(channel, host, config, backend=backend, max_inflight=max_inflight)
 
-    def on_stop(signum: int, _frame: object) -> None:
+    def on_stop(signum: int) -> None:
         log.info("received %s: finishing in-flight handshakes and stopping", signal.Signals(signum).name)
         stop.set()
         if on_signal:
             on_signal(signum)
 
-    def on_reload(signum: int, _frame: object) -> None:
+    def on_reload(signum: int) -> None:
         if on_signal:
             on_signal(signum)
         try:
@@ -128,11 +235,15 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
         host.config = fresh
         log.info("configuration reloaded from %s", fresh.source or "built-in defaults")
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, on_stop)
-        signal.signal(signal.SIGINT, on_stop)
-        signal.signal(signal.SIGHUP, on_reload)
-        signal.signal(signal.SIGUSR1, on_reload)
+    def act(signum: int) -> None:  # in the hsd-signals thread, never in a signal handler
+        (on_stop if signum in (signal.SIGTERM, signal.SIGINT) else on_reload)(signum)
+
+    own_signals = None
+    if signals is None and threading.current_thread() is threading.main_thread():
+        signals = own_signals = SignalRelay()
+        signals.install()
+    if signals is not None:
+        signals.start(act)  # the first thread serve() starts: after the capability drop
 
     def ready() -> None:
         log.info("hsd ready: listening for handshake requests (backend %s, up to %d in flight)",
@@ -141,22 +252,6 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
         if on_ready:
             on_ready()
 
-    roles = (config.client, config.server)
-    key_files = [path for rc in roles for path in (rc.private_key, rc.pq_private_key) if path]
-    for key_file in key_files:  # warn (or refuse, when strict) at start-up
-        try:
-            check_private_key_file(key_file, config.strict_permissions)
-        except CredentialError as exc:
-            log.error("%s", exc)
-            channel.close()
-            return 1
-    if drop_capabilities:
-        try:
-            privileges.drop_privileges()
-        except privileges.PrivilegeError as exc:
-            log.error("cannot drop capabilities, refusing to run with all of them: %s", exc.strerror)
-            channel.close()
-            return 1
     try:
         dispatcher.run(stop, ready=ready)
     except ConnectionError as exc:
@@ -167,6 +262,8 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
     finally:
         notify_systemd("STOPPING=1")
         channel.close()
+        if own_signals is not None:
+            own_signals.close()
     return 0
 
 
@@ -305,15 +402,22 @@ def serve_workers(open_channel: Callable[[], Channel], config: config_mod.Config
                   max_inflight: int | None = None, host: PluginHost | None = None) -> int:
     """serve() in `workers` processes; the channel is opened in each process after the fork.
 
-    Must be called before any thread exists (the children are forked)."""
+    Must be called before any thread exists: the process is hardened (capabilities,
+    core dumps) here, before the children are forked and before the reaper and
+    signal threads start, so every thread of every worker holds only CAP_NET_ADMIN."""
     if is_worker_child():
         become_worker_child()
         workers = 1
+    if workers > 1 and threading.active_count() > 1:
+        raise RuntimeError("serve_workers() must fork before any thread is started")
+    try:
+        privileges.harden_process()
+    except privileges.PrivilegeError as exc:
+        log.error("cannot drop privileges, refusing to run with them: %s", exc.strerror)
+        return 1
     if workers <= 1:
         return serve(open_channel(), config, backend=backend, config_path=config_path,
-                     max_inflight=max_inflight, host=host)
-    if threading.active_count() > 1:
-        raise RuntimeError("serve_workers() must fork before any thread is started")
+                     max_inflight=max_inflight, host=host, hardened=True)
     pool = WorkerPool(respawn_argv)
 
     def child_main() -> int:
@@ -323,16 +427,21 @@ def serve_workers(open_channel: Callable[[], Channel], config: config_mod.Config
             log.error("worker %d: cannot open the handshake channel: %s", os.getpid(), exc)
             return 1
         return serve(channel, config, backend=backend, config_path=config_path,
-                     max_inflight=max_inflight, host=host)
+                     max_inflight=max_inflight, host=host, hardened=True)
 
     for _ in range(workers - 1):
         pool.fork_child(child_main)
+    # the parent's relay outlives serve(): a stop signal while the children are waited for is still handled
+    signals = SignalRelay()
+    signals.install()
     pool.start_reaping()
     code = 1
     try:
         code = serve(open_channel(), config, backend=backend, config_path=config_path,
-                     max_inflight=max_inflight, host=host, on_signal=pool.signal_all)
+                     max_inflight=max_inflight, host=host, on_signal=pool.signal_all, hardened=True,
+                     signals=signals)
     finally:
         pool.stop()
         pool.wait()
+        signals.close()
     return code or (1 if pool.failed_on_stop else 0)
