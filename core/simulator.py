@@ -1059,8 +1059,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
     stop = threading.Event()
+    stopping: list[int] = []  # the handler only appends: Event.set would take a lock the main thread may hold
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, lambda got, _frame: stopping.append(got))
     try:
         sim = Simulator(args.socket, args.pending_max).start()
     except OSError as exc:
@@ -1082,8 +1083,9 @@ def main(argv: list[str] | None = None) -> int:
             threads.append(threading.Thread(target=consumers.run_clients, daemon=True))
         for thread in threads:
             thread.start()
-        while not stop.wait(0.5):
+        while not stopping and not stop.wait(0.5):
             pass
+        stop.set()
         for thread in threads:
             thread.join(5)
     finally:
