@@ -230,7 +230,7 @@ class Dispatcher:
                 raise HandshakeTimeout("the watchdog already failed this request")
             if not session.ktls_installed:
                 install_session(self.channel.ktls, sock, session)
-            remote_auth = session.remote_auth or identity.remote_auth_for(request, session)
+            remote_auth = session.remote_auth or identity.remote_auth_for(request, session, _verified(ctx))
             outcome.status = 0
         except HandshakeError as exc:
             outcome.status, outcome.reason = exc.status, exc.reason
@@ -302,3 +302,8 @@ def _close_fd(fd: int) -> None:
         os.close(fd)
     except OSError:
         pass
+
+
+def _verified(ctx: HandshakeContext | None) -> bool:
+    """Did the backend verify the peer's certificate?  (The contract: with verify_peer it must.)"""
+    return ctx is not None and ctx.x509 is not None and ctx.x509.verify_peer

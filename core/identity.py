@@ -1,10 +1,20 @@
 """The peer identity reported in DONE's remote-auth, as the reference daemon reports it.
 
 - PSK: the serial of the key used (set by the PSK plugin in Session.remote_auth).
-- client x509/unauth: each server certificate as an "asymmetric" key in the user
-  keyring, described "TLS x509 <peername>"; when the kernel cannot parse the
-  certificate's key algorithm (add_key fails), a "user" key with the DER instead,
-  so the consumer still sees a non-zero identity.
+- client x509/unauth: the server's verified leaf certificate as one "asymmetric"
+  key in root's user keyring, described "TLS x509 <peername>"; when the kernel
+  cannot parse the certificate's key algorithm (add_key fails), a "user" key
+  with the DER instead, so the consumer still sees a non-zero identity.
+  Only the leaf: the kernel hands its consumer one peerid (the first
+  remote-auth), which names the server; intermediates and roots are not its
+  identity and are not stored.  (tlshd adds every certificate under the
+  leaf's description, so only the last one sent stays linked - the leaf's key,
+  the one it reports first, is gone.)  In unauth mode tlshd reports nothing;
+  hsd reports the verified leaf there too, which unauth consumers ignore.
+- client with verification off (verify_server = false): nothing is stored and
+  no remote-auth is reported.  tlshd creates peer keys only in its certificate
+  verification callback, after the chain verified; an unverified certificate
+  is the peer's claim, not an identity, and must not land in a keyring.
 - server x509: the kernel must not parse client certificates, so each verified
   client certificate is reported as the sentinel 0xFFFFFFFF (UINT_MAX), which
   NFSD reads as "peer authenticated"; no client certificate -> no remote-auth.
@@ -26,17 +36,17 @@ SERVER_X509_SENTINEL = 0xFFFFFFFF
 MAX_IDENTITIES = 5
 
 
-def remote_auth_for(request: HandshakeRequest, session: Session) -> tuple[int, ...]:
+def remote_auth_for(request: HandshakeRequest, session: Session, verified: bool) -> tuple[int, ...]:
+    """The remote-auth serials for a successful handshake; verified: the backend verified the peer's chain."""
     certs = session.peer_certificates[:MAX_IDENTITIES]
     if not certs:
         return ()
     if request.message_type == MessageType.SERVERHELLO:
         return tuple(SERVER_X509_SENTINEL for _ in certs)
-    peer = request.peername or ""
-    # the leaf is described exactly like the reference daemon's key; the rest of the chain
-    # gets its own keys (one shared description would make every add_key overwrite the leaf)
-    descriptions = [f"TLS x509 {peer}".strip()] + [f"TLS x509 {peer} #{i}".strip() for i in range(1, len(certs))]
-    return tuple(s for s in (_cert_key(der, d) for der, d in zip(certs, descriptions)) if s)
+    if not verified:
+        return ()
+    serial = _cert_key(certs[0], f"TLS x509 {request.peername or ''}".strip())
+    return (serial,) if serial else ()
 
 
 _known: dict[tuple[str, bytes], tuple[int, str]] = {}  # (description, digest) -> (serial, key type)
