@@ -91,9 +91,9 @@ def _serve(args: argparse.Namespace, cfg: config_mod.Config, argv: list[str]) ->
     level = logging.DEBUG if (args.debug or cfg.loglevel > 0) else logging.INFO
     setup_logging(args.stderr, level, syslog=args.simulator is None)
     host = PluginHost.discover(cfg)
-    if cfg.backend not in host.backends():
-        print(f"hsd: backend {cfg.backend!r} is not installed (installed: {', '.join(host.backends()) or 'none'})",
-              file=sys.stderr)
+    problems = host.start_problems()
+    if problems:
+        print(f"hsd: {problems[0]}", file=sys.stderr)
         return EXIT_USAGE
 
     def open_channel() -> Channel:

@@ -27,6 +27,20 @@ class PluginProblem:
     reason: str
 
 
+@dataclass(frozen=True)
+class ModeStatus:
+    mode: Mode
+    backend: str  # the backend the configuration selects for this mode
+    problem: str | None  # why that backend cannot serve the mode; None when it can
+
+
+def load_failure(exc: BaseException) -> str:
+    """One line for a plugin whose import failed: the exception's type and message, no traceback."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        return f"ModuleNotFoundError: No module named {exc.name!r} (the Python module {exc.name!r} is not installed)"
+    return f"{type(exc).__name__}: {exc}"
+
+
 @dataclass
 class PluginHost:
     config: Config
@@ -43,7 +57,7 @@ class PluginHost:
         host = cls(config)
 
         def failed(_manager: Any, entrypoint: Any, exc: Exception) -> None:
-            host.problems.append(PluginProblem(entrypoint.name, f"cannot be loaded: {exc!r}"))
+            host.problems.append(PluginProblem(entrypoint.name, f"cannot be loaded: {load_failure(exc)}"))
 
         manager = ExtensionManager(ENTRY_POINT_GROUP, invoke_on_load=False,
                                    on_load_failure_callback=failed)
@@ -91,12 +105,53 @@ class PluginHost:
             self.config.backends.get(f"{mode.role}.{mode.auth}", default)
         info = self.backends().get(name)
         if info is None:
-            raise Unsupported(f"backend {name!r} is not installed (installed: {', '.join(self.backends()) or 'none'})")
+            raise Unsupported(self.why_unavailable(name))
         if mode not in info.modes:
             raise Unsupported(f"backend {name!r} does not serve {mode}")
         if mode.auth == "psk" and not any(i.kind == "policy" and mode in i.modes for i in self.infos.values()):
             raise Unsupported(f"no PSK policy plugin serves {mode}")
         return name
+
+    def why_unavailable(self, name: str) -> str:
+        """Why backend name is not usable: it failed to load (and why), is disabled, or is not installed."""
+        for problem in self.problems:
+            if problem.name == name:
+                return f"backend {name!r} is unavailable: {problem.reason}"
+        if name in self.disabled:
+            return f"backend {name!r} is disabled by configuration (enable_plugins/disable_plugins)"
+        return f"backend {name!r} is not installed (installed: {', '.join(self.backends()) or 'none'})"
+
+    def mode_statuses(self) -> list[ModeStatus]:
+        """Each mode with the backend the configuration selects for it and why it cannot serve (if so)."""
+        statuses = []
+        for mode in ALL_MODES:
+            selected = self.config.backend_for(mode.role, mode.auth)
+            try:
+                self.backend_for(mode)
+                problem = None
+            except Unsupported as exc:
+                problem = str(exc)
+            statuses.append(ModeStatus(mode, selected, problem))
+        return statuses
+
+    def start_problems(self) -> list[str]:
+        """What makes hsd refuse to start: a selected backend that cannot load, or no mode served at all.
+
+        A mode is refused only when its selected backend is missing; a backend that is
+        present but does not claim a mode (or PSK without a policy plugin) is a per-mode
+        limitation that each such request reports in its DONE.
+        """
+        statuses = self.mode_statuses()
+        problems: list[str] = []
+        missing: dict[str, list[str]] = {}
+        for status in statuses:
+            if status.backend not in self.backends():
+                missing.setdefault(status.backend, []).append(str(status.mode))
+        for name, modes in missing.items():
+            problems.append(f"{self.why_unavailable(name)} (selected for {', '.join(modes)})")
+        if not problems and all(s.problem for s in statuses):
+            problems.append("no configured mode has a backend that can serve it")
+        return problems
 
     def winners(self, default: str | None = None) -> dict[Mode, str]:
         """For each mode, which backend wins (or why none does) - for `hsd plugins`."""

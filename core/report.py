@@ -9,7 +9,10 @@ from .plugins import PluginHost
 
 
 def print_config(cfg: Config) -> int:
-    """`hsd check`: what hsd will actually use, after defaults; secrets are never in here."""
+    """`hsd check`: what hsd will actually use, after defaults; secrets are never in here.
+
+    Fails (1) when hsd would refuse to start: a selected backend that cannot load,
+    or no mode with a backend that serves it (PluginHost.start_problems)."""
     print(f"config file: {cfg.source or '(none found: built-in defaults)'}")
     print(f"[debug] loglevel={cfg.loglevel} tls={cfg.tls_debug} nl={cfg.nl_debug}")
     print(f"[authenticate] keyrings={';'.join(cfg.keyrings) or '(none)'} (always: .nvme;.nfs;.nfsd)")
@@ -29,12 +32,31 @@ def print_config(cfg: Config) -> int:
     print(f"[hsd.psk] modes={';'.join(cfg.psk_modes)}")
     for warning in cfg.warnings:
         print(f"warning: {warning}")
+    host = PluginHost.discover(cfg)
+    print_mode_statuses(host)
+    problems = host.start_problems()
+    for problem in problems:
+        print(f"error: {problem}")
+    if problems:
+        print("configuration FAILED: hsd would not start")
+        return 1
     print("configuration OK")
     return 0
 
 
+def print_mode_statuses(host: PluginHost) -> None:
+    """Per mode: the selected backend, and why it cannot serve the mode when it cannot."""
+    for status in host.mode_statuses():
+        verdict = f"unavailable: {status.problem}" if status.problem else "ok"
+        print(f"[mode] {str(status.mode):14} backend={status.backend} {verdict}")
+    for problem in host.problems:
+        print(f"[plugin] {problem.name} {problem.reason}")
+
+
 def print_plugins(cfg: Config) -> int:
-    """`hsd plugins`: what is installed, what each serves, which one wins per mode."""
+    """`hsd plugins`: what is installed, what each serves, which one wins per mode.
+
+    Fails (1) when no mode has a backend that serves it: a listing of nothing usable."""
     host = PluginHost.discover(cfg)
     print("installed plugins:")
     for name, info in sorted(host.infos.items()):
@@ -49,4 +71,7 @@ def print_plugins(cfg: Config) -> int:
     print(f"mode -> backend (default backend: {cfg.backend}):")
     for mode, winner in host.winners().items():
         print(f"  {str(mode):14} {winner}")
+    if all(status.problem for status in host.mode_statuses()):
+        print("no configured mode has a backend that can serve it")
+        return 1
     return 0
