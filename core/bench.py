@@ -423,8 +423,8 @@ class NullBackend:
 
         if ctx.backend != self.name:
             return None
-        return Session(cipher="TLS_AES_128_GCM_SHA256", tx_secret=bytearray(16 * b"\1"),
-                       rx_secret=bytearray(16 * b"\2"), group="none")
+        return Session(cipher="TLS_AES_128_GCM_SHA256", tx_secret=bytearray(32 * b"\1"),
+                       rx_secret=bytearray(32 * b"\2"), group="none")
 
 
 def _floor_main(argv: list[str]) -> int:

@@ -10,11 +10,13 @@ It never imports a TLS library.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
+import os
+import queue
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -30,10 +32,13 @@ from .ktls import install_session
 from .plugins import PluginHost
 from .protocol import AuthMode, Done, HandshakeRequest, MessageType, ProtocolError, errno_name
 from .session import Session
+from .validate import check_session, scrub
 
 log = logging.getLogger("hsd")
 
 WATCHDOG_GRACE = 2.0  # seconds past a request's deadline before the watchdog answers for it
+WATCHDOG_INTERVAL = 0.5  # the watchdog looks this often (and sleeps in between, always)
+SHUTDOWN_GRACE = 1.0  # after the last deadline + WATCHDOG_GRACE, stopping waits this much longer at most
 
 
 @dataclass
@@ -90,6 +95,67 @@ class _DoneOnce:
             return True
 
 
+@dataclass(eq=False)
+class _InFlight:
+    """One accepted request until its worker has cleaned up.
+
+    Keyed by request_id, never by fd: the fd number is free for the next ACCEPT
+    the moment the worker closes it, before or after its entry is gone."""
+
+    request_id: int
+    sockfd: int
+    deadline: float
+    once: _DoneOnce
+
+
+class _HandshakeThreads:
+    """Up to `size` reusable daemon threads running handshakes.
+
+    Not a ThreadPoolExecutor: its threads are joined at interpreter exit, so one
+    plugin call that never returns would keep hsd from ever exiting.  These are
+    daemon threads, and shutdown() waits for them only until a given time."""
+
+    def __init__(self, size: int, name: str) -> None:
+        self._size = size
+        self._name = name
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def submit(self, job: Callable[..., None], *args: Any) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the handshake threads are shut down")
+            self._jobs.put((job, args))
+            if self._idle.acquire(timeout=0) or len(self._threads) >= self._size:
+                return  # an idle thread takes it (or the next one to finish does)
+            thread = threading.Thread(target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def _work(self) -> None:
+        while (item := self._jobs.get()) is not None:
+            job, args = item
+            try:
+                job(*args)
+            except BaseException:  # noqa: BLE001  a job must never take its thread down with it
+                log.exception("a handshake thread's job failed")
+            self._idle.release()
+
+    def shutdown(self, until: float) -> list[threading.Thread]:
+        """No new jobs; let each thread finish its job until `until`; the ones still busy are abandoned."""
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+        for _ in threads:
+            self._jobs.put(None)
+        for thread in threads:
+            thread.join(max(0.0, until - time.monotonic()))
+        return [thread for thread in threads if thread.is_alive()]
+
+
 class Dispatcher:
     def __init__(self, channel: Channel, host: PluginHost, config: Config, *,
                  backend: str | None = None, max_inflight: int | None = None,
@@ -100,44 +166,75 @@ class Dispatcher:
         self.default_backend = backend
         self.max_inflight = max_inflight or config.max_inflight
         self.on_outcome = on_outcome
-        self._pool = ThreadPoolExecutor(self.max_inflight, thread_name_prefix="hsd-handshake")
-        self._slots = threading.Semaphore(self.max_inflight)
-        self._inflight: dict[int, tuple[float, _DoneOnce]] = {}
+        self._pool = _HandshakeThreads(self.max_inflight, "hsd-handshake")
+        self._request_ids = itertools.count(1)
+        self._inflight: dict[int, _InFlight] = {}  # request_id -> entry
         self._inflight_lock = threading.Lock()
+        self._inflight_changed = threading.Condition(self._inflight_lock)
         self._slot_freed = threading.Event()
         self.stats = {"accepted": 0, "done": 0, "ok": 0, "failed": 0, "watchdog": 0}
+
+    def inflight(self) -> int:
+        """How many accepted requests have not finished their clean-up (what max_inflight bounds)."""
+        with self._inflight_lock:
+            return len(self._inflight)
 
     # ------------------------------------------------------------ loop
 
     def run(self, stop: threading.Event, ready: Callable[[], None] | None = None) -> None:
         """Serve until stop is set; then let in-flight handshakes finish (each still gets its DONE).
 
-        A broken channel (ConnectionError from wait_ready/accept) ends the loop
-        the same way, then propagates: the caller decides (serve() exits non-zero)."""
-        finished = threading.Event()  # run() is over, whatever the reason: the watchdog may go
-        watchdog = threading.Thread(target=self._watchdog, args=(stop, finished), name="hsd-watchdog",
+        Stopping is bounded: it waits for the latest in-flight deadline plus the
+        watchdog's grace plus SHUTDOWN_GRACE at most; a plugin thread still busy
+        then is abandoned (its request already has its DONE).  A broken channel
+        (ConnectionError from wait_ready/accept) ends the loop the same way, then
+        propagates: the caller decides (serve() exits non-zero)."""
+        watchdog_over = threading.Event()
+        watchdog = threading.Thread(target=self._watchdog, args=(watchdog_over,), name="hsd-watchdog",
                                     daemon=True)
         watchdog.start()
-        if ready:
-            ready()
-        backlog = OVERRUN  # at start-up, drain whatever was queued before we ran
         try:
-            while not stop.is_set():
-                if backlog:
-                    backlog = self._accept_some(backlog)
-                if backlog and self._full():
-                    self._slot_freed.wait(0.2)
-                    self._slot_freed.clear()
-                    continue
-                got = self.channel.wait_ready(0.2 if not backlog else 0)
-                if got == OVERRUN:
-                    backlog = OVERRUN
-                elif got and backlog != OVERRUN:
-                    backlog += got
+            if ready:
+                ready()
+            self._serve_queue(stop)
         finally:
-            self._pool.shutdown(wait=True)
-            finished.set()
-            watchdog.join()
+            try:
+                self._drain()
+            finally:
+                watchdog_over.set()
+                watchdog.join()
+
+    def _serve_queue(self, stop: threading.Event) -> None:
+        backlog = OVERRUN  # at start-up, drain whatever was queued before we ran
+        while not stop.is_set():
+            if backlog:
+                backlog = self._accept_some(backlog)
+            if backlog and self._full():
+                self._slot_freed.wait(0.2)
+                self._slot_freed.clear()
+                continue
+            got = self.channel.wait_ready(0.2 if not backlog else 0)
+            if got == OVERRUN:
+                backlog = OVERRUN
+            elif got and backlog != OVERRUN:
+                backlog += got
+
+    def _drain(self) -> None:
+        """Wait (bounded) for in-flight requests; any left get their DONE now and are forgotten."""
+        with self._inflight_changed:
+            last = max((entry.deadline for entry in self._inflight.values()), default=time.monotonic())
+            bound = max(last + WATCHDOG_GRACE, time.monotonic()) + SHUTDOWN_GRACE
+            while self._inflight and (left := bound - time.monotonic()) > 0:
+                self._inflight_changed.wait(left)
+            abandoned = list(self._inflight.values())
+            self._inflight.clear()
+        for entry in abandoned:
+            if entry.once.send(errno.ETIMEDOUT):
+                self.stats["watchdog"] += 1
+            log.error("handshake on fd %d still in its plugin when stopping: abandoned (DONE sent)", entry.sockfd)
+        stuck = self._pool.shutdown(until=bound)
+        if stuck:
+            log.error("stopping with %d handshake thread(s) stuck in a plugin", len(stuck))
 
     def _full(self) -> bool:
         with self._inflight_lock:
@@ -176,39 +273,52 @@ class Dispatcher:
     def _fail_unparsed(self, sockfd: int, reason: str) -> None:
         once = _DoneOnce(self.channel, sockfd)
         once.send(errno.EIO)
-        try:
-            socket.socket(fileno=sockfd).close()
-        except OSError:
-            pass
+        _close_fd(sockfd)
         self.stats["done"] += 1
         self.stats["failed"] += 1
 
     def _start(self, request: HandshakeRequest) -> None:
-        once = _DoneOnce(self.channel, request.sockfd)
         timeout_ms = request.timeout_ms or self.config.handshake_timeout_ms
-        deadline = time.monotonic() + timeout_ms / 1000
+        entry = _InFlight(next(self._request_ids), request.sockfd, time.monotonic() + timeout_ms / 1000,
+                          _DoneOnce(self.channel, request.sockfd))
         with self._inflight_lock:
-            self._inflight[request.sockfd] = (deadline, once)
-        self._pool.submit(self._serve, request, once, deadline)
+            self._inflight[entry.request_id] = entry
+        try:
+            self._pool.submit(self._serve, request, entry)
+        except RuntimeError as exc:  # no thread could be started (or the pool is shut down)
+            log.error("cannot start the handshake on fd %d: %s", request.sockfd, exc)
+            _each_step(("DONE", lambda: entry.once.send(errno.EIO)),
+                       ("in-flight removal", lambda: self._forget(entry)),
+                       ("close", lambda: _close_fd(request.sockfd)))
+            self.stats["done"] += 1
+            self.stats["failed"] += 1
 
-    def _watchdog(self, stop: threading.Event, finished: threading.Event) -> None:
-        while not (stop.wait(0.5) or finished.is_set()) or self._inflight:
+    def _forget(self, entry: _InFlight) -> None:
+        with self._inflight_changed:
+            self._inflight.pop(entry.request_id, None)
+            self._inflight_changed.notify_all()
+        self._slot_freed.set()
+
+    def _watchdog(self, over: threading.Event) -> None:
+        """Answer (ETIMEDOUT) for plugins that overstay a deadline; sleeps between every look."""
+        while not over.wait(WATCHDOG_INTERVAL):
             now = time.monotonic()
             with self._inflight_lock:
-                late = [(fd, once) for fd, (deadline, once) in self._inflight.items()
-                        if now > deadline + WATCHDOG_GRACE and not once.sent]
-            for fd, once in late:
-                if once.send(errno.ETIMEDOUT):
+                late = [entry for entry in self._inflight.values()
+                        if now > entry.deadline + WATCHDOG_GRACE and not entry.once.sent]
+            for entry in late:
+                if entry.once.send(errno.ETIMEDOUT):
                     self.stats["watchdog"] += 1
-                    log.error("handshake on fd %d overran its deadline in the plugin; sent DONE ETIMEDOUT", fd)
-            if (stop.is_set() or finished.is_set()) and not self._inflight:
-                return
+                    log.error("handshake on fd %d overran its deadline in the plugin; sent DONE ETIMEDOUT",
+                              entry.sockfd)
 
     # ------------------------------------------------------------ one handshake
 
-    def _serve(self, request: HandshakeRequest, once: _DoneOnce, deadline: float) -> None:
+    def _serve(self, request: HandshakeRequest, entry: _InFlight) -> None:
         started = time.monotonic()
+        once = entry.once
         outcome = Outcome(request, errno.EIO)
+        result: object = None
         session: Session | None = None
         ctx: HandshakeContext | None = None
         sock: socket.socket | None = None
@@ -219,12 +329,13 @@ class Dispatcher:
             except OSError as exc:
                 raise HandshakeError(f"fd {request.sockfd} from ACCEPT is not a usable socket: {exc.strerror}") from None
             outcome.peer, outcome.local = address_of(sock.getpeername), address_of(sock.getsockname)
-            ctx = self._context(request, sock, deadline)
+            ctx = self._context(request, sock, entry.deadline)
             outcome.backend = ctx.backend
-            session = (run_isolated(ctx) if self.config.isolation == "process"
-                       else ctx.hook.hsd_handshake(ctx=ctx))
-            if session is None:
+            result = (run_isolated(ctx) if self.config.isolation == "process"
+                      else ctx.hook.hsd_handshake(ctx=ctx))
+            if result is None:
                 raise Unsupported(f"backend {ctx.backend!r} did not handle {ctx.mode}")
+            session = check_session(result, ctx.backend)
             outcome.cipher, outcome.group = session.cipher, session.group
             if once.sent:
                 raise HandshakeTimeout("the watchdog already failed this request")
@@ -238,21 +349,24 @@ class Dispatcher:
             log.exception("internal error during handshake")
             outcome.status, outcome.reason = errno.EIO, f"internal error: {exc!r}"
         finally:
-            if session is not None:
-                session.wipe()
-            once.send(outcome.status, remote_auth)
+            # every step runs whatever an earlier one raised; the entry goes before the fd, so a
+            # request that gets this fd number next can never lose its own entry to this one
+            _each_step(("DONE", lambda: once.send(outcome.status, remote_auth)),
+                       ("wipe", lambda: _wipe(session, result)),
+                       ("in-flight removal", lambda: self._forget(entry)),
+                       ("close", lambda: self._close_socket(sock, request.sockfd)))
             outcome.done_error = once.error
-            if sock is not None:
-                sock.close()
-            else:
-                _close_fd(request.sockfd)
-            with self._inflight_lock:
-                self._inflight.pop(request.sockfd, None)
-            self._slot_freed.set()
             outcome.duration = time.monotonic() - started
             self.stats["done"] += 1
             self.stats["ok" if outcome.status == 0 else "failed"] += 1
             self._report(outcome, ctx, session)
+
+    def _close_socket(self, sock: socket.socket | None, sockfd: int) -> None:
+        """The request's fd, last of its clean-up (its number may be handed out again at once)."""
+        if sock is not None:
+            sock.close()
+        else:
+            _close_fd(sockfd)
 
     def _context(self, request: HandshakeRequest, sock: socket.socket, deadline: float) -> HandshakeContext:
         if request.message_type not in (MessageType.CLIENTHELLO, MessageType.SERVERHELLO):
@@ -295,15 +409,30 @@ def address_of(get_address: Callable[[], Any]) -> str:
     return str(addr) or "-"
 
 
-def _close_fd(fd: int) -> None:
-    import os
+def _each_step(*steps: tuple[str, Callable[[], object]]) -> None:
+    """Run every step in order; one that raises is logged (one line) and the next still runs."""
+    for name, step in steps:
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001  clean-up must not stop half-way
+            log.error("request clean-up step %s failed: %r", name, exc)
 
-    try:
-        os.close(fd)
-    except OSError:
-        pass
+
+def _wipe(session: Session | None, result: object) -> None:
+    """Zero the secrets: the validated session's (Session.wipe), or what a malformed result holds."""
+    if session is not None:
+        session.wipe()
+    elif result is not None:
+        scrub(result)
 
 
 def _verified(ctx: HandshakeContext | None) -> bool:
     """Did the backend verify the peer's certificate?  (The contract: with verify_peer it must.)"""
     return ctx is not None and ctx.x509 is not None and ctx.x509.verify_peer
+
+
+def _close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass

@@ -41,6 +41,7 @@ from . import keyring
 from .context import HandshakeContext
 from .errors import HandshakeError, HandshakeTimeout
 from .session import Session
+from .validate import check_session, scrub
 
 log = logging.getLogger("hsd.isolation")
 
@@ -173,12 +174,15 @@ def _run_and_encode(ctx: HandshakeContext, handshake: Handshake) -> bytearray:
         return _encode({"kind": "bug", "reason": repr(exc)})
     if session is None:
         return _encode({"kind": "none"})
-    if not isinstance(session, Session):
-        return _encode({"kind": "bug", "reason": f"the plugin returned {type(session).__name__}, not a Session"})
     try:
-        return _encode(_session_header(session), session.tx_secret, session.rx_secret)
+        checked = check_session(session, ctx.backend)  # the same contract as in-process, checked here
+    except HandshakeError as exc:
+        scrub(session)
+        return _encode({"kind": "error", "status": exc.status, "reason": exc.reason, "type": type(exc).__name__})
+    try:
+        return _encode(_session_header(checked), checked.tx_secret, checked.rx_secret)
     finally:
-        session.wipe()
+        scrub(checked)
 
 
 def _write_all(fd: int, data: bytearray) -> None:
@@ -317,18 +321,31 @@ def _result(frame: bytearray, wait_status: int, killed: bool) -> Session | None:
         header, tx, rx = _decode(frame)
     except (ValueError, struct.error) as exc:
         raise IsolatedHandshakeFailed(f"the isolated handshake sent a malformed result: {exc}") from None
+    if not isinstance(header, dict):
+        _wipe(tx)
+        _wipe(rx)
+        raise IsolatedHandshakeFailed("the isolated handshake sent a malformed result: no header object")
     kind = header.get("kind")
     if kind == "error":
-        raise _error_named(str(header.get("type", "")), str(header.get("reason", "")), int(header["status"]))
+        status = header.get("status")
+        if not isinstance(status, int) or isinstance(status, bool) or not 0 < status < 4096:
+            status = errno.EIO  # a DONE status is a positive errno; anything else is the child's garbage
+        raise _error_named(str(header.get("type", "")), str(header.get("reason", "")), status)
     if kind == "bug":
         raise IsolatedHandshakeFailed(f"internal error in the isolated handshake: {header.get('reason')}")
     if kind == "none":
         return None
-    return Session(cipher=header["cipher"], tx_secret=tx, rx_secret=rx, tx_seq=header["tx_seq"],
-                   rx_seq=header["rx_seq"], version=header["version"], group=header["group"],
-                   remote_auth=tuple(header["remote_auth"]),
-                   peer_certificates=tuple(base64.b64decode(der) for der in header["peer_certificates"]),
-                   ktls_installed=header["ktls_installed"], details=dict(header["details"]))
+    try:
+        return Session(cipher=header["cipher"], tx_secret=tx, rx_secret=rx, tx_seq=header["tx_seq"],
+                       rx_seq=header["rx_seq"], version=header["version"], group=header["group"],
+                       remote_auth=tuple(header["remote_auth"]),
+                       peer_certificates=tuple(base64.b64decode(der, validate=True)
+                                               for der in header["peer_certificates"]),
+                       ktls_installed=header["ktls_installed"], details=dict(header["details"]))
+    except (KeyError, TypeError, ValueError) as exc:  # binascii.Error is a ValueError
+        _wipe(tx)
+        _wipe(rx)
+        raise IsolatedHandshakeFailed(f"the isolated handshake sent a malformed session: {exc!r}") from None
 
 
 def _error_named(type_name: str, reason: str, status: int) -> HandshakeError:

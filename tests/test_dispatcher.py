@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+from typing import Callable
 
 import pytest
 
@@ -229,3 +230,133 @@ def test_malformed_accept_reply_still_gets_a_done(sim):
     finally:
         finish()
         mine.close(); peer.close()
+
+
+# ---------------------------------------------------------------- fd numbers are reused at once
+
+
+class CloseHookDispatcher(Dispatcher):
+    """The real dispatcher, plus a hook run right after a request's fd is closed by its worker:
+    the instant at which the next ACCEPT can be handed the same fd number."""
+
+    after_close: Callable[[int], None] = staticmethod(lambda fd: None)
+
+    def _close_socket(self, sock, sockfd: int) -> None:
+        super()._close_socket(sock, sockfd)
+        self.after_close(sockfd)
+
+
+class GatedAcceptChannel:
+    """The simulator's channel, but once `armed`, ACCEPT waits for `gate`: the test picks its moment."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.ktls = inner.ktls
+        self.armed = threading.Event()
+        self.gate = threading.Event()
+
+    def wait_ready(self, timeout):
+        return self.inner.wait_ready(timeout)
+
+    def accept(self):
+        if self.armed.is_set():
+            assert self.gate.wait(10), "the gate was never opened"
+        return self.inner.accept()
+
+    def done(self, done):
+        return self.inner.done(done)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class FdRecordingBackend:
+    """first.test: waits until told, then succeeds.  second.test: says it runs, then hangs until released."""
+
+    name = "fdrec"
+
+    def __init__(self) -> None:
+        self.fds: dict[str, int] = {}
+        self.first_running = threading.Event()
+        self.first_may_return = threading.Event()
+        self.second_running = threading.Event()
+        self.release = threading.Event()
+
+    @hookimpl
+    def hsd_backend_info(self) -> BackendInfo:
+        return BackendInfo(self.name, "1.0", frozenset({Mode("client", "unauth")}))
+
+    @hookimpl
+    def hsd_handshake(self, ctx):
+        self.fds[ctx.peername] = ctx.sock.fileno()
+        if ctx.peername == "first.test":
+            self.first_running.set()
+            assert self.first_may_return.wait(10)
+            return Session(cipher="TLS_AES_128_GCM_SHA256", tx_secret=bytearray(32), rx_secret=bytearray(32))
+        self.second_running.set()
+        self.release.wait(30)
+        return None
+
+
+def test_a_request_reusing_a_just_closed_fd_keeps_its_own_watchdog_entry(sim):
+    """Request 1's worker closes fd N; ACCEPT hands request 2 that same N before request 1's clean-up
+    has finished.  Request 2's plugin hangs: the watchdog must still answer it (ETIMEDOUT, one DONE),
+    and the in-flight count must still hold it.  (Keyed by fd, request 1's clean-up deleted request
+    2's entry: no DONE until the plugin returned, and max_inflight undercounted.)"""
+    backend = FdRecordingBackend()
+    config = Config(backend=backend.name, handshake_timeout_ms=2000)
+    host = PluginHost(config)
+    assert host.add(backend.name, backend) is not None
+    sim_channel = sim.channel()
+    channel = GatedAcceptChannel(sim_channel)
+    first_outcome = threading.Event()
+    outcomes: list[Outcome] = []
+
+    def record(outcome: Outcome) -> None:
+        outcomes.append(outcome)
+        first_outcome.set()
+
+    dispatcher = CloseHookDispatcher(channel, host, config, max_inflight=4, on_outcome=record)
+
+    placeholders: list[int] = []
+
+    def after_close(fd: int) -> None:
+        if fd != backend.fds.get("first.test") or channel.gate.is_set():
+            return
+        while (spare := os.open(os.devnull, os.O_RDONLY)) < fd:  # fill every lower free number
+            placeholders.append(spare)
+        os.close(spare)  # that was N itself: free again, and now the lowest free fd number
+        channel.gate.set()  # the next ACCEPT runs now and is handed N
+        assert backend.second_running.wait(10)  # request 2 is registered and in its plugin
+
+    dispatcher.after_close = after_close
+    stop, ready = threading.Event(), threading.Event()
+    thread = threading.Thread(target=dispatcher.run, args=(stop, ready.set), daemon=True)
+    thread.start()
+    assert ready.wait(5)
+    (one, one_peer), (two, two_peer) = tcp_pair(), tcp_pair()
+    try:
+        first = sim.client_hello_anon(one, peername="first.test", timeout_ms=5000)
+        assert backend.first_running.wait(10)
+        channel.armed.set()  # every ACCEPT from now on waits for request 1's close
+        second = sim.client_hello_anon(two, peername="second.test", timeout_ms=300)
+        backend.first_may_return.set()
+        assert first.wait(10)[0] == 0
+        assert first_outcome.wait(10)  # request 1's clean-up is over
+        assert backend.fds["second.test"] == backend.fds["first.test"]  # the interleaving did happen
+        assert dispatcher.inflight() == 1  # request 2 still counts against max_inflight
+        assert second.wait(10)[0] == errno.ETIMEDOUT  # the watchdog answered for the hung plugin
+    finally:
+        backend.first_may_return.set()
+        channel.gate.set()
+        backend.release.set()
+        stop.set()
+        thread.join(15)
+        channel.close()
+        for sock in (one, one_peer, two, two_peer):
+            sock.close()
+        for spare in placeholders:
+            os.close(spare)
+    assert not thread.is_alive()
+    assert (first.done_calls, second.done_calls) == (1, 1)
+    assert dispatcher.inflight() == 0 and dispatcher.stats["watchdog"] == 1
