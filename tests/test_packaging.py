@@ -231,6 +231,7 @@ def test_unit_is_a_notify_service_ordered_like_tlshd() -> None:
     assert unit["Install"]["WantedBy"] == ["remote-fs.target"]
     assert service["CapabilityBoundingSet"] == ["CAP_NET_ADMIN"]
     assert service["KeyringMode"] == ["shared"]
+    assert service["LimitCORE"] == ["0"], "no core file may carry the daemon's keys and secrets"
     assert "ProcSubset" not in service, "/proc/keys must stay visible: the .nvme keyring is found there"
 
 
@@ -292,7 +293,8 @@ if spec["mdwe"]:  # systemd's MemoryDenyWriteExecute= filter, expressed as an al
     rule(ALLOW, "shmat", (2, MASKED_EQ, 0o100000, 0))
 assert lib.seccomp_load(ctx) == 0
 import os
-os.execv(sys.executable, [sys.executable, "-c", spec["workload"]])
+argv = spec.get("exec") or [sys.executable, "-c", spec["workload"]]
+os.execv(argv[0], argv)
 '''
 
 WORKLOAD = r'''
@@ -401,6 +403,82 @@ def test_hsd_works_inside_the_units_seccomp_sandbox() -> None:
     result = run_sandboxed(unit_sandbox())
     assert result.returncode == 0, result.stdout + result.stderr
     assert "sandboxed workload ok" in result.stdout
+
+
+def unit_capability_bound() -> list[str]:
+    """setpriv (util-linux, not hsd's own code) applies the unit's capability settings to what it runs.
+
+    As uid 0, exec gives the permitted and effective sets the bounding set: exactly
+    what systemd's CapabilityBoundingSet=, AmbientCapabilities= (empty) and
+    NoNewPrivileges=yes leave a root service."""
+    service = unit_settings()["Service"]
+    bound = ",".join(f"+{cap.lower().removeprefix('cap_')}" for cap in service["CapabilityBoundingSet"][0].split())
+    assert service["AmbientCapabilities"] == [""] and service["NoNewPrivileges"] == ["yes"]
+    return [need("setpriv"), f"--bounding-set=-all,{bound}", "--inh-caps=-all", "--ambient-caps=-all",
+            "--no-new-privs"]
+
+
+def task_status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as handle:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in handle if ":\t" in line)
+
+
+def test_hsd_starts_and_serves_under_the_units_syscall_filter_and_capability_bound(tmp_path: Path, hsd_pki) -> None:
+    """The real start path (hsd --simulator ... up to "hsd ready"), then one handshake and a clean stop.
+
+    Regression: ~@privileged denies capset(2); the capability drop called it even
+    when the sets already fit, failed with EPERM, and every start under the unit
+    exited 1 (Restart= looped).  The filter is derived at test time from
+    `systemd-analyze syscall-filter` and the unit's own lines, like systemd does."""
+    import json
+    import signal
+    import time
+
+    from hsd.simulator import Simulator
+    from hsd.testing import peers
+
+    pki = hsd_pki
+    config = tmp_path / "hsd.conf"
+    config.write_text(f"[authenticate.client]\nx509.truststore={pki.ca}\n[hsd]\nbackend=openssl\n")
+    log = tmp_path / "hsd.log"
+    with Simulator() as sim:
+        spec = unit_sandbox()
+        spec["exec"] = [sys.executable, "-m", "hsd.cli", "-c", str(config), "--simulator", sim.address, "-s"]
+        from ctypes.util import find_library
+
+        assert find_library("seccomp"), "libseccomp is not installed (scripts/setup installs libseccomp2)"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([*unit_capability_bound(), sys.executable, "-c", SANDBOX, json.dumps(spec)],
+                                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        server = None
+        try:
+            deadline = time.monotonic() + 60
+            while "hsd ready" not in log.read_text(errors="replace"):
+                assert proc.poll() is None, f"hsd exited {proc.returncode} under the unit's sandbox:\n{log.read_text()}"
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            status = task_status(proc.pid)  # the sandbox is really in force on the daemon itself
+            assert status["Seccomp"] == "2" and status["NoNewPrivs"] == "1", status
+            assert int(status["CapEff"], 16) == int(status["CapBnd"], 16) == 1 << 12, status
+            server = peers.openssl_server(peers.PeerOptions(cert=pki.server.cert, key=pki.server.key,
+                                                            ca=pki.ca)).start()
+            sock = server.connect()
+            request = sim.client_hello_anon(sock, peername="localhost", timeout_ms=10000)
+            assert request.wait(30)[0] == 0, log.read_text()
+            assert request.done_calls == 1
+            sock.close()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0, log.read_text()
+        finally:
+            if server is not None:
+                server.stop()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text and "cannot drop" not in text, text
+    print(f"hsd under the unit's sandbox: {len(spec['allow'])} system calls allowed, ready, one handshake, "
+          "clean stop")
 
 
 def test_memory_deny_write_execute_would_break_the_openssl_backend() -> None:
