@@ -87,6 +87,20 @@ def _list(value: str) -> list[str]:
     return [item.strip() for item in value.replace(",", ";").split(";") if item.strip()]
 
 
+def _allowed_sans(value: str, where: str) -> list[str]:
+    """The entries as written, each checked by the rule the handshake applies (typed: dns:, ip:, email:, uri:)."""
+    # imported here: x509verify needs credentials, which needs this module
+    from .x509verify import parse_allowed_san
+
+    entries = _list(value)
+    for entry in entries:
+        try:
+            parse_allowed_san(entry)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: allowed_client_sans entry {entry!r}: {exc}") from None
+    return entries
+
+
 def _path(value: str, where: str) -> str:
     if not value:
         raise ConfigError(f"{where}: empty path")
@@ -184,7 +198,7 @@ def _apply(cfg: Config, section: str, key: str, value: str, where: str) -> bool:
         if key == "require_client_certificate":
             cfg.require_client_certificate = _bool(value, where)
         elif key == "allowed_client_sans":
-            cfg.allowed_client_sans = _list(value)
+            cfg.allowed_client_sans = _allowed_sans(value, where)
         else:
             return False
         return True

@@ -9,6 +9,11 @@ each certificate's issuer, current and correctly signed, must not list it -
 OpenSSL's CRL_CHECK_ALL), the server's allow-list of client names and the
 "client certificate required" policy.  Reasons read like OpenSSL's so DONE
 logs look the same whichever backend ran.
+
+Names are hsd's, for every backend: normalize_peer_name is the one rule that
+turns the kernel's peer name into a DNS name or IP address (or refuses it), and
+SANs are compared as typed values (SanValue), so a URI or e-mail SAN never
+satisfies a DNS allow-list entry.  The subject CN is never a name (RFC 9525).
 """
 
 from __future__ import annotations
@@ -16,30 +21,288 @@ from __future__ import annotations
 import datetime
 import functools
 import ipaddress
+import re
 import ssl
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
 
 from cryptography import x509
 from cryptography.x509.verification import DNSName, IPAddress, PolicyBuilder, Store, VerificationError
 
 from .credentials import X509Credentials, parse_certificates
 from .errors import CredentialError, PeerRejected
+from .session import Session
 
 MAX_CHAIN_DEPTH = 10
 
 
-def certificate_sans(cert: x509.Certificate) -> list[str]:
-    """DNS names, IP addresses, e-mail addresses and URIs of a certificate's SAN extension."""
+IPValue = ipaddress.IPv4Address | ipaddress.IPv6Address
+SanKind = Literal["dns", "ip", "email", "uri"]
+SAN_KINDS: tuple[SanKind, ...] = ("dns", "ip", "email", "uri")
+MAX_DNS_NAME = 253  # RFC 1035, without the trailing dot
+MAX_DNS_LABEL = 63
+_LDH_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+
+
+# ---------------------------------------------------------------- names: one normalisation rule
+
+def _unprintable(text: str) -> str | None:
+    """Why text cannot be a name at all (NUL, white space, control characters), or None."""
+    if "\0" in text:
+        return "it contains a NUL character"
+    if any(ch.isspace() or not ch.isprintable() for ch in text):
+        return "it contains white space or a control character"
+    return None
+
+
+def _ip_literal(text: str) -> IPValue | None:
+    """The address text spells (IPv6 optionally in brackets), None if it is no address; ValueError if misused."""
+    bracketed = text.startswith("[") and text.endswith("]")
+    try:
+        address = ipaddress.ip_address(text[1:-1] if bracketed else text)
+    except ValueError:
+        if bracketed:
+            raise ValueError("brackets may only enclose an IPv6 address") from None
+        return None
+    if bracketed and address.version != 6:
+        raise ValueError("brackets may only enclose an IPv6 address")
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        raise ValueError("an IPv6 zone index cannot be matched to a certificate")
+    return address
+
+
+def _dns_name(text: str, *, wildcard: bool = False) -> str:
+    """text as a DNS name in A-labels, lower case, without its one optional trailing dot; ValueError if invalid.
+
+    wildcard: a leftmost "*" label is allowed (allow-list entries only; it
+    matches a certificate carrying that same wildcard name, nothing else)."""
+    name = text[:-1] if text.endswith(".") else text
+    if not name:
+        return _invalid("it is empty" + (" after removing the trailing dot" if text else ""))
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return _invalid("it is not a valid internationalised domain name")
+    name = name.lower()
+    if len(name) > MAX_DNS_NAME:
+        return _invalid(f"it is longer than {MAX_DNS_NAME} characters")
+    labels = name.split(".")
+    for index, label in enumerate(labels):
+        if not label:
+            return _invalid("it has an empty label")
+        if len(label) > MAX_DNS_LABEL:
+            return _invalid(f"it has a label longer than {MAX_DNS_LABEL} characters")
+        if wildcard and index == 0 and label == "*" and len(labels) > 1:
+            continue
+        if not _LDH_LABEL.match(label):
+            return _invalid(f"label {label!r} is not letters, digits and inner hyphens")
+    if labels[-1].isdigit():
+        return _invalid("its last label is all digits (an IPv4 address in a short form?)")
+    return name
+
+
+def _invalid(reason: str) -> str:
+    raise ValueError(reason)
+
+
+@dataclass(frozen=True)
+class PeerName:
+    """The name the kernel consumer gave for the server, after hsd's one normalisation rule.
+
+    Exactly one of dns (A-labels, lower case, no trailing dot, never empty)
+    and ip is set.  Every backend checks certificates against this and sends
+    its SNI, so no backend normalises names on its own."""
+
+    dns: str | None = None
+    ip: IPValue | None = None
+
+    def __post_init__(self) -> None:
+        if (self.dns is None) == (self.ip is None) or self.dns == "":
+            raise ValueError("a PeerName is exactly one non-empty DNS name or one IP address")
+
+    @property
+    def text(self) -> str:
+        return self.dns if self.dns is not None else str(self.ip)
+
+    @property
+    def sni(self) -> str | None:
+        """The server_name to send: DNS names only (RFC 6066 forbids addresses)."""
+        return self.dns
+
+    def subject(self) -> DNSName | IPAddress:
+        """The name for cryptography's verifier: an IP address SAN for addresses, else a DNS SAN."""
+        return DNSName(self.dns) if self.dns is not None else IPAddress(self.ip)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def normalize_peer_name(name: str) -> PeerName:
+    """name as a DNS name or IP address, or PeerRejected (EACCES) saying why it is neither.
+
+    "server.example." and "SERVER.example" are "server.example"; "[::1]" is ::1.
+    Refused: "", ".", "..", empty or overlong labels, leading or trailing
+    hyphens, NUL, white space, zone indexes, short-form IPv4 ("127.1") - an
+    empty name would switch OpenSSL's host check off."""
+    try:
+        problem = _unprintable(name)
+        if problem:
+            raise ValueError(problem)
+        address = _ip_literal(name)
+        return PeerName(ip=address) if address is not None else PeerName(dns=_dns_name(name))
+    except ValueError as exc:
+        raise PeerRejected(f"peer name {name!r} is not a valid DNS name or IP address: {exc}") from None
+
+
+def client_peer_name(peername: str | None, *, verify: bool) -> PeerName | None:
+    """The server's normalised name for a client handshake; None only when none was given and none is needed."""
+    if not peername:
+        if verify:
+            require_peer_name(peername)
+        return None
+    return normalize_peer_name(peername)
+
+
+# ---------------------------------------------------------------- typed subject alternative names
+
+@dataclass(frozen=True)
+class SanValue:
+    """One subject alternative name with its type; the type takes part in every comparison.
+
+    value is in comparison form: DNS names lower case without a trailing dot,
+    addresses in their canonical text, e-mail with a lower-case domain, URIs as
+    written."""
+
+    kind: SanKind
+    value: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.value}"
+
+
+def _email(text: str) -> str:
+    local, at, domain = text.rpartition("@")
+    if not at or not local:
+        return _invalid("an e-mail address needs a local part, '@' and a domain")
+    return f"{local}@{_dns_name(domain)}"
+
+
+def _uri(text: str) -> str:
+    if not _URI_SCHEME.match(text):
+        return _invalid("a URI starts with its scheme, like 'spiffe:' or 'https:'")
+    return text
+
+
+def parse_allowed_san(entry: str) -> SanValue:
+    """One allowed_client_sans entry, typed; ValueError says why it is unusable.
+
+    "dns:NAME", "ip:ADDRESS", "email:ADDRESS", "uri:URI" name their type.  An
+    untyped entry is an IP literal or a DNS name - never an e-mail address or
+    a URI, so a URI SAN reading "host.example" does not satisfy "host.example"."""
+    problem = _unprintable(entry)
+    if problem:
+        raise ValueError(problem)
+    prefix, colon, rest = entry.partition(":")
+    kind = prefix.lower()
+    if colon and kind in SAN_KINDS:
+        if not rest:
+            raise ValueError(f"nothing after '{prefix}:'")
+        if kind == "dns":
+            return SanValue("dns", _dns_name(rest, wildcard=True))
+        if kind == "ip":
+            address = _ip_literal(rest)
+            if address is None:
+                raise ValueError(f"{rest!r} is not an IP address")
+            return SanValue("ip", str(address))
+        return SanValue(kind, _email(rest) if kind == "email" else _uri(rest))
+    address = _ip_literal(entry)
+    if address is not None:
+        return SanValue("ip", str(address))
+    try:
+        return SanValue("dns", _dns_name(entry, wildcard=True))
+    except ValueError as exc:
+        hint = ("; write email:" + entry + " for an e-mail address" if "@" in entry
+                else "; write uri:" + entry + " for a URI" if colon else "")
+        raise ValueError(f"it is not a DNS name or an IP address ({exc}){hint}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def allowed_san_values(entries: tuple[str, ...]) -> frozenset[SanValue]:
+    """The allow-list in typed form (CredentialError for an entry the config check would have refused)."""
+    values: set[SanValue] = set()
+    for entry in entries:
+        try:
+            values.add(parse_allowed_san(entry))
+        except ValueError as exc:
+            raise CredentialError(f"allowed_client_sans entry {entry!r}: {exc}") from None
+    return frozenset(values)
+
+
+def _cert_dns(name: str) -> str:
+    """A certificate's dNSName in comparison form (certificates carry A-labels; one trailing dot is dropped)."""
+    lowered = name.lower()
+    return lowered[:-1] if lowered.endswith(".") and len(lowered) > 1 else lowered
+
+
+def _cert_email(address: str) -> str:
+    local, at, domain = address.rpartition("@")
+    return f"{local}@{_cert_dns(domain)}" if at else _cert_dns(address)
+
+
+def certificate_san_values(cert: x509.Certificate) -> list[SanValue]:
+    """The DNS, IP, e-mail and URI names of a certificate's SAN extension, each with its type."""
     try:
         ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return []
-    names: list[str] = []
-    names += ext.get_values_for_type(x509.DNSName)
-    names += [str(ip) for ip in ext.get_values_for_type(x509.IPAddress)]
-    names += ext.get_values_for_type(x509.RFC822Name)
-    names += ext.get_values_for_type(x509.UniformResourceIdentifier)
+    names = [SanValue("dns", _cert_dns(name)) for name in ext.get_values_for_type(x509.DNSName)]
+    names += [SanValue("ip", str(ip)) for ip in ext.get_values_for_type(x509.IPAddress)]
+    names += [SanValue("email", _cert_email(name)) for name in ext.get_values_for_type(x509.RFC822Name)]
+    names += [SanValue("uri", uri) for uri in ext.get_values_for_type(x509.UniformResourceIdentifier)]
     return names
+
+
+def certificate_sans(cert: x509.Certificate) -> list[str]:
+    """A certificate's SANs as "type:value" text, for log lines."""
+    return [str(name) for name in certificate_san_values(cert)]
+
+
+def match_allowed_sans(leaf: x509.Certificate, allowed: Sequence[str]) -> SanValue | None:
+    """The leaf's first SAN on the allow-list (same type and value); None when there is no list.
+
+    PeerRejected when a list is configured and no SAN of the leaf is on it."""
+    if not allowed:
+        return None
+    wanted = allowed_san_values(tuple(allowed))
+    names = certificate_san_values(leaf)
+    for name in names:
+        if name in wanted:
+            return name
+    raise PeerRejected(f"client certificate names {[str(n) for n in names] or ['(none)']} "
+                       "are not in allowed_client_sans")
+
+
+def record_proven_client_name(session: Session, allowed: Sequence[str]) -> Session:
+    """After a server handshake: name in session.details["peer_san"] the allowed SAN the client proved.
+
+    Checked again on the certificate the session reports (the backend's
+    in-handshake check decided the handshake; this names what it proved).  A
+    session whose certificate proves no allowed name is wiped and refused."""
+    if not allowed:
+        return session
+    try:
+        if not session.peer_certificates:
+            raise PeerRejected("client sent no certificate, and one is required")
+        match = match_allowed_sans(x509.load_der_x509_certificate(session.peer_certificates[0]), allowed)
+    except BaseException:
+        session.wipe()
+        raise
+    if match is not None:
+        session.details["peer_san"] = str(match)
+    return session
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,20 +328,6 @@ def trust_store(creds: X509Credentials) -> Store:
     return Store(list(anchors))
 
 
-def peer_subject(peername: str) -> DNSName | IPAddress:
-    """The name a server certificate must carry: an IP address SAN for addresses, else a DNS SAN."""
-    bare = peername.strip().strip("[]")
-    try:
-        return IPAddress(ipaddress.ip_address(bare))
-    except ValueError:
-        pass
-    try:
-        name = bare.rstrip(".").encode("idna").decode("ascii")
-        return DNSName(name)
-    except (UnicodeError, ValueError):
-        raise PeerRejected(f"peer name {peername!r} is not a valid host name") from None
-
-
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
@@ -92,7 +341,7 @@ def _validity_problem(cert: x509.Certificate, now: datetime.datetime) -> str | N
 
 
 def _explain(exc: VerificationError, leaf: x509.Certificate, peer_sent: Sequence[x509.Certificate],
-             subject: DNSName | IPAddress | None, now: datetime.datetime) -> str:
+             subject: PeerName | None, now: datetime.datetime) -> str:
     """Turn cryptography's verification error into OpenSSL-style wording."""
     text = str(exc)
     for depth, cert in enumerate(peer_sent):
@@ -100,8 +349,8 @@ def _explain(exc: VerificationError, leaf: x509.Certificate, peer_sent: Sequence
         if problem:
             return problem + (f" (chain depth {depth})" if depth else "")
     if "no matching subjectAltName" in text and subject is not None:
-        what = "IP address" if isinstance(subject, IPAddress) else "hostname"
-        return f"{what} mismatch (certificate is for {certificate_sans(leaf) or ['(no names)']}, expected {subject.value})"
+        what = "IP address" if subject.ip is not None else "hostname"
+        return f"{what} mismatch (certificate is for {certificate_sans(leaf) or ['(no names)']}, expected {subject})"
     if "EKU" in text:
         return f"unsuitable certificate purpose ({text})"
     if "candidates exhausted" in text:
@@ -144,15 +393,6 @@ def _crl_is_current(crl: x509.CertificateRevocationList, now: datetime.datetime)
     return crl.next_update_utc is None or now <= crl.next_update_utc
 
 
-def check_allowed_sans(leaf: x509.Certificate, allowed: Sequence[str]) -> None:
-    if not allowed:
-        return
-    sans = certificate_sans(leaf)
-    wanted = {name.lower() for name in allowed}
-    if not any(san.lower() in wanted for san in sans):
-        raise PeerRejected(f"client certificate names {sans or ['(none)']} are not in allowed_client_sans")
-
-
 def require_peer_name(peername: str | None) -> str:
     """A client that verifies the server needs a name to check it against; hsd never guesses one.
 
@@ -164,20 +404,21 @@ def require_peer_name(peername: str | None) -> str:
     return peername
 
 
-def verify_server_certificate(chain: Sequence[x509.Certificate], creds: X509Credentials, peername: str | None,
+def verify_server_certificate(chain: Sequence[x509.Certificate], creds: X509Credentials,
+                              peername: PeerName | str | None,
                               now: datetime.datetime | None = None) -> list[x509.Certificate]:
     """We are the client: the server's chain must lead to a trust anchor and name peername.
 
-    Returns the verified path, leaf first.  Raises PeerRejected with an
-    OpenSSL-like reason.  The caller decides whether verification is on.
+    Only subjectAltName counts, never the subject CN (RFC 9525).  Returns the
+    verified path, leaf first.  Raises PeerRejected with an OpenSSL-like
+    reason.  The caller decides whether verification is on.
     """
-    name = require_peer_name(peername)
+    subject = peername if isinstance(peername, PeerName) else normalize_peer_name(require_peer_name(peername))
     if not chain:
         raise PeerRejected("server sent no certificate")
-    subject = peer_subject(name)
     now = now or _now()
     verifier = (PolicyBuilder().store(trust_store(creds)).time(now).max_chain_depth(MAX_CHAIN_DEPTH)
-                .build_server_verifier(subject))
+                .build_server_verifier(subject.subject()))
     try:
         path = verifier.verify(chain[0], list(chain[1:]))
     except VerificationError as exc:
@@ -208,7 +449,7 @@ def verify_client_certificate(chain: Sequence[x509.Certificate], creds: X509Cred
         except VerificationError as exc:
             raise PeerRejected("client certificate verify failed: " + _explain(exc, chain[0], chain, None, now)) from None
         _revocation(path, creds, now, "client")
-    check_allowed_sans(chain[0], creds.allowed_sans)
+    match_allowed_sans(chain[0], creds.allowed_sans)
     return path
 
 

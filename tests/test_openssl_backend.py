@@ -240,9 +240,12 @@ def test_server_x509_with_required_client_certificate(plugins, pki, cleanup, kin
 
 
 def test_server_accepts_client_san_on_the_allow_list(plugins, pki, cleanup) -> None:
-    client, sock, run = serve_one(plugins, pki, cleanup, "openssl", server_config(pki, allowed=["hsd://client"]),
+    """A URI SAN is allowed by a typed uri: entry (an untyped entry is a DNS name or address only)."""
+    client, sock, run = serve_one(plugins, pki, cleanup, "openssl", server_config(pki, allowed=["uri:hsd://client"]),
                                   cert=pki.client.cert, key=pki.client.key)
-    exchange_with_client(client, checker(sock, run()))
+    session = run()
+    assert session.details["peer_san"] == "uri:hsd://client"
+    exchange_with_client(client, checker(sock, session))
 
 
 def test_server_sends_no_session_tickets_on_the_wire(plugins, pki, cleanup) -> None:

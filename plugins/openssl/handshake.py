@@ -126,16 +126,15 @@ def client_handshake(ctx: HandshakeContext) -> Session:
     """Client unauth (server verified) or x509 (and we present our certificate)."""
     creds = ctx.x509 or X509Credentials()
     verify = creds.verify_peer
-    if verify:
-        x509verify.require_peer_name(ctx.peername)
-    else:
+    name = x509verify.client_peer_name(ctx.peername, verify=verify)
+    if not verify:
         ctx.log.debug("server certificate verification disabled by configuration")
     context = contexts.obtain(context_key(ctx, creds), lambda: _client_context(ctx, creds))
     outcome = VerifyOutcome("server", [], enforce=True)
 
     def prepare(conn: SSL.Connection) -> None:
-        if ctx.peername:
-            pin_peer_name(conn, ctx.peername, check=verify)
+        if name is not None:
+            pin_peer_name(conn, name, check=verify)
 
     return _run(ctx, context, outcome, prepare)
 
@@ -145,6 +144,7 @@ def server_handshake(ctx: HandshakeContext) -> Session:
     creds = ctx.x509
     if creds is None:
         raise CredentialError("server x509 handshake but no server credentials were loaded")
-    context = contexts.obtain(context_key(ctx, creds), lambda: _server_context(creds))
     outcome = VerifyOutcome("client", creds.allowed_sans, enforce=creds.verify_peer)
-    return _run(ctx, context, outcome)
+    context = contexts.obtain(context_key(ctx, creds), lambda: _server_context(creds))
+    session = _run(ctx, context, outcome)
+    return x509verify.record_proven_client_name(session, creds.allowed_sans)

@@ -1,23 +1,25 @@
 """Certificate verification policy on an OpenSSL context: trust, CRLs, names, SANs.
 
 OpenSSL does the path validation; this module feeds it the trust anchors and
-CRLs from hsd's credentials, pins the expected peer name (DNS or IP) on the
-connection, and records *why* verification failed so the DONE reason is
-readable ("hostname mismatch", "certificate has expired", ...).
+CRLs from hsd's credentials, pins the expected peer name (DNS or IP, already
+normalised by hsd.x509verify.normalize_peer_name) on the connection, and
+records *why* verification failed so the DONE reason is readable ("hostname
+mismatch", "certificate has expired", ...).  Allowed client SANs are matched
+by hsd.x509verify as typed values, as in every backend.
 """
 
 from __future__ import annotations
-
-import ipaddress
 
 from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi, lib
 
 from hsd.credentials import X509Credentials
 from hsd.errors import CredentialError, PeerRejected
-from hsd.x509verify import certificate_sans
+from hsd.x509verify import PeerName, allowed_san_values, match_allowed_sans
 
-X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS = 0x4
+# pyOpenSSL has no public API for host flags; these are OpenSSL's X509_CHECK_FLAG_* values.
+# NEVER_CHECK_SUBJECT: only subjectAltName names the server, never the subject CN (RFC 9525).
+HOST_FLAGS = lib.X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS | lib.X509_CHECK_FLAG_NEVER_CHECK_SUBJECT
 
 
 class VerifyOutcome:
@@ -25,7 +27,8 @@ class VerifyOutcome:
 
     def __init__(self, peer_role: str, allowed_sans: list[str], enforce: bool) -> None:
         self.peer_role = peer_role
-        self.allowed_sans = [s.lower() for s in allowed_sans]
+        allowed_san_values(tuple(allowed_sans))  # an unusable entry fails before anything is sent
+        self.allowed_sans = list(allowed_sans)
         self.enforce = enforce
         self.reason: str | None = None
 
@@ -44,9 +47,10 @@ class VerifyOutcome:
                     self.reason += f" (chain depth {depth})"
             return not self.enforce
         if depth == 0 and self.allowed_sans:
-            sans = certificate_sans(cert.to_cryptography())
-            if not any(san.lower() in self.allowed_sans for san in sans):
-                self.reason = f"names {sans or ['(none)']} are not in allowed_client_sans"
+            try:
+                match_allowed_sans(cert.to_cryptography(), self.allowed_sans)
+            except PeerRejected as exc:
+                self.reason = exc.reason.removeprefix("client certificate ")
                 return False
         return True
 
@@ -86,24 +90,19 @@ def install_trust(context: SSL.Context, creds: X509Credentials) -> None:
         store.set_flags(crypto.X509StoreFlags.CRL_CHECK | crypto.X509StoreFlags.CRL_CHECK_ALL)
 
 
-def pin_peer_name(conn: SSL.Connection, peername: str, *, check: bool) -> None:
-    """Send SNI for DNS names; with check, make OpenSSL match the server certificate to peername."""
+def pin_peer_name(conn: SSL.Connection, name: PeerName, *, check: bool) -> None:
+    """Send SNI for DNS names; with check, make OpenSSL match the server certificate's SANs to name."""
     param = lib.SSL_get0_param(conn._ssl)
-    try:
-        address = ipaddress.ip_address(peername.strip("[]"))
-    except ValueError:
-        address = None
-    if address is not None:
-        packed = address.packed
-        if check and lib.X509_VERIFY_PARAM_set1_ip(param, packed, len(packed)) != 1:
-            raise PeerRejected(f"cannot check the server certificate against address {peername}")
-        return
-    try:
-        name = peername.rstrip(".").encode("idna")
-    except UnicodeError:
-        raise PeerRejected(f"peer name {peername!r} is not a valid host name") from None
     if check:
-        lib.X509_VERIFY_PARAM_set_hostflags(param, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS)
-        if lib.X509_VERIFY_PARAM_set1_host(param, name, len(name)) != 1:
-            raise PeerRejected(f"cannot check the server certificate against host name {peername!r}")
-    conn.set_tlsext_host_name(name)
+        lib.X509_VERIFY_PARAM_set_hostflags(param, HOST_FLAGS)
+        if name.ip is not None:
+            packed = name.ip.packed
+            if lib.X509_VERIFY_PARAM_set1_ip(param, packed, len(packed)) != 1:
+                raise PeerRejected(f"cannot check the server certificate against address {name}")
+        else:
+            host = name.text.encode("ascii")
+            # set1_host with an empty name clears the check: PeerName never is empty, and this says so twice
+            if not host or lib.X509_VERIFY_PARAM_set1_host(param, host, len(host)) != 1:
+                raise PeerRejected(f"cannot check the server certificate against host name {name.text!r}")
+    if name.sni is not None:
+        conn.set_tlsext_host_name(name.sni.encode("ascii"))

@@ -110,32 +110,23 @@ def run(ctx: HandshakeContext, start: Callable[[ObservedConnection], None], obse
     return conn, transport
 
 
-def _server_name(peername: str | None) -> str | None:
-    """SNI for DNS names only (RFC 6066 forbids addresses)."""
-    if not peername:
-        return None
-    subject = x509verify.peer_subject(peername)
-    return subject.value if isinstance(subject, x509verify.DNSName) else None
-
-
 def client_handshake(ctx: HandshakeContext) -> Session:
     """Client unauth (server verified) or x509 (and we present our certificate)."""
     creds = ctx.x509 or X509Credentials()
     verify = creds.verify_peer
-    if verify:
-        x509verify.require_peer_name(ctx.peername)
+    name = x509verify.client_peer_name(ctx.peername, verify=verify)
     chain = key = None
     if ctx.request.auth == "x509":
         chain, key = tlslite_identity(creds, "client", ctx.log)
 
     def check(peer_chain: list) -> None:
-        x509verify.verify_server_certificate(peer_chain, creds, ctx.peername)
+        x509verify.verify_server_certificate(peer_chain, creds, name)
 
     observer = HandshakeObserver(check if verify else None)
     if not verify:
         ctx.log.debug("server certificate verification disabled by configuration")
     settings = tls13_settings()
-    server_name = _server_name(ctx.peername)
+    server_name = name.sni if name is not None else None
 
     def start(conn: ObservedConnection) -> None:
         conn.handshakeClientCert(chain, key, settings=settings, serverName=server_name)
@@ -151,6 +142,7 @@ def server_handshake(ctx: HandshakeContext) -> Session:
     creds = ctx.x509
     if creds is None:
         raise CredentialError("server x509 handshake but no server credentials were loaded")
+    x509verify.allowed_san_values(tuple(creds.allowed_sans))  # an unusable entry fails before anything is sent
     chain, key = tlslite_identity(creds, "server", ctx.log)
     observer = HandshakeObserver(lambda peer_chain: x509verify.verify_client_certificate(peer_chain, creds))
     settings = tls13_settings()
@@ -161,4 +153,5 @@ def server_handshake(ctx: HandshakeContext) -> Session:
     conn, _ = run(ctx, start, observer)
     if not observer.peer_chain_checked:
         raise PeerRejected("the client certificate was never checked (tlslite hook not reached)")
-    return build_session(conn, "server")
+    session = build_session(conn, "server")
+    return x509verify.record_proven_client_name(session, creds.allowed_sans)
