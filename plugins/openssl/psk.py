@@ -7,6 +7,12 @@ handshake itself runs over the shared memory-BIO driver (one record at a time,
 no session tickets sent).  Each handshake has its own SSL.Context, so a cffi
 callback closes over exactly one handshake's state, which keeps the callbacks
 and the buffers OpenSSL points into alive until the handshake is over.
+
+remote-auth is read from OpenSSL's own final state: the identity of the last
+session a callback handed it (after a HelloRetryRequest, the one found for the
+second ClientHello), checked against the master key of the session OpenSSL
+holds when it reports the handshake done - before a NewSessionTicket would
+replace that session - through hsd.psk.PskSelection.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from hsd.context import HandshakeContext
 from hsd.errors import (CredentialError, HandshakeError, PeerRejected, Unsupported,
                         UnknownPskIdentity)
 from hsd.hookspecs import hookimpl
-from hsd.psk import PskKey, PskOffer
+from hsd.psk import PskKey, PskOffer, PskSelection
 from hsd.session import Session
 from hsd.wire import RecordSocket
 from hsd_psk.clienthello import MalformedClientHello, client_hello_length, handshake_bytes, offered_psks
@@ -46,14 +52,18 @@ SUITES = {
 ALERT_UNKNOWN_PSK_IDENTITY = bytes([21, 3, 3, 0, 2, 2, 115])
 ALERT_HANDSHAKE_FAILURE = bytes([21, 3, 3, 0, 2, 2, 40])
 ALERT_DECODE_ERROR = bytes([21, 3, 3, 0, 2, 2, 50])
+MAX_MASTER_KEY = 48  # SSL_MAX_MASTER_KEY_LENGTH
 
 
 @dataclass
 class _Handshake:
     """One handshake's state, reachable from its callbacks."""
 
-    keys: dict[bytes, PskKey | None] = field(default_factory=dict)
-    used: PskKey | None = None  # the key OpenSSL matched
+    keys: dict[bytes, PskKey | None] = field(default_factory=dict)  # server: lookups, cached
+    selection: PskSelection = field(default_factory=PskSelection)  # every key handed to OpenSSL
+    selected: bytes | None = None  # identity of the last session a callback handed OpenSSL
+    finished_with: PskKey | None = None  # the key of OpenSSL's session at handshake done
+    final_error: HandshakeError | None = None  # why finished_with could not be established
     secrets: TrafficSecrets = field(default_factory=TrafficSecrets)
     pinned: list[Any] = field(default_factory=list)  # cffi callbacks and buffers OpenSSL points into
     failure: BaseException | None = None
@@ -74,6 +84,42 @@ def _psk_session(ssl: Any, key: PskKey) -> Any:
     return session
 
 
+def _session_key(conn: SSL.Connection, state: _Handshake) -> PskKey:
+    """The key whose secret OpenSSL's current session holds, under the identity last handed to it."""
+    session = lib.SSL_get_session(conn._ssl)
+    if session == ffi.NULL:
+        raise PeerRejected("OpenSSL finished the handshake without a session")
+    buf = ffi.new("unsigned char[]", MAX_MASTER_KEY)
+    try:
+        length = lib.SSL_SESSION_get_master_key(session, buf, MAX_MASTER_KEY)
+        return state.selection.chosen(state.selected, ffi.buffer(buf, length))
+    finally:
+        ffi.memmove(buf, bytes(MAX_MASTER_KEY), MAX_MASTER_KEY)
+
+
+def _note_final_session(context: SSL.Context, state: _Handshake) -> None:
+    """At SSL_CB_HANDSHAKE_DONE the session is still the PSK's (a server's tickets replace it right after)."""
+
+    def on_info(conn: SSL.Connection, where: int, _ret: int) -> None:
+        if not where & SSL.SSL_CB_HANDSHAKE_DONE or state.finished_with or state.final_error:
+            return
+        try:
+            state.finished_with = _session_key(conn, state)
+        except HandshakeError as exc:
+            state.final_error = exc
+
+    context.set_info_callback(on_info)
+
+
+def _finished_key(conn: SSL.Connection, state: _Handshake) -> PskKey:
+    """After drive_handshake: the key OpenSSL finished with, or why there is none."""
+    if state.final_error is not None:
+        raise state.final_error
+    if state.finished_with is None or not lib.SSL_session_reused(conn._ssl):
+        raise PeerRejected("handshake completed without the PSK")
+    return state.finished_with
+
+
 def _context(state: _Handshake, hash_name: str, modes: tuple[str, ...], server: bool) -> SSL.Context:
     context = tls13_context(SUITES[hash_name])
     options = 0
@@ -86,6 +132,7 @@ def _context(state: _Handshake, hash_name: str, modes: tuple[str, ...], server: 
     if not server:  # a server that declines the PSK and shows a certificate must fail, not pass unverified
         context.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, None)
     state.secrets.attach(context)
+    _note_final_session(context, state)
     return context
 
 
@@ -96,11 +143,11 @@ def _translate(exc: SSL.Error) -> HandshakeError:
 
 
 def _session(conn: SSL.Connection, state: _Handshake, role: str, dropped: int) -> Session:
-    assert state.used is not None
+    key = _finished_key(conn, state)
     session = build_session(conn, state.secrets, role)
-    session.remote_auth = (state.used.serial,)
-    session.details.update(psk_identity=state.used.identity.decode(errors="replace"),
-                           psk_hash=state.used.hash,
+    session.remote_auth = (key.serial,)
+    session.details.update(psk_identity=key.identity.decode(errors="replace"),
+                           psk_hash=key.hash,
                            psk_mode="psk_dhe_ke" if session.group else "psk_ke")
     if dropped:
         session.details["dropped_post_handshake_bytes"] = str(dropped)
@@ -115,6 +162,7 @@ def _client(ctx: HandshakeContext, offer: PskOffer) -> Session:
         log.info("offering PSK '%s'; %d more identities not offered (one per ClientHello)",
                  key.identity.decode(errors="replace"), len(offer.keys) - 1)
     state = _Handshake()
+    state.selection.give(key)
     identity = ffi.new("unsigned char[]", key.identity)
     state.pinned.append(identity)
 
@@ -124,6 +172,7 @@ def _client(ctx: HandshakeContext, offer: PskOffer) -> Session:
             sess_out[0] = _psk_session(ssl, key)
             id_out[0] = identity
             idlen_out[0] = len(key.identity)
+            state.selected = key.identity
             return 1
         except BaseException as exc:  # an exception must not cross into C
             state.failure = exc
@@ -143,7 +192,6 @@ def _client(ctx: HandshakeContext, offer: PskOffer) -> Session:
             raise
         if not lib.SSL_session_reused(conn._ssl):
             raise PeerRejected("server did not accept the PSK")
-        state.used = key
         return _session(conn, state, "client", dropped=0)
     except BaseException:
         state.secrets.wipe()  # on success the Session owns them and the core wipes them
@@ -204,8 +252,11 @@ def _server(ctx: HandshakeContext, offer: PskOffer) -> Session:
             if key is None or key.hash != hash_name:
                 sess_out[0] = ffi.NULL  # not this one: OpenSSL tries the next identity
                 return 1
+            if not state.selection.give(key):
+                sess_out[0] = ffi.NULL  # another key holds this identity already: it cannot be told apart
+                return 1
             sess_out[0] = _psk_session(ssl, key)
-            state.used = key
+            state.selected = name
             return 1
         except BaseException as exc:  # an exception must not cross into C
             state.failure = exc
@@ -224,8 +275,6 @@ def _server(ctx: HandshakeContext, offer: PskOffer) -> Session:
             if state.failure is not None:
                 raise state.failure from None
             raise
-        if state.used is None or not lib.SSL_session_reused(conn._ssl):
-            raise PeerRejected("handshake completed without the PSK")
         return _session(conn, state, "server", dropped=dropped)
     except BaseException:
         state.secrets.wipe()  # on success the Session owns them and the core wipes them

@@ -2,21 +2,27 @@
 
 Client: offer offer.keys in order; the server must select one of them (a
 server that answers with a certificate instead is rejected: nobody verified
-it).  Server: the identities the client offers are read from its ClientHello
-before tlslite sees it, resolved with offer.lookup(), and only the keys found
-are given to tlslite; none found ends the handshake with unknown_psk_identity.
-Session.remote_auth is the serial of the key the ServerHello selected.
+it).  Server: the identities the client offers are read from its first
+ClientHello before tlslite sees it, resolved with offer.lookup(), and only the
+keys found are given to tlslite; none found ends the handshake with
+unknown_psk_identity.
+
+Session.remote_auth is the serial of the key tlslite finished with: the
+identity the final ServerHello's index names in the ClientHello it answers -
+after a HelloRetryRequest that is the second ClientHello, whose list may differ
+from the first - mapped back through the PskSelection of the keys tlslite was
+given (tlslite itself matches the identity against its pskConfigs the same way).
 """
 
 from __future__ import annotations
 
-from tlslite.messages import ClientHello
-from tlslite.constants import ExtensionType
+from tlslite.constants import TLS_1_3_HRR, ExtensionType
+from tlslite.messages import ClientHello, ServerHello
 from tlslite.utils.codec import Parser
 
 from hsd.context import HandshakeContext
 from hsd.errors import HandshakeError, PeerRejected, UnknownPskIdentity
-from hsd.psk import PskKey, PskOffer
+from hsd.psk import PskOffer, PskSelection, selected_identity
 from hsd.session import Session
 from hsd.wire import RecordSocket
 
@@ -27,6 +33,37 @@ from .settings import add_psks, tls13_settings
 HANDSHAKE_RECORD = 22
 UNKNOWN_PSK_IDENTITY_ALERT = bytes([21, 3, 3, 0, 2, 2, 115])  # plaintext fatal alert, before any keys
 MAX_CLIENT_HELLO = 1 << 17
+
+
+class PskObserver(HandshakeObserver):
+    """Also notes the identity the final ServerHello selected, in the ClientHello it answers.
+
+    hellos_from is who sends ClientHellos: "us" (client) or "peer" (server).
+    Each ClientHello replaces the list (a HelloRetryRequest's answer is a new
+    hello, possibly with other identities); a HelloRetryRequest selects nothing."""
+
+    def __init__(self, hellos_from: str, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.hellos_from = hellos_from
+        self.hello_identities: tuple[bytes, ...] = ()
+        self.identity: bytes | None = None  # what the final ServerHello selected
+
+    def received(self, message: object) -> None:
+        self._note(message, "peer")
+        super().received(message)
+
+    def sent(self, message: object) -> None:
+        self._note(message, "us")
+        super().sent(message)
+
+    def _note(self, message: object, sender: str) -> None:
+        if isinstance(message, ClientHello) and sender == self.hellos_from:
+            ext = message.getExtension(ExtensionType.pre_shared_key)
+            self.hello_identities = tuple(bytes(i.identity) for i in ext.identities) if ext is not None else ()
+            self.identity = None
+        elif isinstance(message, ServerHello) and sender != self.hellos_from and message.random != TLS_1_3_HRR:
+            ext = message.getExtension(ExtensionType.pre_shared_key)
+            self.identity = selected_identity(self.hello_identities, ext.selected if ext is not None else None)
 
 
 def psk_mode(session: Session) -> str:
@@ -43,18 +80,23 @@ def _wipe(settings) -> None:
 def client_psk_handshake(ctx: HandshakeContext, offer: PskOffer) -> Session:
     if not offer.keys:
         raise HandshakeError("PSK client handshake with no key to offer")
+    selection = PskSelection()
+    for key in offer.keys:
+        if not selection.give(key):
+            ctx.log.info("not offering PSK serial %d: an earlier key has the same identity", key.serial)
     settings = tls13_settings()
-    add_psks(settings, offer.keys, offer.modes)
-    observer = HandshakeObserver(forbid_certificate="server answered our PSK offer with a certificate "
+    add_psks(settings, selection.given, offer.modes)
+    observer = PskObserver("us", forbid_certificate="server answered our PSK offer with a certificate "
                                                     "(it selected none of our PSKs)")
     try:
         conn, _ = run(ctx, lambda conn: conn.handshakeClientCert(settings=settings), observer)
     finally:
         _wipe(settings)
-    if observer.selected_psk is None or not 0 <= observer.selected_psk < len(offer.keys):
+    if observer.identity is None:
         raise PeerRejected("server did not select one of our PSKs")
+    key = selection.chosen(observer.identity)
     session = build_session(conn, "client")
-    session.remote_auth = (offer.keys[observer.selected_psk].serial,)
+    session.remote_auth = (key.serial,)
     session.details["psk_mode"] = psk_mode(session)
     return session
 
@@ -93,11 +135,12 @@ def server_psk_handshake(ctx: HandshakeContext, offer: PskOffer) -> Session:
     records = RecordSocket(ctx.sock, ctx.deadline)
     raw, message = _read_client_hello(records)
     identities = offered_identities(message)
-    known: list[PskKey] = []
+    selection = PskSelection()
     for identity in identities:
         key = offer.lookup(identity)
-        if key is not None and key not in known:
-            known.append(key)
+        if key is not None:
+            selection.give(key)
+    known = selection.given
     if not known:
         try:
             records.write(UNKNOWN_PSK_IDENTITY_ALERT)
@@ -107,15 +150,13 @@ def server_psk_handshake(ctx: HandshakeContext, offer: PskOffer) -> Session:
         raise UnknownPskIdentity(f"no PSK matches the client's identities ({shown})")
     settings = tls13_settings()
     add_psks(settings, known, offer.modes)
-    observer = HandshakeObserver()
+    observer = PskObserver("peer")
     try:
         conn, _ = run(ctx, lambda conn: conn.handshakeServer(settings=settings), observer, first=raw)
     finally:
         _wipe(settings)
-    if observer.selected_psk is None or not 0 <= observer.selected_psk < len(identities):
-        raise PeerRejected("handshake finished without a PSK")
-    chosen = identities[observer.selected_psk]
+    key = selection.chosen(observer.identity)
     session = build_session(conn, "server")
-    session.remote_auth = (next(key.serial for key in known if key.identity == chosen),)
+    session.remote_auth = (key.serial,)
     session.details["psk_mode"] = psk_mode(session)
     return session
