@@ -30,6 +30,18 @@ class PeerRejected(HandshakeError):
     status = errno.EACCES
 
 
+class HandshakeTooLarge(PeerRejected):
+    """The peer sent more than the handshake read limit (hsd.wire) before the handshake completed.
+
+    EMSGSIZE ("message too long") says what happened in the DONE the kernel
+    logs and hands on: NVMe hosts return it as the connect error, the NFS
+    client folds every status but 0/EACCES/ETIMEDOUT into EACCES, servers
+    just drop the connection.  Never ETIMEDOUT: that tells the NFS client to
+    retry, and the same peer would be read again."""
+
+    status = errno.EMSGSIZE
+
+
 class PeerClosed(HandshakeError):
     """The peer closed or reset the connection mid-handshake (the consumer may retry)."""
 

@@ -1,8 +1,11 @@
 """Drive an OpenSSL handshake over memory BIOs, one TLS record at a time.
 
-OpenSSL never touches the socket: we read exactly one record from the peer
-(hsd.wire.RecordSocket, deadline-bounded, works on O_NONBLOCK fds), feed it to
-the library and send whatever it wants to send.  So no byte after the peer's
+OpenSSL never touches the socket: each time it wants more we read the next
+piece of the peer's current record - its header, then its body
+(hsd.wire.RecordSocket.read_next: deadline-bounded, charged to the handshake
+read limit, works on O_NONBLOCK fds) - feed it to the library and send
+whatever it wants to send.  OpenSSL sees every header itself, so it answers
+an empty, non-TLS or oversized record exactly as it would on its own socket.  So no byte after the peer's
 Finished is consumed in user space (it belongs to kTLS), and on a server we
 can drop the NewSessionTickets OpenSSL queues once the handshake is complete
 (kTLS then starts at record 0, and NVMe hosts never see a ticket).
@@ -19,7 +22,7 @@ from typing import Callable
 from OpenSSL import SSL
 
 from hsd.errors import HandshakeError, PeerClosed, PeerRejected
-from hsd.wire import RecordSocket
+from hsd.wire import NOT_TLS, RecordSocket
 
 log = logging.getLogger("hsd.openssl")
 
@@ -92,10 +95,11 @@ def drive_handshake(conn: SSL.Connection, records: RecordSocket, *, server: bool
             break
         except (SSL.WantReadError, SSL.WantWriteError):
             _flush(conn, records)
-            record = records.read_record()
-            conn.bio_write(record)
+            conn.bio_write(records.read_next())
         except SSL.Error as exc:
-            _flush_quietly(conn, records)
+            _flush_quietly(conn, records)  # OpenSSL's own alert, if it queued one
+            if records.saw_foreign_header:
+                raise PeerRejected(f"{NOT_TLS} ({ssl_error_text(exc)})") from None
             raise translate(exc) from None
     dropped = 0
     if server:

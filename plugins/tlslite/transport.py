@@ -1,17 +1,24 @@
-"""The socket tlslite gets: one whole TLS record per refill, deadline-bounded, never closed.
+"""The socket tlslite gets: one record piece per refill, deadline- and size-bounded, never closed.
 
 tlslite wraps whatever socket it is given in a buffer that asks for 4096
 bytes at a time, which on a real socket would swallow records that follow the
 peer's Finished (they belong to kTLS).  This object only ever hands out bytes
-of records it has already read one at a time through hsd.wire.RecordSocket,
-so after the handshake nothing past the last handshake record has left the
-kernel.  close() and shutdown() do nothing: the core owns the socket and must
+it has read through hsd.wire.RecordSocket.read_next() - a record header, then
+that record's body when tlslite asks for more - so after the handshake
+nothing past the last handshake record has left the kernel, tlslite judges
+every header itself (and sends its own alert), and the handshake read limit
+caps what tlslite's defragmenter can be made to buffer.  close() and shutdown() do nothing: the core owns the socket and must
 still send DONE.
 """
 
 from __future__ import annotations
 
-from hsd.wire import RecordSocket
+from tlslite.constants import AlertDescription
+
+from hsd.errors import PeerRejected
+from hsd.wire import NOT_TLS, RecordSocket
+
+ALERT = 21
 
 
 class RecordTransport:
@@ -20,12 +27,12 @@ class RecordTransport:
     def __init__(self, records: RecordSocket, first: bytes = b"") -> None:
         self.records = records
         self._pending = bytearray(first)  # bytes of records already read, not yet given to tlslite
-        self.records_read = 0
+        self.records_read = 0  # pieces (record headers and bodies) read from the socket
         self.bytes_sent = 0
 
     def recv(self, bufsize: int) -> bytearray:
         if not self._pending:
-            self._pending += self.records.read_record()
+            self._pending += self.records.read_next()
             self.records_read += 1
         chunk = self._pending[:bufsize]
         del self._pending[:bufsize]
@@ -34,6 +41,11 @@ class RecordTransport:
     def send(self, data: bytes) -> int:
         self.records.write(bytes(data))
         self.bytes_sent += len(data)
+        if self.records.saw_foreign_header and data[:1] == bytes([ALERT]):
+            # tlslite has answered bytes that are no TLS record with its alert (now sent): end the
+            # handshake with a reason that says so instead of tlslite's bare alert name
+            alert = AlertDescription.toStr(data[6]) if len(data) >= 7 else "an alert"
+            raise PeerRejected(f"{NOT_TLS} (tlslite answered {alert})")
         return len(data)
 
     def sendall(self, data: bytes) -> None:
