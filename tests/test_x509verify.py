@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from hsd import x509verify
 from hsd.credentials import X509Credentials
-from hsd.errors import PeerRejected
+from hsd.errors import CredentialError, PeerRejected
 from hsd.testing.handshakes import expect_handshake_error
 from hsd.testing.pki import TestPki, load_certificates as load, load_crls, x509_credentials as trusting
 
@@ -105,3 +105,23 @@ def test_client_policy(pki) -> None:
     untrusted = load(pki.untrusted_server.chain)
     rejected("verify failed", x509verify.verify_client_certificate, untrusted, trusting(pki))
     assert x509verify.verify_client_certificate(untrusted, trusting(pki, verify_peer=False)) == []
+
+
+def test_client_policy_compares_typed_sans(pki) -> None:
+    """The kit's client certificate has DNS:client.test and URI:hsd://client; each matches its own type only."""
+    client = load(pki.client.chain)
+    for allowed in (["uri:hsd://client"], ["dns:client.test."], ["ip:192.0.2.1", "client.test"]):
+        assert x509verify.verify_client_certificate(client, trusting(pki, allowed_sans=allowed)), allowed
+    for allowed in (["email:client@client.test"], ["uri:https://client.test"], ["ip:127.0.0.1"]):
+        rejected("not in allowed_client_sans", x509verify.verify_client_certificate, client,
+                 trusting(pki, allowed_sans=allowed))
+    # an untyped URI is no DNS name: a plugin that hands one in gets a clear credential error, not a match
+    with pytest.raises(CredentialError, match="write uri:hsd://client"):
+        x509verify.verify_client_certificate(client, trusting(pki, allowed_sans=["hsd://client"]))
+
+
+def test_rejections_name_the_sans_with_their_types(pki) -> None:
+    client = load(pki.client.chain)
+    with pytest.raises(PeerRejected) as info:
+        x509verify.verify_client_certificate(client, trusting(pki, allowed_sans=["someone.test"]))
+    assert "['dns:client.test', 'uri:hsd://client']" in info.value.reason
