@@ -80,32 +80,28 @@ def _dns_name(text: str, *, wildcard: bool = False) -> str:
     matches a certificate carrying that same wildcard name, nothing else)."""
     name = text[:-1] if text.endswith(".") else text
     if not name:
-        return _invalid("it is empty" + (" after removing the trailing dot" if text else ""))
+        raise ValueError("it is empty" + (" after removing the trailing dot" if text else ""))
     if not name.isascii():
         try:
             name = name.encode("idna").decode("ascii")
         except UnicodeError:
-            return _invalid("it is not a valid internationalised domain name")
+            raise ValueError("it is not a valid internationalised domain name")
     name = name.lower()
     if len(name) > MAX_DNS_NAME:
-        return _invalid(f"it is longer than {MAX_DNS_NAME} characters")
+        raise ValueError(f"it is longer than {MAX_DNS_NAME} characters")
     labels = name.split(".")
     for index, label in enumerate(labels):
         if not label:
-            return _invalid("it has an empty label")
+            raise ValueError("it has an empty label")
         if len(label) > MAX_DNS_LABEL:
-            return _invalid(f"it has a label longer than {MAX_DNS_LABEL} characters")
+            raise ValueError(f"it has a label longer than {MAX_DNS_LABEL} characters")
         if wildcard and index == 0 and label == "*" and len(labels) > 1:
             continue
         if not _LDH_LABEL.match(label):
-            return _invalid(f"label {label!r} is not letters, digits and inner hyphens")
+            raise ValueError(f"label {label!r} is not letters, digits and inner hyphens")
     if labels[-1].isdigit():
-        return _invalid("its last label is all digits (an IPv4 address in a short form?)")
+        raise ValueError("its last label is all digits (an IPv4 address in a short form?)")
     return name
-
-
-def _invalid(reason: str) -> str:
-    raise ValueError(reason)
 
 
 @dataclass(frozen=True)
@@ -186,13 +182,13 @@ class SanValue:
 def _email(text: str) -> str:
     local, at, domain = text.rpartition("@")
     if not at or not local:
-        return _invalid("an e-mail address needs a local part, '@' and a domain")
+        raise ValueError("an e-mail address needs a local part, '@' and a domain")
     return f"{local}@{_dns_name(domain)}"
 
 
 def _uri(text: str) -> str:
     if not _URI_SCHEME.match(text):
-        return _invalid("a URI starts with its scheme, like 'spiffe:' or 'https:'")
+        raise ValueError("a URI starts with its scheme, like 'spiffe:' or 'https:'")
     return text
 
 
@@ -348,6 +344,9 @@ def _explain(exc: VerificationError, leaf: x509.Certificate, peer_sent: Sequence
         problem = _validity_problem(cert, now)
         if problem:
             return problem + (f" (chain depth {depth})" if depth else "")
+    if subject is not None and not _has_san(leaf):
+        what = "IP address" if subject.ip is not None else "hostname"
+        return f"{what} mismatch (certificate has no subjectAltName; its subject CN is no name, RFC 9525)"
     if "no matching subjectAltName" in text and subject is not None:
         what = "IP address" if subject.ip is not None else "hostname"
         return f"{what} mismatch (certificate is for {certificate_sans(leaf) or ['(no names)']}, expected {subject})"
@@ -356,6 +355,14 @@ def _explain(exc: VerificationError, leaf: x509.Certificate, peer_sent: Sequence
     if "candidates exhausted" in text:
         return "unable to get local issuer certificate (not issued by a trusted CA)"
     return text
+
+
+def _has_san(cert: x509.Certificate) -> bool:
+    try:
+        cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return False
+    return True
 
 
 def check_revocation(path: Sequence[x509.Certificate], crls: Sequence[x509.CertificateRevocationList],
