@@ -130,7 +130,9 @@ def _ssl_context(role: str, pki_dir: str, key_type: str, group: str, *, present_
     context = SSL.Context(SSL.TLS_METHOD)
     context.set_min_proto_version(SSL.TLS1_3_VERSION)
     context.set_max_proto_version(SSL.TLS1_3_VERSION)
-    context.set_tls13_ciphersuites(KTLS_SUITES.encode())
+    # the binding, not Context.set_tls13_ciphersuites: pyOpenSSL 25.0 (Debian trixie) lacks that method
+    if lib.SSL_CTX_set_ciphersuites(context._context, KTLS_SUITES.encode()) != 1:
+        raise RuntimeError(f"OpenSSL rejects the TLS 1.3 suites {KTLS_SUITES}")
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     context.set_options(SSL.OP_NO_TICKET)
     if lib.SSL_CTX_set1_curves_list(context._context, GROUPS[group].encode()) != 1:
