@@ -82,7 +82,7 @@ class RootCopy:
     def run(self, name: str, script: str, timeout: float = 900, env: dict[str, str] | None = None) -> Step:
         """Run a shell script as root inside the root; never raises for a failing script."""
         base = {"PATH": PATH, "HOME": "/root", "LANG": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive",
-                "PYTHONDONTWRITEBYTECODE": "1", "TERM": "dumb"}
+                "TERM": "dumb"}
         started = time.monotonic()
         try:
             proc = subprocess.run(["chroot", str(self.dir), "/bin/sh", "-ec", script], env={**base, **(env or {})},

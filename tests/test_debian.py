@@ -1,0 +1,212 @@
+"""hsd as Debian ships it: the .deb built, linted, installed and tested in clean trixie and forky roots.
+
+Per suite, one root (mmdebstrap, cached by suite + package list under
+$XDG_CACHE_HOME) is copied afresh, the committed tree (`git archive HEAD`) is
+put in it, and these steps run inside it by chroot, each timed:
+dpkg-buildpackage -us -uc -b, lintian, `apt-get install ./hsd_*.deb` (beside
+ktls-utils), a look at what got installed, hsd's own report without
+tlslite-ng, the unit and interop tests on Debian's libraries without
+tlslite-ng (the tests needing it deselected and counted by
+tests.debian.select_available), `pip install --break-system-packages
+tlslite-ng` as docs/packaging.md tells an operator, and the whole set again.
+A root that cannot be built fails these tests; nothing here is ever skipped.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.debian.chroot import SOURCE_DIR, TESTS_DIR, RootCopy, Step, pip_env
+from tests.debian.roots import REPO, SUITES, RootError, ensure_root
+
+pytestmark = pytest.mark.deb
+
+DEBIAN_LIBRARIES = ("python3-openssl", "python3-cryptography", "python3-pyroute2", "python3-pluggy",
+                    "python3-stevedore")
+UNIT = "/usr/lib/systemd/system/hsd.service"
+PACKAGING_DOC = REPO / "docs" / "packaging.md"
+# The unit and interop tests, run against the installed package.  Left out: the VM, these Debian
+# tests and the lowest-versions run (each builds its own environment), and tests/test_packaging.py,
+# which checks the upstream wheel and sdist built from the source tree (it runs on the host).
+PYTEST = (f"cd {TESTS_DIR} && python3 -m pytest -q -p no:cacheprovider -p tests.debian.select_available "
+          "-o faulthandler_timeout=240 -rfE "
+          "-m 'not vm and not deb and not lowest' --ignore=tests/test_packaging.py --ignore=tests/test_vm.py "
+          "--ignore=tests/test_debian.py --ignore=tests/test_lowest_versions.py tests/")
+SELECT_TLSLITE_CONF = "[hsd]\nbackend=tlslite\n"
+
+
+def tlslite_requirement() -> str:
+    """The tlslite extra's requirement, as pyproject.toml states it (what the operator is told to install)."""
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (requirement,) = extras["tlslite"]
+    return requirement
+
+
+STEPS: tuple[tuple[str, str], ...] = (
+    ("build", f"cd {SOURCE_DIR} && dpkg-buildpackage -us -uc -b"),
+    ("lintian", "cd /build && lintian --pedantic --fail-on error --no-tag-display-limit hsd_*.changes"),
+    ("install", "cd /build && apt-get install -y --no-install-recommends ./hsd_*_all.deb"),
+    ("inspect", "cd /build && dpkg-deb -f hsd_*_all.deb Depends Suggests Enhances Conflicts Breaks Replaces\n"
+                "echo '--- files'; dpkg -L hsd\n"
+                "echo '--- tlshd config owner'; dpkg -S /etc/tlshd/config || true\n"
+                "echo '--- enabled'; systemctl is-enabled hsd.service || true\n"
+                "echo '--- execstart'; sed -n 's/^ExecStart=//p' " + UNIT + "\n"
+                "echo '--- running'; pgrep -x hsd || echo none\n"
+                "echo '--- check'; hsd check | head -1"),
+    ("without-tlslite", "hsd plugins; echo \"plugins rc=$?\"\nhsd check >/tmp/check.out; echo \"check rc=$?\"\n"
+                        "grep -E '^\\[(mode|plugin)\\]' /tmp/check.out\n"
+                        f"printf '{SELECT_TLSLITE_CONF}' >/tmp/tlslite.conf\n"
+                        "hsd -c /tmp/tlslite.conf -s 2>/tmp/start.err; echo \"start rc=$?\"\n"
+                        "grep '^hsd: ' /tmp/start.err || true"),
+    ("tests-without-tlslite", PYTEST),
+    ("pip-tlslite", f"pip install --break-system-packages '{tlslite_requirement()}'\n"
+                    "python3 -c 'import tlslite, sys; print(\"tlslite-ng\", tlslite.__version__, tlslite.__file__)'"),
+    ("tests-with-tlslite", PYTEST),
+)
+ESSENTIAL = {"build", "install", "pip-tlslite"}  # later steps mean nothing after these fail
+
+
+@dataclass
+class SuiteRun:
+    suite: str
+    commit: str
+    root_seconds: float
+    root_cached: bool
+    steps: dict[str, Step] = field(default_factory=dict)
+
+    def step(self, name: str) -> Step:
+        assert name in self.steps, f"{self.suite}: step {name} did not run (an earlier step failed: " \
+                                   f"{[s.name for s in self.steps.values() if s.rc]})"
+        return self.steps[name]
+
+    def ok(self, name: str) -> Step:
+        step = self.step(name)
+        assert step.rc == 0, f"{self.suite}: {name} exited {step.rc}:\n{step.output[-6000:]}"
+        return step
+
+    def section(self, name: str, title: str) -> str:
+        text = self.ok(name).output
+        match = re.search(rf"^--- {re.escape(title)}\n(.*?)(?=^--- |\Z)", text, re.M | re.S)
+        assert match, f"{self.suite}: {name} printed no '{title}' section:\n{text[-3000:]}"
+        return match.group(1).strip()
+
+
+def _setup_host() -> None:
+    proc = subprocess.run([str(REPO / "scripts" / "setup-debian")], capture_output=True, text=True, timeout=900)
+    if proc.returncode:
+        pytest.fail(f"scripts/setup-debian failed:\n{proc.stdout}{proc.stderr}")
+
+
+@pytest.fixture(scope="module", params=sorted(SUITES, reverse=True))  # trixie first: the oldest libraries
+def suite_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> SuiteRun:
+    _setup_host()
+    suite = SUITES[request.param]
+    log = tmp_path_factory.mktemp(f"deb-{suite.name}") / "mmdebstrap.log"
+    try:
+        root = ensure_root(suite, log)
+    except RootError as exc:
+        pytest.fail(f"the {suite.name} root cannot be built: {exc}")
+    started = time.monotonic()
+    with RootCopy(root) as copy:
+        run = SuiteRun(suite.name, copy.commit, root.seconds, not root.built_now)
+        for name, script in STEPS:
+            step = copy.run(name, script, timeout=1200, env=pip_env() if name == "pip-tlslite" else None)
+            run.steps[name] = step
+            if step.rc and name in ESSENTIAL:
+                break
+    total = time.monotonic() - started
+    timing = ", ".join(f"{s.name} {s.seconds:.0f} s" for s in run.steps.values())
+    origin = "cached" if run.root_cached else f"built in {run.root_seconds:.0f} s"
+    print(f"{suite.name} @ {run.commit}: root {origin}; in the root {total:.0f} s ({timing})")
+    return run
+
+
+def test_builds_with_dpkg_buildpackage(suite_run: SuiteRun) -> None:
+    suite_run.ok("build")
+
+
+def test_lintian_reports_no_errors_and_every_warning_is_documented(suite_run: SuiteRun) -> None:
+    output = suite_run.ok("lintian").output
+    tags = sorted(set(re.findall(r"^([EWIPX]): hsd[^:]*: (\S+)", output, re.M)))
+    print(f"{suite_run.suite}: lintian " + (", ".join(f"{kind}: {tag}" for kind, tag in tags) or "clean"))
+    assert not [t for k, t in tags if k == "E"], output
+    documented = PACKAGING_DOC.read_text()
+    undocumented = [tag for kind, tag in tags if kind == "W" and f"`{tag}`" not in documented]
+    assert not undocumented, f"lintian warnings not listed with a reason in docs/packaging.md: {undocumented}"
+
+
+def test_depends_name_debians_libraries_and_nothing_conflicts_with_ktls_utils(suite_run: SuiteRun) -> None:
+    fields = dict(re.findall(r"^(\w+): (.*)$", suite_run.ok("inspect").output, re.M))
+    depends = {d.strip().split(" ")[0] for d in fields.get("Depends", "").split(",")}
+    assert set(DEBIAN_LIBRARIES) <= depends, fields
+    assert not any("tlslite" in d for d in depends), f"tlslite-ng is not in Debian, yet: {fields['Depends']}"
+    assert "ktls-utils" in fields.get("Suggests", "") and "ktls-utils" in fields.get("Enhances", ""), fields
+    for relation in ("Conflicts", "Breaks", "Replaces"):
+        assert relation not in fields, f"hsd must install beside ktls-utils, yet {relation}: {fields[relation]}"
+
+
+def test_installs_beside_ktls_utils_and_reads_its_config_without_owning_it(suite_run: SuiteRun) -> None:
+    files = suite_run.section("inspect", "files").splitlines()
+    assert "/etc/tlshd/config" not in files and not any(f.startswith("/etc/tlshd") for f in files), files
+    assert suite_run.section("inspect", "tlshd config owner").startswith("ktls-utils:"), \
+        "ktls-utils (installed in the root) must own /etc/tlshd/config"
+    assert suite_run.section("inspect", "check") == "config file: /etc/tlshd/config"
+
+
+def test_unit_is_enabled_not_started_and_starts_the_installed_binary(suite_run: SuiteRun) -> None:
+    files = suite_run.section("inspect", "files").splitlines()
+    execstart = suite_run.section("inspect", "execstart")
+    assert execstart.split()[0] in files, f"ExecStart={execstart} is not a file of the package"
+    assert UNIT in files and "/usr/bin/hsd-sim" not in files
+    assert suite_run.section("inspect", "enabled") == "enabled"
+    assert suite_run.section("inspect", "running") == "none", "the install started hsd inside the root"
+    for page in ("/usr/share/man/man8/hsd.8.gz", "/usr/share/man/man5/hsd.conf.5.gz",
+                 "/usr/share/doc/hsd/examples/hsd.conf.example"):
+        assert page in files
+
+
+def test_without_tlslite_hsd_reports_it_unavailable_and_refuses_to_start_on_it(suite_run: SuiteRun) -> None:
+    output = suite_run.ok("without-tlslite").output
+    assert "plugins rc=0" in output and "check rc=0" in output, output
+    assert re.search(r"^  tlslite\s+SKIPPED: cannot be loaded: ModuleNotFoundError: No module named 'tlslite'",
+                     output, re.M), output
+    assert re.search(r"^\[plugin\] tlslite cannot be loaded: ModuleNotFoundError", output, re.M), output
+    assert len(re.findall(r"^\[mode\] \S+\s+backend=openssl ok$", output, re.M)) == 5, output
+    assert "start rc=2" in output, output
+    start_errors = re.findall(r"^hsd: .*$", output, re.M)
+    assert len(start_errors) == 1 and "'tlslite' is unavailable" in start_errors[0], output
+
+
+def _pytest_summary(suite_run: SuiteRun, name: str) -> tuple[str, dict[str, str]]:
+    step = suite_run.step(name)
+    output = step.output
+    counts = dict((kind, n) for n, kind in re.findall(r"(\d+) (passed|failed|errors?|deselected|skipped)", output))
+    selection = re.search(r"^select_available: (.*)$", output, re.M)
+    print(f"{suite_run.suite} {name}: {', '.join(f'{v} {k}' for k, v in counts.items())} in {step.seconds:.0f} s; "
+          + (selection.group(1) if selection else "(no selection line)"))
+    for line in re.findall(r"^(?:tlslite-ng|ML-DSA).*$", output, re.M):
+        print(f"  {line}")
+    assert step.rc == 0, f"{suite_run.suite}: {name} exited {step.rc}:\n{output[-8000:]}"
+    assert selection, output[-3000:]
+    return selection.group(1), counts
+
+
+def test_unit_and_interop_tests_pass_without_tlslite(suite_run: SuiteRun) -> None:
+    selection, counts = _pytest_summary(suite_run, "tests-without-tlslite")
+    assert "tlslite" in selection.split()[0], f"tlslite-ng was importable in the root: {selection}"
+    assert int(counts.get("passed", 0)) > 0 and "failed" not in counts
+
+
+def test_unit_and_interop_tests_pass_with_tlslite_from_pypi(suite_run: SuiteRun) -> None:
+    print(suite_run.ok("pip-tlslite").output.strip().splitlines()[-1])
+    selection, counts = _pytest_summary(suite_run, "tests-with-tlslite")
+    assert "tlslite" not in selection.split()[0], selection
+    assert int(counts.get("passed", 0)) > 0 and "failed" not in counts
