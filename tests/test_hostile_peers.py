@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 import pytest
 
 import hsd_openssl
+import hsd_psk
 import hsd_tlslite
 from hsd.config import Config
 from hsd.errors import HandshakeTimeout, PeerRejected
@@ -103,13 +104,15 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
 
 
 @contextmanager
-def daemon(pki: TestPki, backend: str) -> Iterator[tuple[Simulator, RunningDaemon]]:
+def daemon(pki: TestPki, backend: str, *, psk: bool = False) -> Iterator[tuple[Simulator, RunningDaemon]]:
+    """The in-process daemon on a simulator, both backends loaded (and the PSK policy if psk)."""
     config = Config(backend=backend, handshake_timeout_ms=3000)
     config.client.truststore = pki.ca
     config.server.truststore = pki.ca
     config.server.certificate, config.server.private_key = pki.server.chain, pki.server.key
     with Simulator() as sim:
-        running = RunningDaemon(sim, config, {"openssl": hsd_openssl, "tlslite": hsd_tlslite})
+        plugins = {"openssl": hsd_openssl, "tlslite": hsd_tlslite} | ({"psk": hsd_psk} if psk else {})
+        running = RunningDaemon(sim, config, plugins)
         try:
             yield sim, running
             still_serves(sim, pki)
