@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from cryptography.x509.oid import NameOID
 
 import hsd_openssl
 from hsd.config import Config
+from hsd.dispatcher import SHUTDOWN_GRACE, WATCHDOG_GRACE
 from hsd.errors import HandshakeTimeout, PeerClosed
 from hsd.hookspecs import BackendInfo, Mode, hookimpl
 from hsd.ktls import tls13_crypto_info
@@ -558,3 +560,220 @@ def test_garbled_done_reply_costs_one_request_not_a_slot(no_leaks, caplog):
         assert "DONE for fd" in caplog.text
         for sock in (first, first_peer, second, second_peer):
             sock.close()
+
+
+# ---------------------------------------------------------------- plugins that break the Session contract
+
+
+MALFORMED = {  # peer name -> (what the plugin gets wrong, the field the error must name)
+    "bytes-secret.test": ({"tx_secret": b"\xab" * 32}, "tx_secret is bytes, not bytearray"),
+    "short-secret.test": ({"rx_secret": bytearray(b"\xab" * 16)}, "rx_secret is 16 bytes"),
+    "str-serial.test": ({"remote_auth": ("1",)}, "remote_auth is not a tuple of key serials"),
+    "list-certs.test": ({"peer_certificates": [b"\x30\x03der"]}, "peer_certificates is not a tuple"),
+    "not-a-session.test": (None, "a dict, not a Session"),
+}
+
+
+class UnwipeableSession(Session):
+    """A plugin's own Session subclass whose wipe() is broken: clean-up must go on without it."""
+
+    def wipe(self) -> None:
+        raise RuntimeError("plugin bug in Session.wipe")
+
+
+class ContractBreakingBackend:
+    """A third-party backend with bugs chosen by the request's peer name (see MALFORMED), a
+    hsd_handshake_done hook that raises, and one that never returns from hsd_handshake."""
+
+    name = "breaks-contract"
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.done_calls: list[tuple[str, int]] = []
+
+    @hookimpl
+    def hsd_backend_info(self) -> BackendInfo:
+        return BackendInfo(self.name, "1.0", frozenset({Mode("client", "unauth")}))
+
+    @hookimpl
+    def hsd_handshake(self, ctx):
+        if ctx.backend != self.name:
+            return None
+        if ctx.peername == "never-returns.test":
+            self.release.wait()  # only the test's teardown lets it go
+            return None
+        if ctx.peername == "raises.test":
+            raise RuntimeError("plugin bug in hsd_handshake")
+        if ctx.peername == "wipe-raises.test":
+            return UnwipeableSession(cipher="TLS_AES_128_GCM_SHA256", tx_secret=bytearray(32),
+                                     rx_secret=bytearray(32))
+        if ctx.peername in MALFORMED:
+            fields, _ = MALFORMED[ctx.peername]
+            if fields is None:
+                return {"cipher": "TLS_AES_128_GCM_SHA256", "tx_secret": bytearray(32)}
+            return Session(**{"cipher": "TLS_AES_128_GCM_SHA256", "tx_secret": bytearray(b"\xab" * 32),
+                              "rx_secret": bytearray(b"\xab" * 32), **fields})
+        return Session(cipher="TLS_AES_128_GCM_SHA256", tx_secret=bytearray(32), rx_secret=bytearray(32))
+
+    @hookimpl
+    def hsd_handshake_done(self, ctx, status, session):
+        self.done_calls.append((ctx.peername, status))
+        if ctx.peername == "done-raises.test":
+            raise RuntimeError("plugin bug in hsd_handshake_done")
+
+
+def broken_daemon(**kw):
+    backend = ContractBreakingBackend()
+    return backend, daemon(Config(backend=backend.name, **kw), {backend.name: backend})
+
+
+def serves_on(sim: Simulator) -> None:
+    """After the fault: a well-behaved request through the same backend succeeds."""
+    a, b = tcp_pair()
+    try:
+        req = sim.client_hello_anon(a, peername="ok.test", timeout_ms=5000)
+        assert req.wait(WAIT)[0] == 0 and req.done_calls == 1 and req.ktls_tx is not None
+    finally:
+        a.close(); b.close()
+
+
+@pytest.mark.parametrize("isolation", ["none", "process"])
+@pytest.mark.parametrize("peername", sorted(MALFORMED))
+def test_malformed_session_is_one_eio_done_naming_the_plugin(no_leaks, caplog, peername, isolation):
+    """A Session with wrong field types (a bytes secret once hung the request until the consumer's
+    timeout and leaked its in-flight entry: Session.wipe() raised in the worker's finally)."""
+    backend, running_daemon = broken_daemon(isolation=isolation)
+    with running_daemon as (sim, running):
+        mine, theirs = tcp_pair()
+        req = sim.client_hello_anon(mine, peername=peername, timeout_ms=5000)
+        assert req.wait(WAIT)[0] == errno.EIO
+        [outcome] = outcomes(running, 1)
+        assert req.done_calls == 1 and req.ktls_tx is None and req.remote_auth == ()
+        assert outcome.reason.startswith(f"backend '{backend.name}' returned a malformed session")
+        assert MALFORMED[peername][1] in outcome.reason
+        assert running.dispatcher.inflight() == 0  # nothing left behind for the watchdog
+        mine.close(); theirs.close()
+        serves_on(sim)
+    assert f"backend '{backend.name}' returned a malformed session" in caplog.text
+    assert "abababab" not in caplog.text and "\\xab\\xab" not in caplog.text  # no secret bytes logged
+    assert running.dispatcher.stats["watchdog"] == 0  # answered at once, not at the deadline
+
+
+@pytest.mark.parametrize("peername,status", [("raises.test", errno.EIO), ("done-raises.test", 0),
+                                             ("wipe-raises.test", 0)])
+def test_exceptions_from_the_plugin_hooks_cost_nothing_but_their_request(no_leaks, peername, status):
+    """hsd_handshake raising: one EIO DONE.  hsd_handshake_done raising (after DONE): the request keeps
+    its success.  The Session's own wipe() raising in the worker's clean-up: DONE was sent first, and
+    the fd close and in-flight removal still happen (no_leaks checks the fd).  None leaves state behind."""
+    backend, running_daemon = broken_daemon()
+    with running_daemon as (sim, running):
+        mine, theirs = tcp_pair()
+        req = sim.client_hello_anon(mine, peername=peername, timeout_ms=5000)
+        assert req.wait(WAIT)[0] == status and req.done_calls == 1
+        outcomes(running, 1)
+        assert running.dispatcher.inflight() == 0
+        mine.close(); theirs.close()
+        serves_on(sim)
+    assert backend.done_calls == [(peername, status), ("ok.test", 0)]
+
+
+def test_stopping_is_bounded_when_a_plugin_thread_never_returns(no_leaks, caplog):
+    """stop while a plugin call hangs for good: run() returns after the request's deadline plus the
+    watchdog's grace (its DONE sent by then), without waiting for the plugin thread."""
+    backend, running_daemon = broken_daemon()
+    try:
+        with running_daemon as (sim, running):
+            mine, theirs = tcp_pair()
+            req = sim.client_hello_anon(mine, peername="never-returns.test", timeout_ms=300)
+            while not req.accepted:
+                time.sleep(0.01)
+            running.stop.set()  # the same as SIGTERM in serve()
+            running.thread.join(WAIT)
+            assert not running.thread.is_alive(), "run() waited for a plugin thread that never returns"
+            assert req.wait(0)[0] == errno.ETIMEDOUT and req.done_calls == 1
+            assert running.dispatcher.inflight() == 0
+            mine.close(); theirs.close()
+    finally:
+        backend.release.set()  # let the abandoned thread end, so this test leaves nothing behind
+    assert req.done_calls == 1  # its late return sent no second DONE
+    assert "stuck in a plugin" in caplog.text
+
+
+NEVER_RETURNS_PLUGIN = '''"""A third-party backend whose hsd_handshake never returns (installed as a dist on sys.path)."""
+
+import threading
+
+from hsd.hookspecs import BackendInfo, Mode, hookimpl
+
+
+@hookimpl
+def hsd_backend_info():
+    return BackendInfo("never-returns", "0.1", frozenset({Mode("client", "unauth")}))
+
+
+@hookimpl
+def hsd_handshake(ctx):
+    print(f"never-returns: handshake on fd {ctx.sock.fileno()} entered", flush=True)
+    threading.Event().wait()  # forever
+'''
+
+
+def install_never_returning_plugin(where) -> str:
+    """The plugin as pip would leave it: the module and a dist-info with its hsd.backends entry point."""
+    (where / "hsd_never_returns.py").write_text(NEVER_RETURNS_PLUGIN)
+    dist = where / "hsd_never_returns-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: hsd-never-returns\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[hsd.backends]\nnever-returns = hsd_never_returns\n")
+    return str(where)
+
+
+def test_sigterm_exits_a_real_daemon_whose_plugin_never_returns(tmp_path, no_leaks):
+    """The real hsd process, a third-party plugin that hangs forever, three requests in it, SIGTERM:
+    hsd exits 0 once their deadlines (+ grace) have passed, and every request got exactly one DONE.
+    (Before: the watchdog spun at 100% CPU on the entries and the main thread joined the pool forever.)"""
+    plugin_dir = install_never_returning_plugin(tmp_path)
+    config = tmp_path / "hsd.conf"
+    config.write_text("[hsd]\nbackend=never-returns\nhandshake_timeout=1000\n")
+    log_path = tmp_path / "hsd.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [plugin_dir, os.environ.get("PYTHONPATH")])),
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    with Simulator() as sim:
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen([sys.executable, "-m", "hsd.cli", "-c", str(config), "--simulator", sim.address,
+                                     "-s"], stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                    env=env)
+        pairs = [tcp_pair() for _ in range(3)]
+        try:
+            _wait_listening_proc(sim, proc, log_path)
+            reqs = [sim.client_hello_anon(a, peername="hang.test", timeout_ms=1000) for a, _ in pairs]
+            end = time.monotonic() + WAIT
+            while log_path.read_text().count("never-returns: handshake on fd") < 3:
+                assert proc.poll() is None and time.monotonic() < end, log_path.read_text()
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            bound = 1.0 + WATCHDOG_GRACE + SHUTDOWN_GRACE  # the longest deadline, the watchdog, the drain
+            try:
+                code = proc.wait(bound + WAIT)  # WAIT: start-up slack of a loaded machine, not a timing claim
+            except subprocess.TimeoutExpired:
+                code = None
+            assert code == 0, log_path.read_text()
+            assert [r.wait(0)[0] for r in reqs] == [errno.ETIMEDOUT] * 3
+            assert [r.done_calls for r in reqs] == [1, 1, 1]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            for a, b in pairs:
+                a.close(); b.close()
+    text = log_path.read_text()
+    assert "Traceback" not in text, text
+    assert text.count("overran its deadline in the plugin") == 3, text
+
+
+def _wait_listening_proc(sim: Simulator, proc: subprocess.Popen, log_path) -> None:
+    end = time.monotonic() + WAIT
+    while not sim.listeners():
+        assert proc.poll() is None, log_path.read_text()
+        assert time.monotonic() < end, log_path.read_text()
+        time.sleep(0.02)

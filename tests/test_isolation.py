@@ -413,3 +413,48 @@ def test_isolation_cost(hsd_pki):
         print(f"pairs in flight {concurrency}  isolation={mode:7}  {rate:6.1f} handshakes/s  "
               f"p50 {p50:6.1f} ms  p90 {p90:6.1f} ms")
     assert not python_children()
+
+
+@pytest.mark.parametrize("header", [
+    {"kind": "session"},  # no fields at all
+    {"kind": "session", "cipher": "TLS_AES_128_GCM_SHA256", "tx_seq": 0, "rx_seq": 0, "version": 0x0304,
+     "group": None, "remote_auth": [], "peer_certificates": ["not base64!"], "ktls_installed": False, "details": {}},
+    {"kind": "error", "status": "EACCES", "reason": "x", "type": "PeerRejected"},
+    {"kind": "error", "status": 0, "reason": "x", "type": "PeerRejected"},  # "failed" with success
+])
+def test_a_garbled_result_from_the_child_is_eio_not_a_crash(header):
+    """The parent trusts nothing the child wrote: a header with missing or mistyped fields is one clean
+    failure (EIO or a real errno), never a KeyError/TypeError or a success."""
+    from hsd.isolation import IsolatedHandshakeFailed, _encode, _result
+
+    frame = _encode(header, bytearray(b"\x11" * 32), bytearray(b"\x22" * 32))
+    with pytest.raises(HandshakeError) as raised:
+        _result(frame, 0, False)
+    assert raised.value.status != 0
+    if header["kind"] == "session":
+        assert isinstance(raised.value, IsolatedHandshakeFailed) and raised.value.status == errno.EIO
+    else:
+        assert raised.value.status == errno.EIO  # not an errno the child may invent: EIO
+
+
+def test_the_child_refuses_a_malformed_session_with_the_plugins_name():
+    """Checked in the child too, so isolation=process fails a bytes secret the same way as in-process
+    (the pipe would otherwise have turned it into a fresh bytearray and hidden the bug)."""
+
+    class BytesSecret(MisbehavingBackend):
+        @hookimpl
+        def hsd_handshake(self, ctx):
+            if ctx.backend != self.name:
+                return None
+            return Session(cipher="TLS_AES_128_GCM_SHA256", tx_secret=b"\x11" * 32, rx_secret=bytearray(32))
+
+    with DaemonHarness(CRASHER, isolated(), discover=False, extra_plugins={CRASHER: BytesSecret("ok")}) as harness:
+        mine, peer = tcp_pair()
+        try:
+            finished = harness.finish(harness.client_hello_anon(mine, peername="localhost", timeout_ms=5000))
+            finished.expect(errno.EIO)
+        finally:
+            mine.close(); peer.close()
+    assert finished.outcome.reason == (f"backend '{CRASHER}' returned a malformed session: "
+                                       "tx_secret is bytes, not bytearray (the core could not wipe it)")
+    assert not python_children()
