@@ -28,6 +28,7 @@ from hsd.context import HandshakeContext
 from hsd.errors import (CredentialError, HandshakeError, PeerRejected, Unsupported,
                         UnknownPskIdentity)
 from hsd.hookspecs import hookimpl
+from hsd.peerlog import truncate
 from hsd.psk import PskKey, PskOffer, PskSelection
 from hsd.session import Session
 from hsd.wire import RecordSocket
@@ -226,7 +227,7 @@ def _server(ctx: HandshakeContext, offer: PskOffer) -> Session:
         offered = offered_psks(hello)
     except MalformedClientHello as exc:
         _send_alert(records, ALERT_DECODE_ERROR)
-        raise PeerRejected(f"client sent a malformed ClientHello: {exc}") from None
+        raise PeerRejected(f"client sent a malformed ClientHello: {truncate(str(exc))}") from None
     if not offered.identities:
         _send_alert(records, ALERT_HANDSHAKE_FAILURE)
         raise PeerRejected("client offered no PSK")

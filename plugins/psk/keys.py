@@ -10,6 +10,7 @@ caller wipes.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Iterable
 
 from hsd import keyring
@@ -24,6 +25,7 @@ DEFAULT_KEYRINGS = (".nvme", ".nfs", ".nfsd")
 PSK_KEY_TYPES = ("psk", "user")  # "psk" where the kernel has it, else "user" (tlshd reads both)
 ANCHORS = (keyring.KEY_SPEC_USER_KEYRING, keyring.KEY_SPEC_SESSION_KEYRING, keyring.KEY_SPEC_PROCESS_KEYRING)
 PROC_KEYS = "/proc/keys"
+MAX_DESCRIPTION = 4095  # bytes: the kernel refuses longer descriptions (KEY_MAX_DESC_SIZE), so none names a key
 
 
 def _from_proc_keys(name: str) -> int | None:
@@ -96,13 +98,17 @@ def load_key(serial: int) -> PskKey:
 
 
 def search_identity(keyrings: Iterable[int], identity: str) -> int | None:
-    """Serial of the first PSK called identity in these keyrings ("psk" type before "user")."""
+    """Serial of the first PSK called identity in these keyrings ("psk" type before "user").
+
+    identity comes from the peer: it is never logged (the kernel's error text would carry it)."""
+    if len(identity.encode()) > MAX_DESCRIPTION:
+        return None
     for ring in keyrings:
         for key_type in PSK_KEY_TYPES:
             try:
                 found = keyring.search(ring, key_type, identity)
             except keyring.KeyringError as exc:
-                log.debug("keyring %d not searchable: %s", ring, exc.strerror)
+                log.debug("keyring %d not searchable: %s", ring, os.strerror(exc.errno))
                 break
             if found is not None:
                 return found

@@ -4,7 +4,10 @@ Runs first for every handshake (tryfirst) and takes only auth mode psk.  It
 builds a PskOffer from the kernel keyrings of this one request and asks the
 request's backend (ctx.backend) for the TLS mechanics through
 hsd_psk_handshake.  Every secret it read is wiped when the handshake ends,
-whatever the outcome.
+whatever the outcome.  A server handshake that found none of the client's
+identities is logged here, once for all backends: the identities truncated,
+the warnings rate-limited per peer address (hsd.peerlog), since any host that
+can connect can send a 64 KiB list of them on every connection.
 """
 
 from __future__ import annotations
@@ -12,8 +15,9 @@ from __future__ import annotations
 import logging
 
 from hsd.context import HandshakeContext
-from hsd.errors import CredentialError, HandshakeError, Unsupported
+from hsd.errors import CredentialError, HandshakeError, UnknownPskIdentity, Unsupported
 from hsd.hookspecs import BackendInfo, Mode, hookimpl
+from hsd.peerlog import PeerRateLimiter, peer_of, truncate_list
 from hsd.psk import PskKey, PskOffer
 from hsd.session import Session
 
@@ -23,6 +27,7 @@ log = logging.getLogger("hsd.psk")
 
 VERSION = "0.1"
 PSK_MODES = frozenset({Mode("client", "psk"), Mode("server", "psk")})
+UNKNOWN_IDENTITY_WARNINGS = PeerRateLimiter()  # process-wide: a flooding peer shares one bucket
 
 
 class RequestKeys:
@@ -71,6 +76,10 @@ class RequestKeys:
         self._by_identity[identity] = key
         return key
 
+    def unknown(self) -> list[bytes]:
+        """Identities the client named that no keyring of this request holds, in lookup order."""
+        return [identity for identity, key in self._by_identity.items() if key is None]
+
     def wipe(self) -> None:
         for key in self.loaded:
             key.wipe()
@@ -103,13 +112,24 @@ def hsd_handshake(ctx: HandshakeContext) -> Session | None:
             offer = PskOffer(lookup=request_keys.lookup, modes=tuple(ctx.config.psk_modes))
         else:
             raise Unsupported(f"PSK handshake for unknown role '{ctx.request.role}'")
-        session = ctx.hook.hsd_psk_handshake(ctx=ctx, offer=offer)
+        try:
+            session = ctx.hook.hsd_psk_handshake(ctx=ctx, offer=offer)
+        except UnknownPskIdentity:
+            if ctx.request.role == "server":
+                _warn_unknown(ctx, request_keys.unknown())
+            raise
         if session is None:
             raise Unsupported(f"backend '{ctx.backend}' does not implement PSK handshakes")
         _check_remote_auth(session, request_keys)
         return session
     finally:
         request_keys.wipe()
+
+
+def _warn_unknown(ctx: HandshakeContext, identities: list[bytes]) -> None:
+    peer = peer_of(ctx.sock)
+    UNKNOWN_IDENTITY_WARNINGS.warning(log, peer, "client %s offered %d PSK identities, none in this request's "
+                                      "keyrings: %s", peer, len(identities), truncate_list(identities))
 
 
 def _check_remote_auth(session: Session, request_keys: RequestKeys) -> None:

@@ -22,6 +22,7 @@ from tlslite.utils.codec import Parser
 
 from hsd.context import HandshakeContext
 from hsd.errors import HandshakeError, PeerRejected, UnknownPskIdentity
+from hsd.peerlog import truncate
 from hsd.psk import PskOffer, PskSelection, selected_identity
 from hsd.session import Session
 from hsd.wire import RecordSocket
@@ -124,7 +125,7 @@ def offered_identities(message: bytes) -> list[bytes]:
     try:
         hello = ClientHello().parse(Parser(bytearray(message[1:])))  # parse() wants the 3-byte length
     except (SyntaxError, ValueError, AssertionError, IndexError) as exc:
-        raise PeerRejected(f"malformed ClientHello: {exc}") from None
+        raise PeerRejected(f"malformed ClientHello: {truncate(str(exc))}") from None
     ext = hello.getExtension(ExtensionType.pre_shared_key)
     return [bytes(ident.identity) for ident in ext.identities] if ext is not None else []
 
@@ -146,8 +147,8 @@ def server_psk_handshake(ctx: HandshakeContext, offer: PskOffer) -> Session:
             records.write(UNKNOWN_PSK_IDENTITY_ALERT)
         except HandshakeError:
             pass
-        shown = ", ".join(repr(i) for i in identities) or "none"
-        raise UnknownPskIdentity(f"no PSK matches the client's identities ({shown})")
+        # the identities themselves are the PSK policy's to log (bounded, rate-limited per peer)
+        raise UnknownPskIdentity(f"client offered {len(identities)} unknown PSK identities")
     settings = tls13_settings()
     add_psks(settings, known, offer.modes)
     observer = PskObserver("peer")
