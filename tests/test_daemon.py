@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -145,4 +146,45 @@ def test_a_reload_with_a_broken_config_keeps_the_running_one(sim, tmp_path, hsd_
         sock.close()
     finally:
         server.stop()
+        assert daemon.stop() == 0
+
+
+def core_file_limit(pid: int) -> tuple[str, str]:
+    """(soft, hard) RLIMIT_CORE of a running process, from /proc/PID/limits."""
+    with open(f"/proc/{pid}/limits") as handle:
+        for line in handle:
+            if line.startswith("Max core file size"):
+                soft, hard = line.split()[4:6]
+                return soft, hard
+    raise AssertionError(f"no core limit in /proc/{pid}/limits")
+
+
+def memory_readable_without_ptrace_capability(pid: int) -> bool:
+    """Can a root process without CAP_SYS_PTRACE (so: the kernel's dumpable check applies) open /proc/PID/mem?"""
+    probe = subprocess.run([shutil.which("setpriv") or "setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-all",
+                            sys.executable, "-c", f"open('/proc/{pid}/mem', 'rb').close()"],
+                           capture_output=True, text=True, timeout=30)
+    assert probe.returncode == 0 or "PermissionError" in probe.stderr, probe.stderr
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the probe runs as root minus CAP_SYS_PTRACE (CI runs as root)")
+def test_a_running_daemon_cannot_dump_core_nor_be_read_by_a_same_uid_process(sim, tmp_path, hsd_pki: TestPki):
+    """Its memory holds private keys and traffic secrets: no core file, no /proc/PID/mem for others.
+
+    A control process with the daemon's uid and capability set, but dumpable,
+    is readable by the same probe: the difference is hsd's PR_SET_DUMPABLE 0."""
+    daemon = Daemon(sim, write_config(tmp_path / "hsd.conf", hsd_pki.ca), tmp_path / "hsd.log")
+    control = subprocess.Popen([shutil.which("setpriv") or "setpriv", "--bounding-set=-all,+net_admin", "sleep", "60"])
+    try:
+        assert core_file_limit(daemon.proc.pid) == ("0", "0"), "RLIMIT_CORE must be 0, the hard limit too"
+        deadline = time.monotonic() + 10
+        while open(f"/proc/{control.pid}/comm").read().strip() != "sleep":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert memory_readable_without_ptrace_capability(control.pid), "the probe cannot even read a dumpable process"
+        assert not memory_readable_without_ptrace_capability(daemon.proc.pid), "hsd's memory is readable"
+    finally:
+        control.kill()
+        control.wait()
         assert daemon.stop() == 0
