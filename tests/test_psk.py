@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import logging
 import re
 import secrets
 import socket
+import os
 import threading
 import time
+import uuid
+from typing import Iterator
 
 import pluggy
 import pytest
@@ -320,6 +325,88 @@ def test_server_finds_keys_in_a_configured_keyring(plugins: pluggy.PluginManager
         with sock:
             assert session.remote_auth == (serial,)
             prove_server_keys(sock, session, peer)
+
+
+NOBODY = 65534
+
+
+def _hold_keyring(name: str, keys: dict[str, bytes], uid: int, report: int, release: int) -> None:
+    """In a forked child: become uid, make the keyring in our own process keyring, report, wait, exit.
+
+    The process keyring is the child's, so no keyring of the test process
+    reaches the new one: only /proc/keys shows it.  Everyone may view, read and
+    search it and its keys - what a local user planting a keyring would grant."""
+    try:
+        if uid:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+        ring = keyring.add_key("keyring", name, b"", keyring.KEY_SPEC_PROCESS_KEYRING)
+        serials = {ident: keyring.add_key("user", ident, secret, ring) for ident, secret in keys.items()}
+        for serial in (ring, *serials.values()):
+            keyring.set_perm(serial, 0x3F3F3F3F)
+        os.write(report, json.dumps({"ring": ring, "keys": serials}).encode() + b"\n")
+        os.read(release, 1)  # returns when the parent closes its end
+        os._exit(0)
+    except BaseException as exc:  # reported to the parent, never raised into pytest's copy
+        os.write(report, json.dumps({"error": f"{type(exc).__name__}: {exc}"}).encode() + b"\n")
+        os._exit(1)
+
+
+@contextlib.contextmanager
+def held_keyring(name: str, keys: dict[str, bytes], uid: int = 0) -> Iterator[tuple[int, dict[str, int]]]:
+    """A real keyring called name, owned by uid, holding these PSKs: (its serial, identity -> key serial)."""
+    report_r, report_w = os.pipe()
+    release_r, release_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(report_r)
+        os.close(release_w)
+        _hold_keyring(name, keys, uid, report_w, release_r)
+    os.close(report_w)
+    os.close(release_r)
+    try:
+        with os.fdopen(report_r, "rb") as reader:
+            held = json.loads(reader.readline() or b'{"error": "the child said nothing"}')
+        if "error" in held:
+            pytest.fail(f"could not make a keyring as uid {uid}: {held['error']}")
+        yield held["ring"], held["keys"]
+    finally:
+        os.close(release_w)
+        os.waitpid(pid, 0)
+
+
+def test_a_planted_keyring_of_another_user_is_not_used(plugins: pluggy.PluginManager,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Any local user can name a keyring like a configured one and fill it with PSKs of its choice."""
+    name = f"hsd-test-configured-{uuid.uuid4().hex}"
+    planted = psk_for("sha256")
+    with held_keyring(name, {planted.identity: planted.secret}, uid=NOBODY) as (ring, _keys):
+        assert keyring.describe_key(ring)[1] == NOBODY  # real, and visible to hsd
+        with Listener() as listener, openssl_psk_client(planted, listener.port):
+            with caplog.at_level(logging.WARNING, logger="hsd.psk"), pytest.raises(HandshakeError) as info:
+                serve_one(plugins, listener, 0, keyring_names=(name,))
+    assert info.value.status == errno.EKEYREJECTED  # the planted identity is unknown to hsd
+    assert f"not using keyring '{name}' ({ring}): it is owned by uid {NOBODY}" in caplog.text
+
+
+def test_the_root_keyring_is_found_behind_a_planted_one(plugins: pluggy.PluginManager) -> None:
+    """Both keyrings only in /proc/keys, the planted one listed first: hsd still uses root's."""
+    name = f"hsd-test-configured-{uuid.uuid4().hex}"
+    real, fake = psk_for("sha256"), psk_for("sha256")
+    with contextlib.ExitStack() as stack:
+        ring, keys = stack.enter_context(held_keyring(name, {real.identity: real.secret}))
+        for _ in range(40):  # /proc/keys lists keyrings by serial: plant until the planted one comes first
+            planted, _ = stack.enter_context(held_keyring(name, {fake.identity: fake.secret}, uid=NOBODY))
+            if planted < ring:
+                break
+        else:
+            pytest.fail("no planted keyring got a serial below the real one's")
+        with Listener() as listener, openssl_psk_client(real, listener.port) as peer:
+            sock, session = serve_one(plugins, listener, 0, keyring_names=(name,))
+            with sock:
+                assert session.remote_auth == (keys[real.identity],)
+                prove_server_keys(sock, session, peer)
 
 
 def test_server_without_the_keyring_rejects_the_identity(plugins: pluggy.PluginManager,

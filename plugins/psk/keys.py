@@ -5,6 +5,11 @@ keyring first, then the defaults (.nvme, .nfs, .nfsd), then the configured
 names.  Nothing is linked into a shared keyring, so concurrent handshakes never
 see each other's keys.  Every key read is returned in a PskKey whose secret the
 caller wipes.
+
+A keyring found by name is used only when root or hsd's own uid owns it: any
+local user can create a keyring called ".nvme" (or like a configured name) and
+let everyone view and search it, and /proc/keys would then list it beside the
+real one - with keys whose secrets that user chose.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Iterable
 
 from hsd import keyring
 from hsd.errors import CredentialError
+from hsd.peerlog import PeerRateLimiter
 from hsd.psk import PskKey
 
 from .identity import psk_hash
@@ -26,15 +32,38 @@ PSK_KEY_TYPES = ("psk", "user")  # "psk" where the kernel has it, else "user" (t
 ANCHORS = (keyring.KEY_SPEC_USER_KEYRING, keyring.KEY_SPEC_SESSION_KEYRING, keyring.KEY_SPEC_PROCESS_KEYRING)
 PROC_KEYS = "/proc/keys"
 MAX_DESCRIPTION = 4095  # bytes: the kernel refuses longer descriptions (KEY_MAX_DESC_SIZE), so none names a key
+REFUSED_KEYRING_WARNINGS = PeerRateLimiter(burst=1, interval=3600.0)  # keyed by serial: once an hour each
+
+
+def trusted_owner(uid: int) -> bool:
+    """Keyrings of root or of the uid hsd runs as; nobody else may decide which PSKs hsd accepts."""
+    return uid in (0, os.geteuid())
+
+
+def owned_keyring(serial: int, name: str) -> bool:
+    """True when serial is a keyring of a trusted owner (the kernel's word, KEYCTL_DESCRIBE); else logs why not."""
+    try:
+        key_type, uid, _gid, _perm, _description = keyring.describe_key(serial)
+    except (keyring.KeyringError, ValueError) as exc:
+        log.debug("keyring '%s' (%d) cannot be described: %s", name, serial, exc)
+        return False
+    if key_type != "keyring":
+        return False
+    if not trusted_owner(uid):
+        REFUSED_KEYRING_WARNINGS.warning(
+            log, str(serial), "not using keyring '%s' (%d): it is owned by uid %d, not by root or hsd's uid %d",
+            name, serial, uid, os.geteuid())
+        return False
+    return True
 
 
 def _from_proc_keys(name: str) -> int | None:
-    """A keyring no anchor reaches (the kernel's .nvme): /proc/keys lists what we may view."""
+    """A keyring no anchor reaches (the kernel's .nvme): /proc/keys lists what we may view, of any owner."""
     try:
         with open(PROC_KEYS, encoding="utf-8", errors="replace") as handle:
             for line in handle:
                 found = keyring_in_proc_keys_line(line, name)
-                if found is not None:
+                if found is not None and owned_keyring(found, name):
                     return found
     except OSError:
         return None
@@ -59,7 +88,7 @@ def find_keyring(name: str) -> int | None:
             found = keyring.search(anchor, "keyring", name)
         except keyring.KeyringError:
             continue  # that anchor does not exist for this process
-        if found is not None:
+        if found is not None and owned_keyring(found, name):
             return found
     return _from_proc_keys(name)
 
