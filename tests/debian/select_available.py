@@ -6,7 +6,7 @@ A test that needs a missing library is deselected - never run and never
 counted as passed - and the run says how many and why.  Whether a library is
 missing is decided by importing it, here, at the start of the run; which tests
 need it is read from their code (ast): a module that imports it (or an hsd
-module built on it) at top level, or a test whose parameters, names or
+module built on it, or a test module that does) at top level, or a test whose parameters, names or
 command-line arguments name the tlslite backend.
 """
 
@@ -85,16 +85,22 @@ def pytest_configure(config: pytest.Config) -> None:
         _probe(optional)
 
 
+def _module_needs(path: Path, optional: Optional, seen: frozenset[Path] = frozenset()) -> bool:
+    """path imports the library at top level, itself or through a sibling test module it imports."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    imported = _top_level_imports(tree)
+    if _needs(imported, optional.modules):
+        return True
+    siblings = (path.parent / f"{name}.py" for name in imported if "." not in name)
+    return any(_module_needs(s, optional, seen | {path}) for s in siblings if s.is_file() and s not in seen)
+
+
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     if collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
         return None
-    missing = [o for o in OPTIONALS if o.reason]
-    if not missing:
-        return None
-    tree = ast.parse(collection_path.read_text(encoding="utf-8"))
-    imported = _top_level_imports(tree)
-    for optional in missing:
-        if _needs(imported, optional.modules):
+    for optional in (o for o in OPTIONALS if o.reason):
+        if _module_needs(collection_path, optional):
+            tree = ast.parse(collection_path.read_text(encoding="utf-8"))
             tests = sum(1 for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
                         and n.name.startswith("test_"))
             optional.modules_ignored[collection_path.name] = tests
