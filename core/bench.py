@@ -161,6 +161,8 @@ def _pin_host(conn: Any, name: bytes) -> None:
 def _group_name(conn: Any) -> str:
     from OpenSSL._util import ffi, lib
 
+    if not hasattr(lib, "SSL_get0_group_name"):  # cryptography 43 (Debian trixie's) lacks the binding
+        return "?"
     name = lib.SSL_get0_group_name(conn._ssl)
     return ffi.string(name).decode() if name != ffi.NULL else "?"
 

@@ -13,6 +13,10 @@ from .secrets import TrafficSecrets
 
 
 def negotiated_group(conn: SSL.Connection) -> str | None:
+    """The key-exchange group's name; None where the bindings cannot tell (cryptography 43's,
+    Debian trixie's, have no SSL_get0_group_name nor any other call that names the group)."""
+    if not hasattr(lib, "SSL_get0_group_name"):
+        return None
     name = lib.SSL_get0_group_name(conn._ssl)
     return ffi.string(name).decode() if name != ffi.NULL else None
 
