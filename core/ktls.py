@@ -3,6 +3,10 @@
 Layouts from include/uapi/linux/tls.h.  TCP_ULP "tls" first, then TLS_TX, then
 TLS_RX, like the reference daemon.  Keys are derived here from the traffic
 secrets (RFC 8446 7.3) so every backend gets identical, tested kTLS code.
+
+Every key, IV and packed struct is a bytearray (hsd.secret): HKDF writes into
+it, setsockopt reads from it, and it is zeroed right after the call, so the
+daemon keeps no copy of what the kernel now holds.
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ import errno
 import socket
 import struct
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 
 from .errors import KtlsError
+from .secret import wipe, wipe_all
 from .session import Session
 
 SOL_TLS = 282
@@ -70,25 +75,39 @@ def cipher_spec(suite: str) -> CipherSpec:
 
 @dataclass(frozen=True)
 class CryptoInfo:
-    """One direction's tls12_crypto_info_* struct."""
+    """One direction's tls12_crypto_info_* struct; key, iv and salt are bytearrays wipe() zeroes."""
 
     version: int
     cipher_type: int
-    key: bytes
-    iv: bytes
-    salt: bytes
+    key: bytearray
+    iv: bytearray
+    salt: bytearray
     rec_seq: int
 
-    def pack(self) -> bytes:
+    def __post_init__(self) -> None:
+        for name in ("key", "iv", "salt"):  # bytes given (tests, TLS 1.2 callers): our own mutable copy
+            if not isinstance(getattr(self, name), bytearray):
+                object.__setattr__(self, name, bytearray(getattr(self, name)))
+
+    def pack(self) -> bytearray:
+        """The uapi struct in a new bytearray: the caller wipes it once setsockopt has it."""
         spec = BY_TYPE[self.cipher_type]
         if (len(self.iv), len(self.key), len(self.salt)) != (spec.iv_size, spec.key_size, spec.salt_size):
             raise ValueError(f"wrong field sizes for {spec.name}")
         # field order in the uapi struct: info, iv, key, salt, rec_seq
-        return (struct.pack("=HH", self.version, self.cipher_type) + self.iv + self.key + self.salt
-                + self.rec_seq.to_bytes(8, "big"))
+        out = bytearray(struct.pack("=HH", self.version, self.cipher_type))
+        out += self.iv
+        out += self.key
+        out += self.salt
+        out += self.rec_seq.to_bytes(8, "big")
+        return out
+
+    def wipe(self) -> None:
+        """Zero key, iv and salt in place (never raises)."""
+        wipe_all(self.key, self.iv, self.salt)
 
     @classmethod
-    def unpack(cls, raw: bytes) -> "CryptoInfo":
+    def unpack(cls, raw: Any) -> "CryptoInfo":
         if len(raw) < 4:
             raise ValueError("crypto_info shorter than its header")
         version, cipher_type = struct.unpack_from("=HH", raw)
@@ -99,17 +118,19 @@ class CryptoInfo:
             raise ValueError(f"unknown TLS version {version:#x}")
         if len(raw) != spec.struct_size:
             raise ValueError(f"{spec.name} crypto_info is {spec.struct_size} bytes, got {len(raw)}")
+        raw = memoryview(raw)  # slices of a view, so the only copies are the bytearrays below
         pos = 4
         iv = raw[pos : pos + spec.iv_size]; pos += spec.iv_size
         key = raw[pos : pos + spec.key_size]; pos += spec.key_size
         salt = raw[pos : pos + spec.salt_size]; pos += spec.salt_size
-        return cls(version, cipher_type, bytes(key), bytes(iv), bytes(salt), int.from_bytes(raw[pos : pos + 8], "big"))
+        return cls(version, cipher_type, bytearray(key), bytearray(iv), bytearray(salt),
+                   int.from_bytes(raw[pos : pos + 8], "big"))
 
     @property
     def spec(self) -> CipherSpec:
         return BY_TYPE[self.cipher_type]
 
-    def nonce_base(self) -> bytes:
+    def nonce_base(self) -> bytearray:
         """The 12-byte write IV (salt || iv) the record nonce is XORed into."""
         return self.salt + self.iv
 
@@ -117,29 +138,43 @@ class CryptoInfo:
         return f"CryptoInfo({self.spec.name}, version={self.version:#x}, rec_seq={self.rec_seq})"
 
 
-def hkdf_expand_label(secret: bytes, label: str, context: bytes, length: int,
-                      algorithm: hashes.HashAlgorithm) -> bytes:
+def hkdf_expand_label(secret: Any, label: str, context: bytes, length: int,
+                      algorithm: hashes.HashAlgorithm) -> bytearray:
+    """HKDF-Expand-Label (RFC 8446 7.1) of a bytes-like secret, written into a new bytearray.
+
+    cryptography >= 47 derives straight into our buffer; older releases return
+    an immutable bytes we copy from and cannot wipe (docs/secrets.md)."""
     full = b"tls13 " + label.encode()
     info = struct.pack("!H", length) + bytes([len(full)]) + full + bytes([len(context)]) + context
-    return HKDFExpand(algorithm=algorithm, length=length, info=info).derive(bytes(secret))
+    hkdf = HKDFExpand(algorithm=algorithm, length=length, info=info)
+    out = bytearray(length)
+    if hasattr(hkdf, "derive_into"):
+        hkdf.derive_into(secret, out)
+    else:
+        out[:] = hkdf.derive(secret)
+    return out
 
 
-def tls13_crypto_info(suite: str, secret: bytes, rec_seq: int) -> CryptoInfo:
+def tls13_crypto_info(suite: str, secret: Any, rec_seq: int) -> CryptoInfo:
     """Key and IV for one direction from its application traffic secret (RFC 8446 7.3)."""
     spec = cipher_spec(suite)
     key = hkdf_expand_label(secret, "key", b"", spec.key_size, spec.hash())
     write_iv = hkdf_expand_label(secret, "iv", b"", 12, spec.hash())
-    salt, iv = write_iv[: spec.salt_size], write_iv[spec.salt_size :]
-    return CryptoInfo(TLS_1_3_VERSION, spec.cipher_type, key, iv, salt, rec_seq)
+    try:
+        return CryptoInfo(TLS_1_3_VERSION, spec.cipher_type, key, write_iv[spec.salt_size :],
+                          write_iv[: spec.salt_size], rec_seq)
+    finally:
+        wipe(write_iv)
 
 
-def tls12_crypto_info(suite: str, key: bytes, write_iv: bytes, rec_seq: int) -> CryptoInfo:
+def tls12_crypto_info(suite: str, key: Any, write_iv: Any, rec_seq: int) -> CryptoInfo:
     """TLS 1.2 layout: salt is the implicit IV, iv the explicit nonce (= sequence number)."""
     spec = cipher_spec(suite)
     if spec.salt_size == 0:  # ChaCha20: the whole 12-byte IV
-        return CryptoInfo(TLS_1_2_VERSION, spec.cipher_type, bytes(key), bytes(write_iv), b"", rec_seq)
-    return CryptoInfo(TLS_1_2_VERSION, spec.cipher_type, bytes(key), rec_seq.to_bytes(8, "big"),
-                      bytes(write_iv[: spec.salt_size]), rec_seq)
+        return CryptoInfo(TLS_1_2_VERSION, spec.cipher_type, bytearray(key), bytearray(write_iv), bytearray(),
+                          rec_seq)
+    return CryptoInfo(TLS_1_2_VERSION, spec.cipher_type, bytearray(key), bytearray(rec_seq.to_bytes(8, "big")),
+                      bytearray(memoryview(write_iv)[: spec.salt_size]), rec_seq)
 
 
 def session_crypto_info(session: Session) -> tuple[CryptoInfo, CryptoInfo]:
@@ -156,12 +191,14 @@ class KtlsInstaller(Protocol):
     def install(self, sock: socket.socket, tx: CryptoInfo, rx: CryptoInfo) -> None: ...
 
 
-def install_via(setsockopt: Callable[[int, int, bytes], None], tx: CryptoInfo, rx: CryptoInfo,
+def install_via(setsockopt: Callable[[int, int, Any], None], tx: CryptoInfo, rx: CryptoInfo,
                 no_ulp: str = "kernel TLS is not available (tls module missing: CONFIG_TLS)") -> None:
     """TCP_ULP "tls", then TLS_TX, then TLS_RX through setsockopt(level, optname, value).
 
     One sequence and one error translation for the kernel and for the simulator
     standing in for it; `no_ulp` says what ENOENT on the ULP means there.
+    Each struct is packed into a bytearray (setsockopt takes any buffer) and
+    zeroed as soon as the call returns, whatever it returned.
     """
     try:
         setsockopt(socket.IPPROTO_TCP, TCP_ULP, b"tls")
@@ -171,10 +208,13 @@ def install_via(setsockopt: Callable[[int, int, bytes], None], tx: CryptoInfo, r
         if exc.errno != errno.EEXIST:
             raise KtlsError(f"cannot attach the tls ULP: {exc.strerror}") from None
     for name, opt, info in (("TLS_TX", TLS_TX, tx), ("TLS_RX", TLS_RX, rx)):
+        packed = info.pack()
         try:
-            setsockopt(SOL_TLS, opt, info.pack())
+            setsockopt(SOL_TLS, opt, packed)
         except OSError as exc:
             raise KtlsError(f"kernel refused {name} ({info.spec.name}): {exc.strerror}") from None
+        finally:
+            wipe(packed)
 
 
 class KernelKtls:
@@ -185,6 +225,12 @@ class KernelKtls:
 
 
 def install_session(installer: KtlsInstaller, sock: socket.socket, session: Session) -> None:
-    """Derive both directions and install them; secrets are left for the caller to wipe."""
+    """Derive both directions, install them, and zero the derived keys.
+
+    The session's traffic secrets are left for the caller to wipe (it owns them)."""
     tx, rx = session_crypto_info(session)
-    installer.install(sock, tx, rx)
+    try:
+        installer.install(sock, tx, rx)
+    finally:
+        tx.wipe()
+        rx.wipe()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .secret import wipe_all
+
 
 @dataclass
 class Session:
@@ -25,10 +27,12 @@ class Session:
     details: dict[str, str] = field(default_factory=dict)  # extra, loggable facts (never secrets)
 
     def wipe(self) -> None:
-        """Overwrite the secrets in place; the session is useless afterwards."""
-        for buf in (self.tx_secret, self.rx_secret):
-            for i in range(len(buf)):
-                buf[i] = 0
+        """Overwrite the secrets in place; the session is useless afterwards.
+
+        Never raises: it runs in the dispatcher's `finally`, where a failure
+        would cost the request its DONE.  A secret a plugin handed over as
+        immutable bytes cannot be zeroed and is skipped."""
+        wipe_all(self.tx_secret, self.rx_secret)
 
     def __repr__(self) -> str:  # never print secrets
         return f"Session(cipher={self.cipher!r}, group={self.group!r}, tx_seq={self.tx_seq}, rx_seq={self.rx_seq})"

@@ -24,11 +24,13 @@ from hsd.ktls import (
     CIPHERS,
     TLS_1_2_VERSION,
     TLS_1_3_VERSION,
+    TLS_RX,
     CryptoInfo,
     KernelKtls,
     cipher_spec,
     hkdf_expand_label,
     install_session,
+    install_via,
     session_crypto_info,
     tls12_crypto_info,
     tls13_crypto_info,
@@ -297,6 +299,15 @@ def test_session_wipe_zeroes_secrets_in_place() -> None:
     assert tx_buf == bytearray(32) and session.rx_secret == bytearray(32)
 
 
+@pytest.mark.parametrize("secret", [RFC8448_S_AP_TRAFFIC, None, "not bytes", memoryview(RFC8448_S_AP_TRAFFIC), 7])
+def test_session_wipe_never_raises_and_still_zeroes_what_it_can(secret: object) -> None:
+    """wipe() runs in the dispatcher's finally: a plugin's immutable or odd secret must not cost the DONE."""
+    session = _session(tx_secret=secret)
+    rx = session.rx_secret
+    session.wipe()
+    assert rx == bytearray(32)
+
+
 # ---------------------------------------------------------------- the kernel installer on this machine (no kTLS)
 
 
@@ -352,18 +363,62 @@ def test_install_session_surfaces_the_same_ktls_error(tcp_pair: tuple[socket.soc
 
 def test_install_session_hands_derived_keys_to_the_installer(tcp_pair: tuple[socket.socket, socket.socket]) -> None:
     class Recording:
-        """A KtlsInstaller that keeps what it was given (the simulator's role, reduced to the contract)."""
+        """A KtlsInstaller that copies what it was given at the call, as the kernel does."""
 
         def __init__(self) -> None:
-            self.calls: list[tuple[socket.socket, CryptoInfo, CryptoInfo]] = []
+            self.calls: list[tuple[socket.socket, CryptoInfo, CryptoInfo, bytes, bytes]] = []
 
         def install(self, sock: socket.socket, tx: CryptoInfo, rx: CryptoInfo) -> None:
-            self.calls.append((sock, tx, rx))
+            self.calls.append((sock, tx, rx, bytes(tx.pack()), bytes(rx.pack())))
 
     installer = Recording()
     install_session(installer, tcp_pair[0], _session())
-    ((sock, tx, rx),) = installer.calls
+    ((sock, tx, rx, tx_packed, rx_packed),) = installer.calls
     assert sock is tcp_pair[0]
-    assert tx.pack() == tls13_crypto_info("TLS_AES_128_GCM_SHA256", RFC8448_S_AP_TRAFFIC, 1).pack()
-    assert rx.pack() == tls13_crypto_info("TLS_AES_128_GCM_SHA256", RFC8448_C_AP_TRAFFIC, 0).pack()
+    assert tx_packed == tls13_crypto_info("TLS_AES_128_GCM_SHA256", RFC8448_S_AP_TRAFFIC, 1).pack()
+    assert rx_packed == tls13_crypto_info("TLS_AES_128_GCM_SHA256", RFC8448_C_AP_TRAFFIC, 0).pack()
+    # once the installer returned, the daemon's own derived keys are zeroed in place
+    for info in (tx, rx):
+        assert not any(info.key) and not any(info.iv) and not any(info.salt)
 
+
+def test_install_session_zeroes_derived_keys_when_the_kernel_refuses(
+        tcp_pair: tuple[socket.socket, socket.socket]) -> None:
+    seen: list[CryptoInfo] = []
+
+    class Refusing:
+        def install(self, sock: socket.socket, tx: CryptoInfo, rx: CryptoInfo) -> None:
+            seen.extend((tx, rx))
+            raise KtlsError("kernel refused TLS_TX (AES_GCM_128): Invalid argument")
+
+    with pytest.raises(KtlsError):
+        install_session(Refusing(), tcp_pair[0], _session())
+    assert len(seen) == 2 and not any(any(info.key) for info in seen)
+
+
+def test_each_packed_struct_is_a_buffer_zeroed_right_after_its_setsockopt() -> None:
+    """setsockopt gets a bytearray (no immutable copy of the key) and finds it zeroed afterwards."""
+    handed: list[tuple[int, int, object, bytes]] = []
+
+    def setsockopt(level: int, optname: int, value: object) -> None:
+        handed.append((level, optname, value, bytes(value) if not isinstance(value, bytes) else value))
+        if optname == TLS_RX:
+            raise OSError(errno.EINVAL, "Invalid argument")
+
+    tx, rx = session_crypto_info(_session())
+    with pytest.raises(KtlsError, match="kernel refused TLS_RX"):
+        install_via(setsockopt, tx, rx)
+    (_, _, ulp, _), (_, _, tx_buf, tx_seen), (_, _, rx_buf, rx_seen) = handed
+    assert ulp == b"tls"
+    assert tx_seen == tx.pack() and rx_seen == rx.pack()  # the kernel saw the real structs...
+    for buf in (tx_buf, rx_buf):  # ...in mutable buffers that were zeroed after the call, refused or not
+        assert isinstance(buf, bytearray) and not any(buf)
+
+
+def test_crypto_info_wipe_and_buffers() -> None:
+    info = tls13_crypto_info("TLS_AES_256_GCM_SHA384", bytes(range(48)), 0)
+    assert all(isinstance(b, bytearray) for b in (info.key, info.iv, info.salt))
+    packed = info.pack()
+    assert isinstance(packed, bytearray) and CryptoInfo.unpack(packed) == info
+    info.wipe()
+    assert (info.key, info.iv, info.salt) == (bytearray(32), bytearray(8), bytearray(4))
