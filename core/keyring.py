@@ -10,6 +10,9 @@ import ctypes
 import errno
 import os
 import platform
+from typing import Any
+
+from .secret import wipe
 
 _SYSCALLS = {"x86_64": (248, 249, 250), "aarch64": (217, 218, 219)}
 _ADD_KEY, _REQUEST_KEY, _KEYCTL = _SYSCALLS.get(platform.machine(), (248, 249, 250))
@@ -52,12 +55,24 @@ def _keyctl(op: int, *args: int | bytes | ctypes.Array | None) -> int:
     return _libc.syscall(ctypes.c_long(_KEYCTL), ctypes.c_long(op), *cargs)
 
 
-def add_key(key_type: str, description: str, payload: bytes, keyring: int) -> int:
-    """Add (or update) a key; returns its serial."""
-    buf = ctypes.create_string_buffer(bytes(payload), len(payload))
-    ret = _libc.syscall(ctypes.c_long(_ADD_KEY), key_type.encode(), description.encode(), buf,
-                        ctypes.c_size_t(len(payload)), ctypes.c_long(keyring))
-    ctypes.memset(buf, 0, len(payload))
+def add_key(key_type: str, description: str, payload: Any, keyring: int) -> int:
+    """Add (or update) a key; returns its serial.
+
+    A bytearray payload is passed to the kernel in place; anything else is
+    first copied into a ctypes buffer that is zeroed after the call."""
+    size = len(payload)
+    buf: ctypes.Array | None = None  # a keyring has no payload: NULL, 0
+    mine = not isinstance(payload, bytearray)
+    if size:
+        kind = ctypes.c_char * size
+        buf = kind.from_buffer_copy(payload) if mine else kind.from_buffer(payload)  # bytearray: no copy
+    try:
+        ret = _libc.syscall(ctypes.c_long(_ADD_KEY), key_type.encode(), description.encode(), buf,
+                            ctypes.c_size_t(size), ctypes.c_long(keyring))
+    finally:
+        if buf is not None and mine:
+            wipe(buf)
+        del buf
     return _check(ret, f"add_key {key_type} '{description}'")
 
 
@@ -66,16 +81,23 @@ def keyring_id(spec: int, create: bool = False) -> int:
 
 
 def read_key(serial: int) -> bytearray:
-    """A key's payload, in a bytearray the caller should wipe after use."""
+    """A key's payload, in a bytearray the caller owns and wipes (hsd.secret.wipe) after use.
+
+    KEYCTL_READ writes into a ctypes buffer; its bytes are moved straight into
+    the bytearray (no immutable `bytes` in between) and the buffer is zeroed."""
     size = _check(_keyctl(KEYCTL_READ, serial, None, 0), f"read key {serial}")
     while True:
         buf = ctypes.create_string_buffer(max(size, 1))
-        got = _check(_keyctl(KEYCTL_READ, serial, buf, size), f"read key {serial}")
-        if got <= size:
-            out = bytearray(buf.raw[:got])
-            ctypes.memset(buf, 0, size)
-            return out
-        size = got
+        try:
+            got = _check(_keyctl(KEYCTL_READ, serial, buf, size), f"read key {serial}")
+            if got <= size:
+                out = bytearray(got)
+                if got:
+                    ctypes.memmove((ctypes.c_char * got).from_buffer(out), buf, got)
+                return out
+        finally:
+            wipe(buf)
+        size = got  # the key grew between the two calls: read again with room for it
 
 
 def describe_key(serial: int) -> tuple[str, int, int, int, str]:
