@@ -22,6 +22,7 @@ from . import filetrust, keyring
 from .config import Config
 from .errors import CredentialError
 from .protocol import HandshakeRequest
+from .secret import wipe
 
 MAX_CHAIN = 10
 try:  # ML-DSA keys arrived in cryptography 46; Debian trixie ships 43 (x509.pq.* is then refused)
@@ -53,7 +54,8 @@ class X509Credentials:
         return f"X509Credentials(chain={len(self.chain)}, key={'yes' if self.key else 'no'}{pq})"
 
 
-def parse_certificates(data: bytes, what: str) -> list[x509.Certificate]:
+def parse_certificates(data: bytes | bytearray, what: str) -> list[x509.Certificate]:
+    data = bytes(data)  # public; cryptography's certificate loaders take only bytes
     try:
         if b"-----BEGIN" in data:
             certs = x509.load_pem_x509_certificates(data)
@@ -72,14 +74,15 @@ _VALIDATED_SALT = os.urandom(32)
 _validated_keys: set[bytes] = set()
 
 
-def parse_private_key(data: bytes, what: str) -> PrivateKeyTypes:
-    seen = hmac.new(_VALIDATED_SALT, bytes(data), hashlib.sha256).digest()
+def parse_private_key(data: bytes | bytearray, what: str) -> PrivateKeyTypes:
+    """PEM or DER, parsed from the caller's buffer as is: no `bytes` copy of the key text is made."""
+    seen = hmac.new(_VALIDATED_SALT, data, hashlib.sha256).digest()
     skip = seen in _validated_keys
     try:
         if b"-----BEGIN" in data:
-            key = serialization.load_pem_private_key(bytes(data), password=None, unsafe_skip_rsa_key_validation=skip)
+            key = serialization.load_pem_private_key(data, password=None, unsafe_skip_rsa_key_validation=skip)
         else:
-            key = serialization.load_der_private_key(bytes(data), password=None, unsafe_skip_rsa_key_validation=skip)
+            key = serialization.load_der_private_key(data, password=None, unsafe_skip_rsa_key_validation=skip)
     except (ValueError, TypeError) as exc:
         raise CredentialError(f"{what}: not an unencrypted private key ({exc})") from None
     _validated_keys.add(seen)
@@ -114,11 +117,13 @@ class _FileCache:
             if hit and hit[0] == stamp:
                 return hit[1]
         try:
-            with open(path, "rb") as handle:
-                data = handle.read()
+            data = _read_secret_file(path) if kind == "key" else _read_file(path)
         except OSError as exc:
             raise CredentialError(f"{path}: {exc.strerror}") from None
-        value = parse(data, path)
+        try:
+            value = parse(data, path)
+        finally:
+            wipe(data)  # a key file's text is zeroed once parsed (others: a no-op on bytes)
         if kind != "key":  # private keys are never cached beyond the request
             with self._lock:
                 self._items[(path, kind)] = (stamp, value)
@@ -128,15 +133,45 @@ class _FileCache:
 _cache = _FileCache()
 
 
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def _read_secret_file(path: str) -> bytearray:
+    """A private key file read into a bytearray the caller wipes (no immutable copy of its text)."""
+    with open(path, "rb", buffering=0) as handle:
+        buf = bytearray(os.fstat(handle.fileno()).st_size + 1)  # +1: a file that grew is noticed
+        got = 0
+        while True:
+            with memoryview(buf) as view:
+                step = handle.readinto(view[got:])
+            if not step:
+                break
+            got += step
+            if got == len(buf):  # it grew while we read: a larger buffer, and the old one zeroed
+                bigger = bytearray(2 * len(buf))
+                bigger[:got] = buf
+                wipe(buf)
+                buf = bigger
+        if 2 * got < len(buf):  # shrinking this much would reallocate and free an unzeroed copy
+            with memoryview(buf) as view:
+                exact = bytearray(view[:got])
+            wipe(buf)
+            return exact
+        del buf[got:]  # in place: a bytearray keeps its allocation when it shrinks by less than half
+        return buf
+
+
 def _from_keyring(serial: int, parse, what: str):
     try:
         payload = keyring.read_key(serial)
     except keyring.KeyringError as exc:
         raise CredentialError(f"{what} key {serial}: {exc.strerror}") from None
     try:
-        return parse(bytes(payload), f"{what} key {serial}")
+        return parse(payload, f"{what} key {serial}")
     finally:
-        payload[:] = bytes(len(payload))
+        wipe(payload)
 
 
 def check_private_key_file(path: str, strict: bool) -> None:
