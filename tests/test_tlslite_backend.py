@@ -270,17 +270,25 @@ def test_ktls_keys_equal_tlslite_record_layer(plugins, pki, monkeypatch) -> None
     def capture(*args, **kw):
         conn, transport = real_run(*args, **kw)
         seen["conn"], seen["transport"] = conn, transport
+        layer = conn._recordLayer  # tlslite's keys as the handshake left them (build_session zeroes them)
+        seen["keys"] = [(bytes(state.encContext.key), bytes(state.fixedNonce), state.seqnum)
+                        for state in (layer._writeState, layer._readState)]
         return conn, transport
 
     monkeypatch.setattr(hsd_tlslite.handshake, "run", capture)
     with reversing_server(pki, suites=["TLS_CHACHA20_POLY1305_SHA256"]) as server, server.connect() as sock:
         session = run_handshake(plugins, sock, "tlslite", "client", "unauth", x509_credentials(pki))
         tx, rx = session_crypto_info(session)
-        layer = seen["conn"]._recordLayer
-        for info, state in ((tx, layer._writeState), (rx, layer._readState)):
-            assert bytes(state.encContext.key) == info.key
-            assert bytes(state.fixedNonce) == info.nonce_base()
-            assert state.seqnum == info.rec_seq
+        for info, (key, nonce, seqnum) in zip((tx, rx), seen["keys"]):
+            assert key == info.key and nonce == info.nonce_base() and seqnum == info.rec_seq
+        layer = seen["conn"]._recordLayer  # once hsd has its copies, tlslite's are zeroed in place
+        for state in (layer._writeState, layer._readState):
+            assert not any(state.encContext.key) and not any(state.fixedNonce)
+        tls_session = seen["conn"].session
+        for name in ("masterSecret", "cl_app_secret", "sr_app_secret", "exporterMasterSecret",
+                     "resumptionMasterSecret"):
+            secret = getattr(tls_session, name)
+            assert len(secret) >= 32 and not any(secret), name
         assert seen["transport"].unread == 0
         # s_server's NewSessionTickets are still in the socket, for kTLS: the first record read is seq 0
         reversed_line(records_for(sock, session), b"after-tickets")

@@ -8,6 +8,10 @@ server certificate, a server that skipped our PSK), we abort right there with
 a fatal alert, before our Finished is sent - the same moment OpenSSL's own
 verification would fail.  Pinned to tlslite-ng 0.8's private method names; the
 tests fail loudly if they change (a bad certificate would then be accepted).
+
+wipe_secrets() zeroes the bytearrays in which tlslite keeps this connection's
+secrets, once hsd has its own copies (sessions.build_session) and, as a
+backstop for failed handshakes, when the connection is dropped.
 """
 
 from __future__ import annotations
@@ -19,6 +23,13 @@ from tlslite.messages import Alert, CertificateRequest
 from tlslite.tlsconnection import TLSConnection
 
 from hsd.errors import HandshakeError
+from hsd.secret import wipe
+
+# tlslite.session.Session attributes holding TLS 1.3 secrets (tlslite-ng 0.8)
+SESSION_SECRETS = ("masterSecret", "cl_app_secret", "sr_app_secret", "exporterMasterSecret",
+                   "resumptionMasterSecret")
+# tlslite.recordlayer.RecordLayer attributes holding a ConnectionState (its keys and IVs)
+RECORD_STATES = ("_writeState", "_readState", "_pendingWriteState", "_pendingReadState")
 
 
 class Rejection(HandshakeError):
@@ -68,6 +79,25 @@ class ObservedConnection(TLSConnection):
             msg.extensions = [ext for ext in msg.extensions
                               if ext.extType != ExtensionType.compress_certificate or ext.algorithms]
         super()._queue_message(msg)
+
+    def wipe_secrets(self) -> None:
+        """Zero tlslite's copies of the session secrets and record keys; the connection is dead afterwards.
+
+        Only bytearrays can be zeroed: the AES key schedules and GHASH tables
+        tlslite's pure-Python ciphers derive are lists of ints (docs/secrets.md).
+        Never raises (it also runs from __del__)."""
+        session = getattr(self, "session", None)
+        for name in SESSION_SECRETS:
+            wipe(getattr(session, name, None))
+        layer = getattr(self, "_recordLayer", None)
+        for name in RECORD_STATES:
+            state = getattr(layer, name, None)
+            wipe(getattr(state, "fixedNonce", None))
+            for context in (getattr(state, "encContext", None), getattr(state, "macContext", None)):
+                wipe(getattr(context, "key", None))
+
+    def __del__(self) -> None:
+        self.wipe_secrets()
 
     def _sendMsg(self, msg, randomizeFirstBlock=True, update_hashes=True):
         if not isinstance(msg, Alert):

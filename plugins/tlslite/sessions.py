@@ -3,6 +3,8 @@
 Secrets come from tlslite's session (cl_app_secret / sr_app_secret), the
 record counters from its record layer, so a record tlslite already sent or
 read under the application keys (it sends none) would still be accounted for.
+Once hsd has its own copies, tlslite's are zeroed (ObservedConnection.wipe_secrets):
+the connection is never used again.
 """
 
 from __future__ import annotations
@@ -23,6 +25,14 @@ def record_states(conn: ObservedConnection):
 
 
 def build_session(conn: ObservedConnection, role: str) -> Session:
+    """hsd's Session from the finished connection; tlslite's secrets are zeroed whatever happens."""
+    try:
+        return _extract(conn, role)
+    finally:
+        conn.wipe_secrets()
+
+
+def _extract(conn: ObservedConnection, role: str) -> Session:
     if conn.version != (3, 4):
         raise HandshakeError(f"negotiated version {conn.version}, only TLS 1.3 is supported")
     session = conn.session
