@@ -1,7 +1,10 @@
 """Our certificate chain and key, and the peer's chain, between `cryptography` and tlslite forms.
 
-The key is serialised to PEM in memory only (tlslite parses keys from text);
-the text is dropped as soon as tlslite has its key object.
+RSA and ECDSA keys are handed to tlslite as numbers (its key constructors take
+the integers `cryptography` reports), so no PEM or DER text of the private key
+is made for it.  Other key types (EdDSA) still go through PKCS#8 PEM text in
+memory, an immutable copy dropped as soon as tlslite has its key object; the
+integers themselves cannot be wiped either (docs/secrets.md).
 """
 
 from __future__ import annotations
@@ -11,7 +14,11 @@ import threading
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from ecdsa.curves import curves as ecdsa_curves
 from tlslite.utils.keyfactory import parsePEMKey
+from tlslite.utils.python_ecdsakey import Python_ECDSAKey
+from tlslite.utils.python_rsakey import Python_RSAKey
 from tlslite.x509 import X509
 from tlslite.x509certchain import X509CertChain
 
@@ -46,12 +53,34 @@ def tlslite_identity(creds: X509Credentials, role: str,
         raise CredentialError(f"{role} x509 handshake needs a certificate and a private key")
     try:
         chain = X509CertChain([_tlslite_certificate(cert) for cert in creds.chain])
-        pem = creds.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption())
-        key = parsePEMKey(pem.decode("ascii"), private=True, implementations=["python"])
+        key = tlslite_private_key(creds.key)
     except (SyntaxError, ValueError, TypeError, AttributeError) as exc:
         raise CredentialError(f"{role} certificate/private key unusable with tlslite: {exc}") from None
     return chain, key
+
+
+# cryptography's curve names -> python-ecdsa's (tlslite picks TLS 1.3 signature hashes by the latter)
+_OPENSSL_CURVE_NAMES = {"secp256r1": "prime256v1"}
+
+
+def tlslite_private_key(key: object) -> object:
+    """tlslite's private key object for a `cryptography` one; RSA and ECDSA without any key text."""
+    if isinstance(key, rsa.RSAPrivateKey):
+        numbers = key.private_numbers()
+        public = numbers.public_numbers
+        return Python_RSAKey(public.n, public.e, numbers.d, numbers.p, numbers.q, numbers.dmp1, numbers.dmq1,
+                             numbers.iqmp)
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        wanted = _OPENSSL_CURVE_NAMES.get(key.curve.name, key.curve.name)
+        curve = next((c for c in ecdsa_curves if wanted in (c.openssl_name, c.name)), None)
+        if curve is None:
+            raise ValueError(f"curve {key.curve.name} is not supported by tlslite")
+        numbers = key.private_numbers()
+        return Python_ECDSAKey(numbers.public_numbers.x, numbers.public_numbers.y, curve.name,
+                               numbers.private_value)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,  # type: ignore[attr-defined]
+                            serialization.NoEncryption())
+    return parsePEMKey(pem.decode("ascii"), private=True, implementations=["python"])
 
 
 def _tlslite_certificate(cert: x509.Certificate) -> X509:
