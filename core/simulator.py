@@ -63,6 +63,7 @@ from . import keyring as keyrings
 from . import protocol as p
 from .channel import OVERRUN
 from .ktls import SOL_TLS, TCP_ULP, TLS_RX, TLS_TX, CryptoInfo, install_via
+from .secret import wipe
 
 log = logging.getLogger(__name__)
 
@@ -935,9 +936,18 @@ class SimChannel:
                 raise
 
     def setsockopt(self, fd: int, level: int, optname: int, value: bytes) -> int:
-        """The setsockopt emulation: 0 or the errno the kernel would set."""
+        """The setsockopt emulation: 0 or the errno the kernel would set.
+
+        The value (a crypto_info holds keys) is spliced into a bytearray that is
+        zeroed once sent: like the real syscall, the agent keeps no copy of it."""
         with self._req.lock:
-            return self._req.call(encode_setsockopt(self._req.next_seq(), level, optname, value), fd)
+            message = bytearray(encode_setsockopt(self._req.next_seq(), level, optname, bytes(len(value))))
+            end = len(message) - (-len(value) % 4)  # the value is the last attribute, then its padding
+            message[end - len(value):end] = value
+            try:
+                return self._req.call(message, fd)
+            finally:
+                wipe(message)
 
     def close(self) -> None:
         self._ready.close()
