@@ -22,7 +22,7 @@ from . import filetrust, keyring
 from .config import Config
 from .errors import CredentialError
 from .protocol import HandshakeRequest
-from .secret import wipe
+from .secret import frombase64_into, wipe
 
 MAX_CHAIN = 10
 try:  # ML-DSA keys arrived in cryptography 46; Debian trixie ships 43 (x509.pq.* is then refused)
@@ -74,17 +74,46 @@ _VALIDATED_SALT = os.urandom(32)
 _validated_keys: set[bytes] = set()
 
 
+def pem_private_key_der(data: bytes | bytearray) -> bytearray | None:
+    """The DER of the first PEM private-key block, decoded into a bytearray the caller wipes.
+
+    cryptography's PEM loader leaves its decoded copy of the key in freed memory;
+    its DER loader reads the caller's buffer.  None when the block is encrypted or
+    carries headers: cryptography's PEM loader then judges (and refuses) it."""
+    pos = 0
+    while (begin := data.find(b"-----BEGIN ", pos)) >= 0:
+        label_end = data.find(b"-----", begin + 11)
+        end = data.find(b"-----END ", label_end + 5) if label_end >= 0 else -1
+        if end < 0:
+            return None
+        label = bytes(data[begin + 11:label_end])  # e.g. "PRIVATE KEY", "EC PARAMETERS": not secret
+        if label.endswith(b"PRIVATE KEY"):
+            if label.startswith(b"ENCRYPTED") or data.find(b":", label_end, end) >= 0:
+                return None
+            with memoryview(data) as view:
+                return frombase64_into(view[label_end + 5:end])
+        pos = end + 9
+    return None
+
+
 def parse_private_key(data: bytes | bytearray, what: str) -> PrivateKeyTypes:
-    """PEM or DER, parsed from the caller's buffer as is: no `bytes` copy of the key text is made."""
+    """PEM or DER from the caller's buffer; PEM is decoded into a bytearray wiped after parsing."""
     seen = hmac.new(_VALIDATED_SALT, data, hashlib.sha256).digest()
     skip = seen in _validated_keys
+    der: bytearray | None = None
     try:
         if b"-----BEGIN" in data:
+            der = pem_private_key_der(data)
+        if der is not None:
+            key = serialization.load_der_private_key(der, password=None, unsafe_skip_rsa_key_validation=skip)
+        elif b"-----BEGIN" in data:
             key = serialization.load_pem_private_key(data, password=None, unsafe_skip_rsa_key_validation=skip)
         else:
             key = serialization.load_der_private_key(data, password=None, unsafe_skip_rsa_key_validation=skip)
     except (ValueError, TypeError) as exc:
         raise CredentialError(f"{what}: not an unencrypted private key ({exc})") from None
+    finally:
+        wipe(der)
     _validated_keys.add(seen)
     return key
 

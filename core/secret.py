@@ -72,6 +72,38 @@ def fromhex_into(text: Any) -> bytearray:
     return out
 
 
+_B64 = {c: v for v, c in enumerate(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")}
+
+
+def frombase64_into(text: Any) -> bytearray:
+    """Base64 text (bytes-like; whitespace skipped, '=' ends it) decoded into a new bytearray.
+
+    binascii returns an immutable bytes; this never makes one."""
+    view = memoryview(text).cast("B")
+    with view:
+        out = bytearray(len(view) * 3 // 4 + 3)
+        acc = bits = size = 0
+        try:
+            for c in view:
+                if c in b" \t\r\n":
+                    continue
+                if c == 0x3D:  # '='
+                    break
+                acc = (acc << 6 | _B64[c]) & 0xFFFFFF
+                bits += 6
+                if bits >= 8:
+                    bits -= 8
+                    out[size] = acc >> bits & 0xFF
+                    size += 1
+        except KeyError:
+            wipe(out)
+            raise ValueError("non-base64 character in a secret") from None
+        finally:
+            acc = 0
+    del out[size:]  # at most 3 bytes shorter: shrinks in place
+    return out
+
+
 class Secret:
     """Key material in a bytearray that is zeroed by wipe(), by leaving a `with` block, or when dropped.
 

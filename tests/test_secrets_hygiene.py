@@ -6,32 +6,45 @@ s_client) run with every debug knob turned up while all log output is captured;
 the secrets each handshake produced are collected just before Session.wipe()
 and the keys kTLS received are read back from the simulator, and none of them
 may appear in the captured text in any common encoding.
+
+The memory tests go further: a daemon process serves real handshakes through
+the simulator, the peer's SSLKEYLOGFILE and the simulator's kTLS record say
+what the secrets were, and the daemon's writable memory (/proc/self/mem,
+dumped by the daemon itself) must then hold no copy of them: neither live
+nor in freed heap blocks, where an unwiped `bytes` leaves its contents.
 """
 
 from __future__ import annotations
 
 import base64
 import errno
+import json
 import logging
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
 import hsd_openssl
 import hsd_tlslite
 from hsd import privileges
+from hsd import keyring
 from hsd.config import Config
 from hsd.daemon import serve
+from hsd.ktls import tls13_crypto_info
+from hsd.secret import Secret, wipe
 from hsd.session import Session
 from hsd.simulator import Simulator
 from hsd.soak import DaemonProcess, RunningDaemon, soak_config_text
+from hsd.testing.keyrings import ThrowawayKeyring
 from hsd.testing.peers import PeerOptions, openssl_client, openssl_server
 from hsd.testing.pki import TestPki, make_pki
 
@@ -264,3 +277,253 @@ def test_serving_daemon_runs_with_cap_net_admin_only(tmp_path):
     log = log_path.read_text()
     assert "dropped all capabilities except CAP_NET_ADMIN" in log, log
     assert "keep wider capabilities" not in log
+
+
+# ---------------------------------------------------------------- secrets in the daemon's memory
+
+# The daemon under test: a Dispatcher over a SimChannel (the simulator lives in the test process), with
+# both TLS backends.  Each stdin line is a command; after it the daemon writes its writable mappings to
+# stdout, read with os.preadv into one preallocated buffer so the dump itself copies nothing new.
+MEMORY_DAEMON = textwrap.dedent("""
+    import gc, json, os, struct, sys, threading
+    import hsd_openssl, hsd_tlslite
+    from hsd import keyring
+    from hsd.config import Config
+    from hsd.dispatcher import Dispatcher
+    from hsd.plugins import PluginHost
+    from hsd.secret import fromhex_into, wipe
+    from hsd.simulator import SimChannel
+
+    args = json.loads(sys.argv[2])
+    canary = fromhex_into(args["canary"].encode())  # kept alive: proves the dump sees live heap data
+    config = Config(backend=args["backend"], isolation=args["isolation"], handshake_timeout_ms=10000)
+    config.client.truststore = config.server.truststore = args["ca"]
+    config.client.certificate, config.client.private_key = args["client"]
+    config.server.certificate, config.server.private_key = args["server"]
+    host = PluginHost(config)
+    host.add("openssl", hsd_openssl)
+    host.add("tlslite", hsd_tlslite)
+    dispatcher = Dispatcher(SimChannel.connect(sys.argv[1]), host, config)
+    threading.Thread(target=dispatcher.run, args=(threading.Event(),), daemon=True).start()
+
+    FRAME = struct.Struct("<QB")
+    chunk = bytearray(1 << 20)
+    out = sys.stdout.buffer
+    def dump():
+        gc.collect()
+        with open("/proc/self/maps") as maps:
+            regions = [line.split() for line in maps]
+        fd = os.open("/proc/self/mem", os.O_RDONLY)
+        try:
+            for fields in regions:
+                if not fields[1].startswith("rw") or (len(fields) > 5 and fields[5].startswith("[v")):
+                    continue
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                first = 1
+                while start < end:
+                    want = min(len(chunk), end - start)
+                    try:
+                        got = os.preadv(fd, [memoryview(chunk)[:want]], start)
+                    except OSError:
+                        break
+                    if got <= 0:
+                        break
+                    out.write(FRAME.pack(got, first))
+                    out.write(memoryview(chunk)[:got])
+                    first, start = 0, start + got
+        finally:
+            os.close(fd)
+        out.write(FRAME.pack(0, 1))
+        out.flush()
+    for line in sys.stdin:
+        command = line.split()
+        if command[0] == "readkey":  # what the PSK and keyring-certificate paths do with a payload
+            payload = keyring.read_key(int(command[1]))
+            wipe(payload)
+            del payload
+        dump()
+""")
+DUMP_FRAME = struct.Struct("<QB")
+
+
+class DaemonMemory:
+    """The daemon process above, and the writable memory it reports."""
+
+    def __init__(self, sim: Simulator, pki: TestPki, backend: str, isolation: str, canary: bytes) -> None:
+        args = {"backend": backend, "isolation": isolation, "ca": pki.ca, "canary": canary.hex(),
+                "client": [pki.client.cert, pki.client.key], "server": [pki.server.chain, pki.server.key]}
+        self.proc = subprocess.Popen([sys.executable, "-c", MEMORY_DAEMON, sim.address, json.dumps(args)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        end = time.monotonic() + WAIT
+        while not sim.listeners():
+            assert self.proc.poll() is None and time.monotonic() < end, "the memory daemon did not start"
+            time.sleep(0.02)
+
+    def regions(self, command: str = "dump") -> list[bytes]:
+        """Every writable mapping of the daemon, after `command` and a gc.collect() there."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(command.encode() + b"\n")
+        self.proc.stdin.flush()
+        regions: list[bytearray] = []
+        while True:
+            size, first = DUMP_FRAME.unpack(self.proc.stdout.read(DUMP_FRAME.size))
+            if size == 0:
+                return [bytes(region) for region in regions]
+            data = self.proc.stdout.read(size)
+            if first:
+                regions.append(bytearray())
+            regions[-1] += data
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture
+def memory_daemon(pki: TestPki, request: pytest.FixtureRequest) -> Iterator[tuple[Simulator, DaemonMemory, bytes]]:
+    backend, isolation = request.param
+    canary = os.urandom(32)
+    with Simulator() as sim:
+        daemon = DaemonMemory(sim, pki, backend, isolation, canary)
+        try:
+            yield sim, daemon, canary
+        finally:
+            daemon.close()
+
+
+def copies(regions: list[bytes], needle: bytes) -> int:
+    return sum(region.count(needle) for region in regions)
+
+
+def keylog_secrets(path: str) -> dict[str, bytes]:
+    """label -> secret from an NSS key log file the peer wrote."""
+    with open(path) as handle:
+        fields = [line.split() for line in handle if not line.startswith("#")]
+    return {f[0]: bytes.fromhex(f[2]) for f in fields if len(f) == 3}
+
+
+def secret_needles(keylog: dict[str, bytes], req, suite_hint: str) -> dict[str, bytes]:
+    """What must not stay in the daemon: both application traffic secrets (raw and as keylog hex), and
+    the key and write IV kTLS got for each direction - checked to derive from those very secrets."""
+    client, server = keylog["CLIENT_TRAFFIC_SECRET_0"], keylog["SERVER_TRAFFIC_SECRET_0"]
+    needles = {"client traffic secret": client, "server traffic secret": server,
+               "client traffic secret (hex)": client.hex().encode(),
+               "server traffic secret (hex)": server.hex().encode()}
+    installed = {"tx": req.ktls_tx, "rx": req.ktls_rx}
+    ours, theirs = (client, server) if suite_hint == "client" else (server, client)
+    for direction, secret in (("tx", ours), ("rx", theirs)):
+        info = installed[direction]
+        assert info is not None, f"kTLS {direction} was never installed"
+        derived = tls13_crypto_info("TLS_AES_256_GCM_SHA384" if len(secret) == 48 else "TLS_AES_128_GCM_SHA256",
+                                    secret, 0)
+        assert bytes(info.key) == bytes(derived.key), f"the keylog's secret is not the one kTLS {direction} got"
+        needles[f"kTLS {direction} key"] = bytes(info.key)
+        needles[f"kTLS {direction} write IV"] = bytes(info.salt + info.iv)
+    return needles
+
+
+def assert_no_copies(daemon: DaemonMemory, canary: bytes, needles: dict[str, bytes], when: str) -> None:
+    regions = daemon.regions()
+    assert copies(regions, canary) >= 1, "the memory dump does not see the daemon's heap"
+    found = {name: n for name, n in ((name, copies(regions, needle)) for name, needle in needles.items()) if n}
+    assert not found, f"{when}: copies of secrets left in the daemon's memory: {found}"
+    print(f"\nmemory {when}: {sum(map(len, regions)) >> 20} MiB scanned, 0 copies of {len(needles)} secret values")
+
+
+KEY_POS_ALL, KEY_USR_VIEW, KEY_USR_READ = 0x3F000000, 0x00010000, 0x00020000
+BACKENDS_AND_ISOLATION = [("openssl", "none"), ("tlslite", "none"), ("openssl", "process"), ("tlslite", "process")]
+
+
+@pytest.mark.parametrize("memory_daemon", BACKENDS_AND_ISOLATION, indirect=True,
+                         ids=[f"{b}-isolation_{i}" for b, i in BACKENDS_AND_ISOLATION])
+def test_no_copy_of_traffic_secrets_or_ktls_keys_stays_in_daemon_memory(memory_daemon, pki, tmp_path):
+    """After each real handshake (hsd client vs s_server, hsd server vs s_client with a client certificate),
+    the secrets exist in the peer and the kernel only: the daemon's own memory holds not one copy."""
+    sim, daemon, canary = memory_daemon
+    server_log = str(tmp_path / "s_server.keys")
+    opts = PeerOptions(cert=pki.server.cert, key=pki.server.key, ca=pki.ca, extra=["-keylogfile", server_log])
+    with openssl_server(opts).start() as server:
+        mine = socket.create_connection(server.address)
+        req = sim.client_hello_anon(mine, peername="localhost", timeout_ms=10000)
+        assert req.wait(WAIT)[0] == 0
+        mine.close()
+    assert_no_copies(daemon, canary, secret_needles(keylog_secrets(server_log), req, "client"), "after a client")
+
+    client_log = str(tmp_path / "s_client.keys")
+    opts = PeerOptions(ca=pki.ca, cert=pki.client.cert, key=pki.client.key, extra=["-keylogfile", client_log])
+    with socket.create_server(("127.0.0.1", 0)) as listener, \
+            openssl_client(opts, listener.getsockname()[1]).start():
+        listener.settimeout(WAIT)
+        conn, _ = listener.accept()
+        req = sim.server_hello_x509(conn, timeout_ms=10000)
+        assert req.wait(WAIT)[0] == 0
+        conn.close()
+    assert req.remote_auth, "the client certificate was not reported: not the mutual-TLS path"
+    needles = secret_needles(keylog_secrets(client_log), req, "server")
+    with open(pki.server.key, "rb") as handle:  # the key file's text: read per handshake, then zeroed
+        needles.update({f"server key file line {i}": line.strip()
+                        for i, line in enumerate(handle) if len(line.strip()) == 64})
+    assert_no_copies(daemon, canary, needles, "after a server")
+
+
+@pytest.mark.parametrize("memory_daemon", [("openssl", "none")], indirect=True)
+def test_a_keyring_payload_read_and_wiped_leaves_no_copy(memory_daemon):
+    """read_key moves the payload from a zeroed ctypes buffer into the caller's bytearray, nothing else."""
+    _, daemon, canary = memory_daemon
+    secret = os.urandom(48)
+    with ThrowawayKeyring() as ring:
+        serial = ring.add("hsd-test:memory", secret)
+        keyring.set_perm(serial, KEY_POS_ALL | KEY_USR_VIEW | KEY_USR_READ)  # the daemon (same uid) may read it
+        regions = daemon.regions(f"readkey {serial}")
+    assert copies(regions, canary) >= 1
+    assert copies(regions, secret) == 0
+
+
+# ---------------------------------------------------------------- hsd.secret
+
+
+def test_wipe_zeroes_every_mutable_buffer_and_refuses_the_rest_quietly():
+    import ctypes
+
+    array = bytearray(b"k" * 16)
+    view = memoryview(bytearray(b"v" * 16))[4:12]
+    cbuf = ctypes.create_string_buffer(b"c" * 16)
+    assert wipe(array) and wipe(view) and wipe(cbuf)
+    assert array == bytearray(16) and bytes(view) == bytes(8) and view.obj[:4] == b"vvvv" and cbuf.raw == bytes(17)
+    for unwipeable in (b"immutable", "text", None, 7, memoryview(b"read-only")):
+        assert wipe(unwipeable) is False
+
+
+def test_secret_never_shows_its_bytes_and_is_zeroed_on_exit():
+    raw = os.urandom(32)
+    with Secret(raw) as secret:
+        held = secret.buffer
+        text = repr(secret) + str(secret) + f"{secret}"
+        assert raw.hex() not in text and repr(raw) not in text and text.startswith("Secret(32 bytes)")
+        with pytest.raises(TypeError):
+            import pickle
+
+            pickle.dumps(secret)
+    assert held == bytearray(32)
+
+
+def test_pem_private_keys_are_decoded_into_wipeable_der_in_every_format(tmp_path):
+    """PKCS#8, traditional RSA and an EC key after its parameters block all load through our own decode;
+    encrypted keys still reach cryptography's PEM loader and are refused with its reason."""
+    from hsd.credentials import parse_private_key, pem_private_key_der
+    from hsd.errors import CredentialError
+
+    commands = {"pkcs8": "openssl genpkey -algorithm ec -pkeyopt ec_paramgen_curve:P-256",
+                "traditional": "openssl genrsa -traditional 2048",
+                "ecparam": "openssl ecparam -name prime256v1 -genkey",
+                "encrypted": "openssl genpkey -algorithm ed25519 -aes256 -pass pass:x"}
+    for name, command in commands.items():
+        pem = subprocess.run(command.split(), capture_output=True, check=True).stdout
+        der = pem_private_key_der(pem)
+        if name == "encrypted":
+            assert der is None
+            with pytest.raises(CredentialError, match="encrypted"):
+                parse_private_key(pem, name)
+            continue
+        assert isinstance(der, bytearray) and der[0] == 0x30  # a DER SEQUENCE
+        assert parse_private_key(bytearray(pem), name).private_numbers() is not None
