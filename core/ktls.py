@@ -142,8 +142,9 @@ def hkdf_expand_label(secret: Any, label: str, context: bytes, length: int,
                       algorithm: hashes.HashAlgorithm) -> bytearray:
     """HKDF-Expand-Label (RFC 8446 7.1) of a bytes-like secret, written into a new bytearray.
 
-    cryptography >= 47 derives straight into our buffer; older releases return
-    an immutable bytes we copy from and cannot wipe (docs/secrets.md)."""
+    With HKDFExpand.derive_into, cryptography writes straight into our buffer;
+    releases without it return an immutable bytes we copy from and cannot wipe
+    (docs/secrets.md)."""
     full = b"tls13 " + label.encode()
     info = struct.pack("!H", length) + bytes([len(full)]) + full + bytes([len(context)]) + context
     hkdf = HKDFExpand(algorithm=algorithm, length=length, info=info)

@@ -422,3 +422,20 @@ def test_crypto_info_wipe_and_buffers() -> None:
     assert isinstance(packed, bytearray) and CryptoInfo.unpack(packed) == info
     info.wipe()
     assert (info.key, info.iv, info.salt) == (bytearray(32), bytearray(8), bytearray(4))
+
+
+def test_hkdf_without_derive_into_gives_the_same_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Older cryptography releases have no derive_into: the derive() fallback must yield the same bytearrays."""
+    import hsd.ktls as ktls
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
+
+    class DeriveOnly:
+        def __init__(self, **kw: object) -> None:
+            self._hkdf = HKDFExpand(**kw)  # type: ignore[arg-type]
+
+        def derive(self, key_material: bytes) -> bytes:
+            return self._hkdf.derive(key_material)
+
+    monkeypatch.setattr(ktls, "HKDFExpand", DeriveOnly)
+    out = hkdf_expand_label(bytearray(RFC8448_S_AP_TRAFFIC), "key", b"", 16, hashes.SHA256())
+    assert isinstance(out, bytearray) and out == RFC8448_S_AP_KEY
