@@ -382,6 +382,8 @@ def _decode_accept_reply(msg: GenlMessage) -> HandshakeRequest:
     for atype, payload in msg.attrs():
         kind = atype & NLA_TYPE_MASK
         if kind == AcceptAttr.SOCKFD:
+            if "sockfd" in fields:  # the kernel sends one; which of two fds would be the request's?
+                raise ProtocolError("ACCEPT reply carries more than one SOCKFD")
             fields["sockfd"] = get_s32(payload)
         elif kind == AcceptAttr.HANDLER_CLASS:
             get_u32(payload)

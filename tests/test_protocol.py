@@ -726,3 +726,14 @@ def test_more_peer_identities_than_the_kernel_sends_are_still_read() -> None:
     # the kernel sends at most 5; the agent side stays lenient and keeps whatever arrives
     payload = p.attr_s32(1, 4) + u32(3, 1) + u32(5, 2) + b"".join(u32(6, s) for s in range(1, 9))
     assert p.decode_accept_reply(genl(Cmd.ACCEPT, payload)).peer_identities == tuple(range(1, 9))
+
+
+def test_an_accept_reply_with_two_sockfds_is_refused_and_names_the_first() -> None:
+    """Found by the fuzzer: the decoder kept the last SOCKFD while the error path names the first,
+    so a malformed reply could be served on one fd and failed on another."""
+    attrs = (struct.pack("=HHi", 8, p.AcceptAttr.SOCKFD, 7) + struct.pack("=HHi", 8, p.AcceptAttr.SOCKFD, 9)
+             + struct.pack("=HHI", 8, p.AcceptAttr.MESSAGE_TYPE, 1) + struct.pack("=HHI", 8, p.AcceptAttr.AUTH_MODE, 1))
+    msg = p.GenlMessage(29, 0, 1, 0, p.Cmd.ACCEPT, 1, attrs)
+    with pytest.raises(p.ProtocolError) as info:
+        p.decode_accept_reply(msg)
+    assert info.value.sockfd == 7 == p.sockfd_hint(msg)
