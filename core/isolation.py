@@ -24,7 +24,6 @@ its previous session keyring: the child possesses exactly what the daemon does.
 from __future__ import annotations
 
 import base64
-import ctypes
 import errno
 import faulthandler
 import json
@@ -40,6 +39,7 @@ from typing import Callable, NoReturn
 from . import keyring
 from .context import HandshakeContext
 from .errors import HandshakeError, HandshakeTimeout
+from .secret import wipe
 from .session import Session
 from .validate import check_session, scrub
 
@@ -87,7 +87,7 @@ def run_isolated(ctx: HandshakeContext, handshake: Handshake = _plugin_handshake
     try:
         return _result(frame, wait_status, killed)
     finally:
-        _wipe(frame)
+        wipe(frame)
 
 
 # ---------------------------------------------------------------- forking with the request's keyrings
@@ -158,7 +158,7 @@ def _child_main(ctx: HandshakeContext, handshake: Handshake, read_fd: int, write
             _write_all(write_fd, frame)
             code = _EXIT_OK
         finally:
-            _wipe(frame)
+            wipe(frame)
     finally:
         os._exit(code)
 
@@ -225,11 +225,6 @@ def _decode(frame: bytearray) -> tuple[dict, bytearray, bytearray]:
     return header, tx, rx
 
 
-def _wipe(buf: bytearray) -> None:
-    if buf:
-        ctypes.memset((ctypes.c_char * len(buf)).from_buffer(buf), 0, len(buf))
-
-
 # ---------------------------------------------------------------- the parent
 
 
@@ -267,7 +262,7 @@ def _collect(pid: int, read_fd: int, kill_at: float) -> tuple[bytearray, int, bo
             pass
     except BaseException:
         _kill(pid)  # never wait for a child we stopped listening to
-        _wipe(frame)
+        wipe(frame)
         raise
     finally:
         if pidfd is not None:
@@ -285,7 +280,7 @@ def _read_some(fd: int, frame: bytearray, drain: bool = False) -> bool:
         got = os.readv(fd, [chunk])
         frame += memoryview(chunk)[:got]
     finally:
-        _wipe(chunk)
+        wipe(chunk)
     if len(frame) > _FRAME_HEAD.size + _MAX_HEADER + 2 * _MAX_SECRET:
         raise IsolatedHandshakeFailed("the isolated handshake sent an oversized result")
     return got > 0
@@ -322,8 +317,8 @@ def _result(frame: bytearray, wait_status: int, killed: bool) -> Session | None:
     except (ValueError, struct.error) as exc:
         raise IsolatedHandshakeFailed(f"the isolated handshake sent a malformed result: {exc}") from None
     if not isinstance(header, dict):
-        _wipe(tx)
-        _wipe(rx)
+        wipe(tx)
+        wipe(rx)
         raise IsolatedHandshakeFailed("the isolated handshake sent a malformed result: no header object")
     kind = header.get("kind")
     if kind == "error":
@@ -343,8 +338,8 @@ def _result(frame: bytearray, wait_status: int, killed: bool) -> Session | None:
                                                for der in header["peer_certificates"]),
                        ktls_installed=header["ktls_installed"], details=dict(header["details"]))
     except (KeyError, TypeError, ValueError) as exc:  # binascii.Error is a ValueError
-        _wipe(tx)
-        _wipe(rx)
+        wipe(tx)
+        wipe(rx)
         raise IsolatedHandshakeFailed(f"the isolated handshake sent a malformed session: {exc!r}") from None
 
 

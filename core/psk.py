@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 from .errors import PeerRejected
+from .secret import wipe
 
 
 @dataclass
@@ -20,7 +21,7 @@ class PskKey:
         return f"PskKey(identity={self.identity!r}, hash={self.hash}, serial={self.serial})"
 
     def wipe(self) -> None:
-        self.secret[:] = bytes(len(self.secret))
+        wipe(self.secret)
 
 
 @dataclass

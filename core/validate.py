@@ -15,6 +15,7 @@ from typing import Iterator
 
 from .errors import HandshakeError, KtlsError
 from .ktls import cipher_spec
+from .secret import wipe_all
 from .session import Session
 
 log = logging.getLogger("hsd")
@@ -43,10 +44,7 @@ def check_session(result: object, backend: str) -> Session:
 
 def scrub(result: object) -> None:
     """Zero whatever secret buffers a (possibly malformed) result holds that can be zeroed; never raises."""
-    for name in ("tx_secret", "rx_secret"):
-        buf = getattr(result, name, None)
-        if isinstance(buf, bytearray):
-            buf[:] = bytes(len(buf))
+    wipe_all(getattr(result, "tx_secret", None), getattr(result, "rx_secret", None))
 
 
 def _is_int(value: object) -> bool:

@@ -22,6 +22,7 @@ from OpenSSL._util import ffi, lib
 
 from hsd.credentials import X509Credentials
 from hsd.errors import CredentialError
+from hsd.secret import wipe
 
 
 def install_both_identities(context: SSL.Context, creds: X509Credentials, role: str) -> None:
@@ -73,7 +74,7 @@ def _use_key(context: SSL.Context, key: PrivateKeyTypes, what: str) -> None:
     finally:
         if bio != ffi.NULL:
             lib.BIO_free(bio)
-        der[:] = bytes(len(der))  # our copy of the key bytes; OpenSSL holds its own
+        wipe(der)  # our copy of the key bytes; OpenSSL holds its own
 
 
 def _openssl_error() -> str:

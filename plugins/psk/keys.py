@@ -22,6 +22,7 @@ from hsd import keyring
 from hsd.errors import CredentialError
 from hsd.peerlog import PeerRateLimiter
 from hsd.psk import PskKey
+from hsd.secret import wipe
 
 from .identity import psk_hash
 
@@ -121,7 +122,7 @@ def load_key(serial: int) -> PskKey:
     try:
         hash_name = psk_hash(description, len(secret))
     except CredentialError:
-        secret[:] = bytes(len(secret))
+        wipe(secret)
         raise
     return PskKey(identity=description.encode(), secret=secret, hash=hash_name, serial=serial)
 

@@ -24,6 +24,7 @@ from hsd.context import HandshakeContext
 from hsd.errors import HandshakeError, PeerRejected, UnknownPskIdentity
 from hsd.peerlog import truncate
 from hsd.psk import PskOffer, PskSelection, selected_identity
+from hsd.secret import wipe
 from hsd.session import Session
 from hsd.wire import RecordSocket
 
@@ -74,8 +75,7 @@ def psk_mode(session: Session) -> str:
 
 def _wipe(settings) -> None:
     for config in settings.pskConfigs:
-        secret = config[1]
-        secret[:] = bytes(len(secret))
+        wipe(config[1])
 
 
 def client_psk_handshake(ctx: HandshakeContext, offer: PskOffer) -> Session:
