@@ -23,7 +23,7 @@ import secrets
 import socket
 import threading
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 from tlslite import HandshakeSettings, TLSConnection
@@ -142,19 +142,13 @@ def _ring(hsd_keyring: ThrowawayKeyring) -> tuple[ThrowawayKeyring, dict[str, tu
     return hsd_keyring, keys
 
 
-def run_hostile_client(sock: socket.socket, case: Case, known: dict[str, bytes], result: dict) -> threading.Thread:
+def in_thread(conn: TLSConnection, handshake: Callable[[], None], result: dict) -> threading.Thread:
+    """Run one peer's handshake on its own thread; result gets "conn" and then "ok" or "error"."""
+    result["conn"] = conn
+
     def run() -> None:
-        settings = HandshakeSettings()
-        settings.minVersion = settings.maxVersion = (3, 4)
-        settings.keyShares = []  # no key share: the server must answer with a HelloRetryRequest
-        settings.psk_modes = ["psk_dhe_ke"]
-        order = case.first + tuple(name for name in case.second if name not in case.first)
-        settings.pskConfigs = binder_configs(order, known)
-        conn = TwoHelloClient(sock, (case.first, case.second), known)
-        result["conn"] = conn
         try:
-            conn.handshakeClientCert(settings=settings)
-            conn.write(b"client finished\n")
+            handshake()
             result["ok"] = True
         except Exception as exc:  # reported by the test
             result["error"] = exc
@@ -162,6 +156,22 @@ def run_hostile_client(sock: socket.socket, case: Case, known: dict[str, bytes],
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread
+
+
+def run_hostile_client(sock: socket.socket, case: Case, known: dict[str, bytes], result: dict) -> threading.Thread:
+    settings = HandshakeSettings()
+    settings.minVersion = settings.maxVersion = (3, 4)
+    settings.keyShares = []  # no key share: the server must answer with a HelloRetryRequest
+    settings.psk_modes = ["psk_dhe_ke"]
+    order = case.first + tuple(name for name in case.second if name not in case.first)
+    settings.pskConfigs = binder_configs(order, known)
+    conn = TwoHelloClient(sock, (case.first, case.second), known)
+
+    def handshake() -> None:
+        conn.handshakeClientCert(settings=settings)
+        conn.write(b"client finished\n")
+
+    return in_thread(conn, handshake, result)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
@@ -211,26 +221,20 @@ class RetryingPskServer(TLSConnection):
 
 
 def run_retrying_server(sock: socket.socket, identity: str, secret: bytes, result: dict) -> threading.Thread:
-    def run() -> None:
-        settings = HandshakeSettings()
-        settings.minVersion = settings.maxVersion = (3, 4)
-        settings.eccCurves = ["secp384r1"]  # hsd sends x25519 and P-256 shares: a retry is needed
-        settings.keyShares = ["secp384r1"]
-        settings.psk_modes = ["psk_dhe_ke"]
-        settings.ticket_count = 0
-        settings.pskConfigs = [(bytearray(identity.encode()), bytearray(secret), "sha256")]
-        conn = RetryingPskServer(sock)
-        result["conn"] = conn
-        try:
-            conn.handshakeServer(settings=settings)
-            conn.write(f"server used {identity}\n".encode())
-            result["ok"] = True
-        except Exception as exc:  # reported by the test
-            result["error"] = exc
+    settings = HandshakeSettings()
+    settings.minVersion = settings.maxVersion = (3, 4)
+    settings.eccCurves = ["secp384r1"]  # hsd sends x25519 and P-256 shares: a retry is needed
+    settings.keyShares = ["secp384r1"]
+    settings.psk_modes = ["psk_dhe_ke"]
+    settings.ticket_count = 0
+    settings.pskConfigs = [(bytearray(identity.encode()), bytearray(secret), "sha256")]
+    conn = RetryingPskServer(sock)
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
+    def handshake() -> None:
+        conn.handshakeServer(settings=settings)
+        conn.write(f"server used {identity}\n".encode())
+
+    return in_thread(conn, handshake, result)
 
 
 @pytest.mark.parametrize("server_knows", IN_KEYRING)
