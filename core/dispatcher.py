@@ -237,8 +237,7 @@ class Dispatcher:
             log.error("stopping with %d handshake thread(s) stuck in a plugin", len(stuck))
 
     def _full(self) -> bool:
-        with self._inflight_lock:
-            return len(self._inflight) >= self.max_inflight
+        return self.inflight() >= self.max_inflight
 
     def _accept_some(self, backlog: int) -> int:
         """ACCEPT while there is work and room; returns the remaining backlog (0 = queue empty)."""
