@@ -395,13 +395,21 @@ def test_the_root_keyring_is_found_behind_a_planted_one(plugins: pluggy.PluginMa
     name = f"hsd-test-configured-{uuid.uuid4().hex}"
     real, fake = psk_for("sha256"), psk_for("sha256")
     with contextlib.ExitStack() as stack:
-        ring, keys = stack.enter_context(held_keyring(name, {real.identity: real.secret}))
-        for _ in range(40):  # /proc/keys lists keyrings by serial: plant until the planted one comes first
-            planted, _ = stack.enter_context(held_keyring(name, {fake.identity: fake.secret}, uid=NOBODY))
-            if planted < ring:
+        # Serials are random and /proc/keys lists keyrings by serial.  Plant several first, then make
+        # the real keyring again until its serial is above the lowest planted one: that planted one is
+        # then listed first.  (Planting after one real keyring failed about 1 run in 40: a real serial
+        # low in the range leaves hardly any room below it.)
+        planted = [stack.enter_context(held_keyring(name, {fake.identity: fake.secret}, uid=NOBODY))[0]
+                   for _ in range(8)]
+        for _ in range(40):
+            attempt = contextlib.ExitStack()
+            ring, keys = attempt.enter_context(held_keyring(name, {real.identity: real.secret}))
+            if min(planted) < ring:
+                stack.enter_context(attempt)
                 break
+            attempt.close()
         else:
-            pytest.fail("no planted keyring got a serial below the real one's")
+            pytest.fail("no real keyring got a serial above the lowest planted one's")
         with Listener() as listener, openssl_psk_client(real, listener.port) as peer:
             sock, session = serve_one(plugins, listener, 0, keyring_names=(name,))
             with sock:
