@@ -7,7 +7,9 @@ matrix with real TLS peers lives in test_interop.py.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
+import fcntl
 import os
 import socket
 import threading
@@ -247,13 +249,19 @@ class CloseHookDispatcher(Dispatcher):
 
 
 class GatedAcceptChannel:
-    """The simulator's channel, but once `armed`, ACCEPT waits for `gate`: the test picks its moment."""
+    """The simulator's channel, but once `armed`, ACCEPT waits for `gate`: the test picks its moment.
+
+    With `reuse_fd` set, the handed-over socket is moved onto that number, as the kernel does when
+    it is the lowest free one.  "Lowest free" alone is not enough for a test: any other thread of
+    the process (the simulator's included) may hold that number for a moment.  F_DUPFD gives the
+    lowest free number >= N atomically, so it is N exactly once N is free, and nothing is clobbered."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
         self.ktls = inner.ktls
         self.armed = threading.Event()
         self.gate = threading.Event()
+        self.reuse_fd: int | None = None
 
     def wait_ready(self, timeout):
         return self.inner.wait_ready(timeout)
@@ -261,7 +269,21 @@ class GatedAcceptChannel:
     def accept(self):
         if self.armed.is_set():
             assert self.gate.wait(10), "the gate was never opened"
-        return self.inner.accept()
+        req = self.inner.accept()
+        if req is not None and self.reuse_fd is not None and req.sockfd != self.reuse_fd:
+            req = dataclasses.replace(req, sockfd=self._move(req.sockfd, self.reuse_fd))
+        return req
+
+    @staticmethod
+    def _move(fd: int, target: int) -> int:
+        deadline = time.monotonic() + 5
+        while True:
+            moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, target)
+            if moved == target or time.monotonic() > deadline:
+                os.close(fd)
+                return moved
+            os.close(moved)
+            time.sleep(0.001)
 
     def done(self, done):
         return self.inner.done(done)
@@ -318,15 +340,11 @@ def test_a_request_reusing_a_just_closed_fd_keeps_its_own_watchdog_entry(sim):
 
     dispatcher = CloseHookDispatcher(channel, host, config, max_inflight=4, on_outcome=record)
 
-    placeholders: list[int] = []
-
     def after_close(fd: int) -> None:
         if fd != backend.fds.get("first.test") or channel.gate.is_set():
             return
-        while (spare := os.open(os.devnull, os.O_RDONLY)) < fd:  # fill every lower free number
-            placeholders.append(spare)
-        os.close(spare)  # that was N itself: free again, and now the lowest free fd number
-        channel.gate.set()  # the next ACCEPT runs now and is handed N
+        channel.reuse_fd = fd  # N is free again: the next ACCEPT is handed N
+        channel.gate.set()  # and it runs now
         assert backend.second_running.wait(10)  # request 2 is registered and in its plugin
 
     dispatcher.after_close = after_close
@@ -355,8 +373,6 @@ def test_a_request_reusing_a_just_closed_fd_keeps_its_own_watchdog_entry(sim):
         channel.close()
         for sock in (one, one_peer, two, two_peer):
             sock.close()
-        for spare in placeholders:
-            os.close(spare)
     assert not thread.is_alive()
     assert (first.done_calls, second.done_calls) == (1, 1)
     assert dispatcher.inflight() == 0 and dispatcher.stats["watchdog"] == 1
