@@ -28,7 +28,7 @@ from hsd.errors import CredentialError
 from hsd.keyring import parse_description
 from hsd.ktls import BY_TYPE, TLS_1_2_VERSION, TLS_1_3_VERSION, CryptoInfo
 from hsd.protocol import GenlMessage, HandshakeRequest, NetlinkError, ProtocolError
-from hsd_psk.clienthello import (MalformedClientHello, OfferedPsks, client_hello_length, handshake_bytes,
+from hsd.tls13 import (MalformedClientHello, OfferedPsks, client_hello_length, handshake_bytes,
                                  offered_psks)
 from hsd_psk.identity import nvme_hash, psk_hash
 from hsd_psk.keys import keyring_in_proc_keys_line

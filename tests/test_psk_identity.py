@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 from hsd.errors import CredentialError
-from hsd_psk.clienthello import MalformedClientHello, client_hello_length, offered_psks
+from hsd.tls13 import MalformedClientHello, client_hello_length, offered_psks
 from hsd_psk.identity import nvme_hash, psk_hash
 
 HOST = "nqn.2014-08.org.nvmexpress:uuid:0f3a"

@@ -28,14 +28,14 @@ from hsd.context import HandshakeContext
 from hsd.errors import (CredentialError, HandshakeError, PeerRejected, Unsupported,
                         UnknownPskIdentity)
 from hsd.hookspecs import hookimpl
-from hsd.peerlog import truncate
 from hsd.psk import PskKey, PskOffer, PskSelection
 from hsd.session import Session
 from hsd.wire import RecordSocket
-from hsd_psk.clienthello import MalformedClientHello, client_hello_length, handshake_bytes, offered_psks
+from hsd.tls13 import UNKNOWN_PSK_IDENTITY, offered_psk_identities, send_alert
 
 from .driver import default_translation, drive_handshake, ssl_error_text
 from .secrets import TrafficSecrets
+from .hello import ServerHelloReader
 from .sessions import build_session
 from .suites import KTLS_SUITES, tls13_context
 
@@ -50,9 +50,6 @@ SUITES = {
     "sha256": tuple(suite for suite in KTLS_SUITES if suite.endswith("SHA256")),
     "sha384": tuple(suite for suite in KTLS_SUITES if suite.endswith("SHA384")),
 }
-ALERT_UNKNOWN_PSK_IDENTITY = bytes([21, 3, 3, 0, 2, 2, 115])
-ALERT_HANDSHAKE_FAILURE = bytes([21, 3, 3, 0, 2, 2, 40])
-ALERT_DECODE_ERROR = bytes([21, 3, 3, 0, 2, 2, 50])
 MAX_MASTER_KEY = 48  # SSL_MAX_MASTER_KEY_LENGTH
 
 
@@ -143,9 +140,10 @@ def _translate(exc: SSL.Error) -> HandshakeError:
     return default_translation(exc)
 
 
-def _session(conn: SSL.Connection, state: _Handshake, role: str, dropped: int) -> Session:
+def _session(conn: SSL.Connection, state: _Handshake, role: str, dropped: int,
+             hello: ServerHelloReader) -> Session:
     key = _finished_key(conn, state)
-    session = build_session(conn, state.secrets, role)
+    session = build_session(conn, state.secrets, role, hello)
     session.remote_auth = (key.serial,)
     session.details.update(psk_identity=key.identity.decode(errors="replace"),
                            psk_hash=key.hash,
@@ -184,63 +182,37 @@ def _client(ctx: HandshakeContext, offer: PskOffer) -> Session:
     lib.SSL_CTX_set_psk_use_session_callback(context._context, use_session)
     conn = SSL.Connection(context, None)
     records = RecordSocket(ctx.sock, ctx.deadline)
+    server_hello = ServerHelloReader()
     try:
         try:
-            drive_handshake(conn, records, server=False, translate=_translate)
+            drive_handshake(conn, records, server=False, translate=_translate, hello=server_hello)
         except HandshakeError:
             if state.failure is not None:
                 raise state.failure from None
             raise
         if not lib.SSL_session_reused(conn._ssl):
             raise PeerRejected("server did not accept the PSK")
-        return _session(conn, state, "client", dropped=0)
+        return _session(conn, state, "client", dropped=0, hello=server_hello)
     except BaseException:
         state.secrets.wipe()  # on success the Session owns them and the core wipes them
         raise
-
-
-def _send_alert(records: RecordSocket, alert: bytes) -> None:
-    """Best effort: the failure is reported whether or not the peer still listens."""
-    try:
-        records.write(alert)
-    except HandshakeError:
-        pass
-
-
-def _read_client_hello(records: RecordSocket) -> tuple[list[bytes], bytes]:
-    """The records holding the ClientHello (fed to OpenSSL later) and the message itself."""
-    raw: list[bytes] = []
-    while True:
-        raw.append(records.read_record())
-        data = handshake_bytes(raw)
-        length = client_hello_length(data)
-        if length is not None and len(data) >= length:
-            return raw, data[:length]
 
 
 def _server(ctx: HandshakeContext, offer: PskOffer) -> Session:
     if offer.lookup is None:
         raise CredentialError("no PSK lookup for a server handshake")
     records = RecordSocket(ctx.sock, ctx.deadline)
-    try:
-        first_flight, hello = _read_client_hello(records)
-        offered = offered_psks(hello)
-    except MalformedClientHello as exc:
-        _send_alert(records, ALERT_DECODE_ERROR)
-        raise PeerRejected(f"client sent a malformed ClientHello: {truncate(str(exc))}") from None
-    if not offered.identities:
-        _send_alert(records, ALERT_HANDSHAKE_FAILURE)
-        raise PeerRejected("client offered no PSK")
+    first_flight, identities = offered_psk_identities(records)
     state = _Handshake()
     chosen: PskKey | None = None
-    for identity in offered.identities:
+    for identity in identities:
         state.keys[identity] = offer.lookup(identity)
         if state.keys[identity] is not None:
             chosen = state.keys[identity]
             break
     if chosen is None:
-        _send_alert(records, ALERT_UNKNOWN_PSK_IDENTITY)
-        raise UnknownPskIdentity(f"client offered {len(offered.identities)} unknown PSK identities")
+        send_alert(records, UNKNOWN_PSK_IDENTITY)
+        raise UnknownPskIdentity(f"client offered {len(identities)} unknown PSK identities")
     hash_name = chosen.hash
 
     @ffi.callback("int(SSL *, unsigned char *, size_t, SSL_SESSION **)")
@@ -267,16 +239,17 @@ def _server(ctx: HandshakeContext, offer: PskOffer) -> Session:
     context = _context(state, hash_name, offer.modes, server=True)
     lib.SSL_CTX_set_psk_find_session_callback(context._context, find_session)
     conn = SSL.Connection(context, None)
+    server_hello = ServerHelloReader()
     try:
         for record in first_flight:
             conn.bio_write(record)
         try:
-            dropped = drive_handshake(conn, records, server=True, translate=_translate)
+            dropped = drive_handshake(conn, records, server=True, translate=_translate, hello=server_hello)
         except HandshakeError:
             if state.failure is not None:
                 raise state.failure from None
             raise
-        return _session(conn, state, "server", dropped=dropped)
+        return _session(conn, state, "server", dropped=dropped, hello=server_hello)
     except BaseException:
         state.secrets.wipe()  # on success the Session owns them and the core wipes them
         raise

@@ -18,24 +18,18 @@ from __future__ import annotations
 
 from tlslite.constants import TLS_1_3_HRR, ExtensionType
 from tlslite.messages import ClientHello, ServerHello
-from tlslite.utils.codec import Parser
 
 from hsd.context import HandshakeContext
 from hsd.errors import HandshakeError, PeerRejected, UnknownPskIdentity
-from hsd.peerlog import truncate
 from hsd.psk import PskOffer, PskSelection, selected_identity
 from hsd.secret import wipe
 from hsd.session import Session
+from hsd.tls13 import UNKNOWN_PSK_IDENTITY, offered_psk_identities, send_alert
 from hsd.wire import RecordSocket
 
 from .handshake import HandshakeObserver, run
 from .sessions import build_session
 from .settings import add_psks, tls13_settings
-
-HANDSHAKE_RECORD = 22
-UNKNOWN_PSK_IDENTITY_ALERT = bytes([21, 3, 3, 0, 2, 2, 115])  # plaintext fatal alert, before any keys
-MAX_CLIENT_HELLO = 1 << 17
-
 
 class PskObserver(HandshakeObserver):
     """Also notes the identity the final ServerHello selected, in the ClientHello it answers.
@@ -102,40 +96,11 @@ def client_psk_handshake(ctx: HandshakeContext, offer: PskOffer) -> Session:
     return session
 
 
-def _read_client_hello(records: RecordSocket) -> tuple[bytes, bytes]:
-    """(raw records, ClientHello message) - as many plaintext handshake records as it spans."""
-    raw = bytearray()
-    message = bytearray()
-    while True:
-        record = records.read_record()
-        raw += record
-        if record[0] != HANDSHAKE_RECORD:
-            raise PeerRejected("peer did not start with a ClientHello")
-        message += record[5:]
-        if len(message) >= 4:
-            length = 4 + int.from_bytes(message[1:4], "big")
-            if message[0] != 1 or length > MAX_CLIENT_HELLO:
-                raise PeerRejected("peer did not start with a ClientHello")
-            if len(message) >= length:
-                return bytes(raw), bytes(message[:length])
-
-
-def offered_identities(message: bytes) -> list[bytes]:
-    """The PSK identities of a ClientHello message, in the client's order."""
-    try:
-        hello = ClientHello().parse(Parser(bytearray(message[1:])))  # parse() wants the 3-byte length
-    except (SyntaxError, ValueError, AssertionError, IndexError) as exc:
-        raise PeerRejected(f"malformed ClientHello: {truncate(str(exc))}") from None
-    ext = hello.getExtension(ExtensionType.pre_shared_key)
-    return [bytes(ident.identity) for ident in ext.identities] if ext is not None else []
-
-
 def server_psk_handshake(ctx: HandshakeContext, offer: PskOffer) -> Session:
     if offer.lookup is None:
         raise HandshakeError("PSK server handshake without an identity lookup")
     records = RecordSocket(ctx.sock, ctx.deadline)
-    raw, message = _read_client_hello(records)
-    identities = offered_identities(message)
+    raw, identities = offered_psk_identities(records)
     selection = PskSelection()
     for identity in identities:
         key = offer.lookup(identity)
@@ -143,17 +108,14 @@ def server_psk_handshake(ctx: HandshakeContext, offer: PskOffer) -> Session:
             selection.give(key)
     known = selection.given
     if not known:
-        try:
-            records.write(UNKNOWN_PSK_IDENTITY_ALERT)
-        except HandshakeError:
-            pass
+        send_alert(records, UNKNOWN_PSK_IDENTITY)
         # the identities themselves are the PSK policy's to log (bounded, rate-limited per peer)
         raise UnknownPskIdentity(f"client offered {len(identities)} unknown PSK identities")
     settings = tls13_settings()
     add_psks(settings, known, offer.modes)
     observer = PskObserver("peer")
     try:
-        conn, _ = run(ctx, lambda conn: conn.handshakeServer(settings=settings), observer, first=raw)
+        conn, _ = run(ctx, lambda conn: conn.handshakeServer(settings=settings), observer, first=b"".join(raw))
     finally:
         _wipe(settings)
     key = selection.chosen(observer.identity)

@@ -1,19 +1,33 @@
-"""The PSK identities a TLS 1.3 ClientHello offers, read before the TLS library sees it.
+"""The few TLS 1.3 messages hsd reads or writes itself, before a TLS library runs: ClientHello, alerts.
 
-A server must pick its cipher suites before its library matches a PSK, and
-the suite's hash must be the PSK's (SHA-256 vs SHA-384), so the server reads
-the offered identities first.  Sans-I/O: records in, identities out.
+A PSK server must pick its cipher suites before its library matches a PSK, and
+the suite's hash must be the PSK's (SHA-256 vs SHA-384), so it reads the
+offered identities first - and refuses what it cannot use with a plaintext
+alert of its own.  Every backend uses these, so they live here, once.  The
+parsing is sans-I/O (records in, identities out); read_client_hello() and
+send_alert() are the two thin I/O steps over hsd.wire.RecordSocket.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import HandshakeError, PeerRejected
+from .peerlog import truncate
+from .wire import RecordSocket
+
+ALERT = 21
 HANDSHAKE = 22
 CLIENT_HELLO = 1
 EXT_PRE_SHARED_KEY = 41
 EXT_PSK_KEY_EXCHANGE_MODES = 45
 MAX_CLIENT_HELLO = 1 << 17  # far above any real ClientHello; a bound against abuse
+
+
+# alert descriptions (RFC 8446 section 6) hsd sends itself
+HANDSHAKE_FAILURE = 40
+DECODE_ERROR = 50
+UNKNOWN_PSK_IDENTITY = 115
 
 
 class MalformedClientHello(ValueError):
@@ -98,3 +112,46 @@ def offered_psks(message: bytes) -> OfferedPsks:
         elif ext_type == EXT_PSK_KEY_EXCHANGE_MODES:
             modes = tuple(ext.vector(1))
     return OfferedPsks(identities, modes)
+
+
+def fatal_alert(description: int) -> bytes:
+    """A plaintext fatal alert record (legacy version 3.3), as sent before any keys exist."""
+    return bytes([ALERT, 3, 3, 0, 2, 2, description])
+
+
+def send_alert(records: RecordSocket, description: int) -> None:
+    """Best effort: the failure is reported in DONE whether or not the peer still listens."""
+    try:
+        records.write(fatal_alert(description))
+    except HandshakeError:
+        pass
+
+
+def read_client_hello(records: RecordSocket) -> tuple[list[bytes], bytes]:
+    """The records holding the peer's first ClientHello (to feed a library later) and the message itself.
+
+    Raises MalformedClientHello for a first flight that is not a ClientHello."""
+    raw: list[bytes] = []
+    while True:
+        raw.append(records.read_record())
+        data = handshake_bytes(raw)
+        length = client_hello_length(data)
+        if length is not None and len(data) >= length:
+            return raw, data[:length]
+
+
+def offered_psk_identities(records: RecordSocket) -> tuple[list[bytes], tuple[bytes, ...]]:
+    """A PSK server's first step: the ClientHello's records and the identities it offers, in its order.
+
+    A first flight that is no ClientHello gets decode_error, one that offers no
+    PSK handshake_failure; both are PeerRejected (EACCES), the same for every backend."""
+    try:
+        raw, hello = read_client_hello(records)
+        offered = offered_psks(hello)
+    except MalformedClientHello as exc:
+        send_alert(records, DECODE_ERROR)
+        raise PeerRejected(f"client sent a malformed ClientHello: {truncate(str(exc))}") from None
+    if not offered.identities:
+        send_alert(records, HANDSHAKE_FAILURE)
+        raise PeerRejected("client offered no PSK")
+    return raw, offered.identities
