@@ -203,6 +203,15 @@ def _from_keyring(serial: int, parse, what: str):
         wipe(payload)
 
 
+def key_belongs_to(key: PrivateKeyTypes, cert: x509.Certificate) -> bool:
+    """Whether key is cert's private key: their public keys (SubjectPublicKeyInfo DER) are the same."""
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    try:
+        return key.public_key().public_bytes(*spki) == cert.public_key().public_bytes(*spki)
+    except (TypeError, ValueError):  # a key type cryptography cannot serialise: not provably the same
+        return False
+
+
 def check_private_key_file(path: str, strict: bool) -> None:
     """A private key others could read or replace: warn once per file and problem; refuse when strict."""
     warning = filetrust.enforce(path, "private key", strict, refuse=CredentialError, secret=True)
@@ -275,6 +284,11 @@ def load_x509(config: Config, request: HandshakeRequest) -> X509Credentials:
         creds.key = _cache.get(rc.private_key, "key", parse_private_key)
     if bool(creds.chain) != bool(creds.key):
         raise CredentialError(f"{role} certificate and private key must be configured together")
+    if creds.key is not None and not key_belongs_to(creds.key, creds.chain[0]):
+        key_from = f"private key {request.privkey}" if request.privkey else rc.private_key
+        cert_from = f"certificate key {request.certificate}" if request.certificate else rc.certificate
+        raise CredentialError(f"{key_from} is not the private key of {cert_from} (their public keys differ): "
+                              "configure the key the certificate was issued for")
     creds.pq_chain, creds.pq_key = _load_pq_pair(config, request)
     second = " (x509.pq.* is a second identity next to it, not a replacement)" if creds.pq_chain else ""
     if role == "server":
