@@ -49,6 +49,18 @@ def remote_auth_for(request: HandshakeRequest, session: Session, verified: bool)
     return (serial,) if serial else ()
 
 
+# Where peer-certificate keys go: root's user keyring, as tlshd does.  The simulator, the demo and the
+# test kit switch to this process's own keyring (keep_peer_keys_private): nothing lands in root's
+# real user keyring, and what they add goes with the process.
+_peer_ring = keyring.KEY_SPEC_USER_KEYRING
+
+
+def keep_peer_keys_private() -> None:
+    """Store peer-certificate keys in this process's keyring instead of root's user keyring (not for the kernel)."""
+    global _peer_ring
+    _peer_ring = keyring.KEY_SPEC_PROCESS_KEYRING
+
+
 _known: dict[tuple[str, bytes], tuple[int, str]] = {}  # (description, digest) -> (serial, key type)
 _known_lock = threading.Lock()
 
@@ -65,7 +77,7 @@ def _cert_key(der: bytes, description: str) -> int:
     if known:
         serial, key_type = known
         try:
-            if keyring.search(keyring.KEY_SPEC_USER_KEYRING, key_type, description) == serial:
+            if keyring.search(_peer_ring, key_type, description) == serial:
                 return serial
         except keyring.KeyringError:
             pass
@@ -83,7 +95,7 @@ def _cert_key(der: bytes, description: str) -> int:
 def _add_cert_key(der: bytes, description: str) -> tuple[int, str]:
     for key_type in ("asymmetric", "user"):
         try:
-            return keyring.add_key(key_type, description, der, keyring.KEY_SPEC_USER_KEYRING), key_type
+            return keyring.add_key(key_type, description, der, _peer_ring), key_type
         except keyring.KeyringError as exc:
             log.debug("cannot store peer certificate as %s key: %s", key_type, exc.strerror)
     return 0, ""
