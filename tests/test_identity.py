@@ -45,6 +45,15 @@ def request(message_type: MessageType, peername: str | None = "ident.test") -> H
     return HandshakeRequest(sockfd=3, message_type=message_type, auth_mode=AuthMode.X509, peername=peername)
 
 
+@pytest.fixture(autouse=True)
+def production_keyring(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests check the daemon's behaviour towards the kernel: peer keys in root's user keyring (an
+    agent serving the simulator keeps them in its own keyring instead; each test here drops what it adds)."""
+    from hsd import identity
+
+    monkeypatch.setattr(identity, "_peer_ring", keyring.KEY_SPEC_USER_KEYRING)
+
+
 def user_keyring() -> int:
     return keyring.keyring_id(keyring.KEY_SPEC_USER_KEYRING)
 
