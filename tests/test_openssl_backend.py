@@ -205,6 +205,22 @@ def test_client_verification_can_be_disabled_explicitly(plugins, pki, cleanup) -
     exchange_with_server("openssl", server, checker(sock, session))
 
 
+# Groups the host's openssl, cryptography's wheel and Debian's system OpenSSL all know.  The peer
+# allows exactly one, so the expected name comes from the test, not from hsd or its library;
+# secp384r1 and x448 are not in the client's first key shares, so those take a HelloRetryRequest.
+ONE_GROUP = ("x25519", "secp256r1", "secp384r1", "x448")
+
+
+@pytest.mark.parametrize("group", ONE_GROUP)
+def test_client_reports_the_one_group_the_server_allows(plugins, pki, cleanup, group: str) -> None:
+    """Where the bindings cannot name the group (cryptography 43) hsd reads it from the ServerHello."""
+    server = start_server("openssl", pki, cleanup, extra=["-groups", group])
+    sock = dial(server, cleanup)
+    session = handshake(plugins, context(sock, "client", "unauth", client_config(pki)))
+    assert session.group == group
+    exchange_with_server("openssl", server, checker(sock, session))
+
+
 # ---------------------------------------------------------------- hsd as the server
 
 
@@ -227,6 +243,14 @@ def test_server_x509_without_client_certificate(plugins, pki, cleanup, kind: str
     assert session.cipher == suite
     assert (session.tx_seq, session.rx_seq) == (0, 0)
     assert session.peer_certificates == ()
+    exchange_with_client(client, checker(sock, session))
+
+
+@pytest.mark.parametrize("group", ONE_GROUP)
+def test_server_reports_the_one_group_the_client_allows(plugins, pki, cleanup, group: str) -> None:
+    client, sock, run = serve_one(plugins, pki, cleanup, "openssl", server_config(pki), extra=["-groups", group])
+    session = run()
+    assert session.group == group
     exchange_with_client(client, checker(sock, session))
 
 

@@ -24,6 +24,8 @@ from OpenSSL import SSL
 from hsd.errors import HandshakeError, PeerClosed, PeerRejected
 from hsd.wire import NOT_TLS, RecordSocket
 
+from .hello import ServerHelloReader
+
 log = logging.getLogger("hsd.openssl")
 
 PENDING_CHUNK = 65536
@@ -61,9 +63,11 @@ def pending_output(conn: SSL.Connection) -> bytes:
     return bytes(out)
 
 
-def _flush(conn: SSL.Connection, records: RecordSocket) -> int:
+def _flush(conn: SSL.Connection, records: RecordSocket, hello: ServerHelloReader | None = None) -> int:
     data = pending_output(conn)
     if data:
+        if hello is not None:
+            hello.feed(data)
         records.write(data)
     return len(data)
 
@@ -77,25 +81,32 @@ def _flush_quietly(conn: SSL.Connection, records: RecordSocket) -> None:
 
 
 def drive_handshake(conn: SSL.Connection, records: RecordSocket, *, server: bool,
-                    translate: ErrorTranslator = default_translation) -> int:
+                    translate: ErrorTranslator = default_translation,
+                    hello: ServerHelloReader | None = None) -> int:
     """Run conn (created with SSL.Connection(ctx, None)) to the end of the handshake.
 
     Client: the final flight (Finished) is sent.  Server: what OpenSSL queued
     after the handshake completed (NewSessionTickets) is dropped, never sent.
     Returns the number of post-handshake bytes dropped (0 on a client).
+    hello, if given, sees the server's side of the stream (what we send as a
+    server, what we read as a client) to learn the group from the ServerHello.
     Raises a HandshakeError (PeerClosed / HandshakeTimeout come from the socket).
     """
     if server:
         conn.set_accept_state()
     else:
         conn.set_connect_state()
+    sent, received = (hello, None) if server else (None, hello)
     while True:
         try:
             conn.do_handshake()
             break
         except (SSL.WantReadError, SSL.WantWriteError):
-            _flush(conn, records)
-            conn.bio_write(records.read_next())
+            _flush(conn, records, sent)
+            piece = records.read_next()
+            if received is not None:
+                received.feed(piece)
+            conn.bio_write(piece)
         except SSL.Error as exc:
             _flush_quietly(conn, records)  # OpenSSL's own alert, if it queued one
             if records.saw_foreign_header:

@@ -22,6 +22,7 @@ from hsd.wire import RecordSocket
 
 from .contexts import context_key, contexts
 from .driver import ErrorTranslator, drive_handshake, ssl_error_text
+from .hello import ServerHelloReader
 from .identity import install_identity
 from .secrets import TrafficSecrets, route_keylog
 from .sessions import build_session
@@ -72,6 +73,7 @@ def _trace(conn: SSL.Connection, ctx: HandshakeContext) -> None:
 def _run(ctx: HandshakeContext, context: SSL.Context, outcome: VerifyOutcome, prepare=None) -> Session:
     role = ctx.request.role
     secrets = TrafficSecrets()
+    hello = ServerHelloReader()
     conn = SSL.Connection(context, None)
     conn.set_app_data(ConnectionState(secrets, outcome))
     _trace(conn, ctx)
@@ -79,8 +81,8 @@ def _run(ctx: HandshakeContext, context: SSL.Context, outcome: VerifyOutcome, pr
         if prepare is not None:
             prepare(conn)
         dropped = drive_handshake(conn, RecordSocket(ctx.sock, ctx.deadline), server=role == "server",
-                                  translate=_translator(outcome))
-        session = build_session(conn, secrets, role)
+                                  translate=_translator(outcome), hello=hello)
+        session = build_session(conn, secrets, role, hello)
     except BaseException:
         secrets.wipe()
         raise

@@ -9,14 +9,16 @@ from OpenSSL._util import ffi, lib
 from hsd.errors import HandshakeError
 from hsd.session import Session
 
+from .hello import ServerHelloReader
 from .secrets import TrafficSecrets
 
 
-def negotiated_group(conn: SSL.Connection) -> str | None:
-    """The key-exchange group's name; None where the bindings cannot tell (cryptography 43's,
-    Debian trixie's, have no SSL_get0_group_name nor any other call that names the group)."""
+def negotiated_group(conn: SSL.Connection, hello: ServerHelloReader | None = None) -> str | None:
+    """The key-exchange group's name, as OpenSSL names it; where the bindings cannot ask
+    (cryptography 43's, Debian trixie's, have no SSL_get0_group_name nor any other call that
+    names the group) the group the ServerHello's key_share named.  None: no key exchange (psk_ke)."""
     if not hasattr(lib, "SSL_get0_group_name"):
-        return None
+        return hello.group if hello is not None else None
     name = lib.SSL_get0_group_name(conn._ssl)
     return ffi.string(name).decode() if name != ffi.NULL else None
 
@@ -32,7 +34,8 @@ def peer_chain_der(conn: SSL.Connection) -> tuple[bytes, ...]:
     return tuple(cert.public_bytes(Encoding.DER) for cert in chain)
 
 
-def build_session(conn: SSL.Connection, secrets: TrafficSecrets, role: str) -> Session:
+def build_session(conn: SSL.Connection, secrets: TrafficSecrets, role: str,
+                  hello: ServerHelloReader | None = None) -> Session:
     """Cipher, secrets and counters: nothing was sent or read under the app secrets yet."""
     if conn.get_protocol_version_name() != "TLSv1.3":
         raise HandshakeError(f"negotiated {conn.get_protocol_version_name()}, only TLS 1.3 is supported")
@@ -43,7 +46,7 @@ def build_session(conn: SSL.Connection, secrets: TrafficSecrets, role: str) -> S
         rx_secret=rx,
         tx_seq=0,
         rx_seq=0,
-        group=negotiated_group(conn),
+        group=negotiated_group(conn, hello),
         peer_certificates=peer_chain_der(conn),
         details={"backend": "openssl"},
     )
