@@ -3,12 +3,16 @@
 The format is the GLib key file the reference daemon reads (``[section]``,
 ``key=value``, ``#`` comments, lists separated by ``;``), so an existing
 /etc/tlshd.conf works unchanged.  hsd-only settings live in ``[hsd...]``
-sections, which tlshd ignores.  Unknown keys warn with file and line; invalid
-values raise ConfigError with file and line.
+sections, which tlshd ignores.  An unknown key in tlshd's own sections warns
+with file and line (files written for a newer tlshd still load); an unknown
+section or key under ``[hsd*]`` and every invalid value raise ConfigError with
+file, line and the nearest valid name: a typo there would silently switch a
+control off.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field
 
@@ -16,6 +20,37 @@ from . import filetrust
 
 DEFAULT_PATHS = ("/etc/tlshd/config", "/etc/tlshd.conf")
 MODES = ("client.unauth", "client.x509", "client.psk", "server.x509", "server.psk")
+_ROLE_KEYS = {
+    "x509.truststore": "truststore", "x509.crl": "crl", "x509.certificate": "certificate",
+    "x509.private_key": "private_key", "x509.pq.certificate": "pq_certificate",
+    "x509.pq.private_key": "pq_private_key",
+}
+# Every key of every section hsd reads: tlshd's sections (unknown keys there warn) and hsd's (unknown: error).
+TLSHD_SECTIONS: dict[str, tuple[str, ...]] = {
+    "debug": ("loglevel", "tls", "nl"),
+    "authenticate": ("keyrings",),
+    "authenticate.client": tuple(_ROLE_KEYS),
+    "authenticate.server": tuple(_ROLE_KEYS),
+}
+HSD_SECTIONS: dict[str, tuple[str, ...]] = {
+    "hsd": ("backend", "max_inflight", "handshake_timeout", "workers", "isolation", "strict_permissions",
+            "enable_plugins", "disable_plugins"),
+    "hsd.backends": MODES,
+    "hsd.client": ("verify_server",),
+    "hsd.server": ("require_client_certificate", "allowed_client_sans"),
+    "hsd.psk": ("modes",),
+}
+
+
+def is_hsd_section(name: str) -> bool:
+    """hsd's namespace: every section whose name starts with "hsd" (tlshd ignores them all)."""
+    return name.lower().startswith("hsd")
+
+
+def nearest(word: str, candidates: "tuple[str, ...] | list[str]") -> str:
+    """' (did you mean X?)' for the closest candidate, or '' when none is close."""
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 class ConfigError(Exception):
@@ -107,13 +142,6 @@ def _path(value: str, where: str) -> str:
     return value
 
 
-_ROLE_KEYS = {
-    "x509.truststore": "truststore", "x509.crl": "crl", "x509.certificate": "certificate",
-    "x509.private_key": "private_key", "x509.pq.certificate": "pq_certificate",
-    "x509.pq.private_key": "pq_private_key",
-}
-
-
 def parse(text: str, source: str = "<config>") -> Config:
     """Parse config text; never raises anything but ConfigError."""
     cfg = Config(source=source)
@@ -129,15 +157,31 @@ def parse(text: str, source: str = "<config>") -> Config:
             if not line.endswith("]") or len(line) < 3:
                 raise ConfigError(f"{where}: malformed section header {line!r}")
             section = line[1:-1].strip()
+            if is_hsd_section(section) and section not in HSD_SECTIONS:
+                raise ConfigError(f"{where}: unknown section [{section}]{_nearest_section(section)}; "
+                                  f"hsd's sections are {', '.join(f'[{s}]' for s in HSD_SECTIONS)}")
+            if not is_hsd_section(section) and section not in TLSHD_SECTIONS:
+                cfg.warnings.append(f"{where}: unknown section [{section}] ignored (neither tlshd's nor hsd's)")
             continue
         if "=" not in line:
             raise ConfigError(f"{where}: expected key=value, got {line!r}")
         if section is None:
             raise ConfigError(f"{where}: key outside any [section]")
         key, value = (part.strip() for part in line.split("=", 1))
-        if not _apply(cfg, section, key, value, where):
-            cfg.warnings.append(f"{where}: unknown key '{key}' in [{section}] ignored")
+        if _apply(cfg, section, key, value, where):
+            continue
+        if section in HSD_SECTIONS:
+            raise ConfigError(f"{where}: unknown key '{key}' in [{section}]{nearest(key, HSD_SECTIONS[section])}; "
+                              f"valid keys: {', '.join(HSD_SECTIONS[section])}")
+        if section in TLSHD_SECTIONS:
+            cfg.warnings.append(f"{where}: unknown key '{key}' in [{section}] ignored"
+                                f"{nearest(key, TLSHD_SECTIONS[section])}")
     return cfg
+
+
+def _nearest_section(section: str) -> str:
+    close = difflib.get_close_matches(section, list(HSD_SECTIONS), n=1, cutoff=0.6)
+    return f" (did you mean [{close[0]}]?)" if close else ""
 
 
 def _apply(cfg: Config, section: str, key: str, value: str, where: str) -> bool:
@@ -186,7 +230,8 @@ def _apply(cfg: Config, section: str, key: str, value: str, where: str) -> bool:
         return True
     if section == "hsd.backends":
         if key not in MODES:
-            raise ConfigError(f"{where}: '{key}' is not a mode (one of {', '.join(MODES)})")
+            raise ConfigError(f"{where}: '{key}' is not a mode{nearest(key, MODES)} in [hsd.backends] "
+                              f"(one of {', '.join(MODES)})")
         cfg.backends[key] = value
         return True
     if section == "hsd.client":

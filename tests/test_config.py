@@ -111,7 +111,7 @@ def test_authenticate_keyrings(value: str, expected: list[str]) -> None:
 
 def test_unknown_key_in_authenticate_warns() -> None:
     cfg = parse("[authenticate]\nkeyring=.x\n", SRC)
-    assert cfg.warnings == [f"{SRC}:2: unknown key 'keyring' in [authenticate] ignored"]
+    assert cfg.warnings == [f"{SRC}:2: unknown key 'keyring' in [authenticate] ignored (did you mean 'keyrings'?)"]
     assert cfg.keyrings == []
 
 
@@ -158,7 +158,8 @@ def test_empty_path_is_an_error(key: str) -> None:
 
 def test_unknown_role_key_warns() -> None:
     cfg = parse("[authenticate.client]\nx509.truststore=/a\nx509.certficate=/typo\n", SRC)
-    assert cfg.warnings == [f"{SRC}:3: unknown key 'x509.certficate' in [authenticate.client] ignored"]
+    assert cfg.warnings == [f"{SRC}:3: unknown key 'x509.certficate' in [authenticate.client] ignored "
+                            "(did you mean 'x509.certificate'?)"]
 
 
 def test_role_helper() -> None:
@@ -237,11 +238,38 @@ def test_psk_modes_invalid(value: str) -> None:
         parse_one("hsd.psk", f"modes={value}")
 
 
-@pytest.mark.parametrize("section,key", [("hsd", "backnd"), ("hsd.client", "verify"), ("hsd.server", "sans"),
-                                         ("hsd.psk", "mode"), ("debug", "level")])
-def test_unknown_keys_in_known_sections_warn(section: str, key: str) -> None:
-    cfg = parse_one(section, f"{key}=1")
-    assert cfg.warnings == [f"{SRC}:2: unknown key '{key}' in [{section}] ignored"]
+@pytest.mark.parametrize("section,key,nearest", [
+    ("hsd", "backnd", "backend"), ("hsd.client", "verify", "verify_server"),
+    ("hsd.server", "require_client_certficate", "require_client_certificate"), ("hsd.psk", "mode", "modes"),
+    ("hsd", "strict_permission", "strict_permissions"), ("hsd", "worker", "workers"),
+])
+def test_unknown_keys_in_hsd_sections_are_errors_naming_the_nearest_key(section: str, key: str,
+                                                                        nearest: str) -> None:
+    """A typo under [hsd*] would switch a control off without a word: it stops start-up instead."""
+    with raises_at(2, re.escape(f"unknown key '{key}' in [{section}] (did you mean '{nearest}'?)")):
+        parse_one(section, f"{key}=1")
+
+
+def test_an_unknown_key_far_from_every_valid_one_lists_the_valid_keys() -> None:
+    with raises_at(2, re.escape("unknown key 'zzz' in [hsd.client]; valid keys: verify_server")):
+        parse_one("hsd.client", "zzz=1")
+
+
+@pytest.mark.parametrize("section,nearest", [("hsd.sever", "[hsd.server]"), ("hsd.backend", "[hsd.backends]"),
+                                             ("hsd.clients", "[hsd.client]"), ("hsd.pks", "[hsd.psk]")])
+def test_unknown_hsd_sections_are_errors_naming_the_nearest_section(section: str, nearest: str) -> None:
+    with raises_at(1, re.escape(f"unknown section [{section}] (did you mean {nearest}?)")):
+        parse(f"[{section}]\nrequire_client_certificate=true\n", SRC)
+
+
+def test_an_empty_unknown_hsd_section_is_an_error_too() -> None:
+    with raises_at(2, re.escape("unknown section [hsd.extra]")):
+        parse("[hsd]\n[hsd.extra]\n", SRC)
+
+
+def test_unknown_keys_in_tlshd_sections_only_warn() -> None:
+    cfg = parse_one("debug", "level=1")
+    assert cfg.warnings == [f"{SRC}:2: unknown key 'level' in [debug] ignored (did you mean 'loglevel'?)"]
 
 
 # ---------------------------------------------------------------- warnings, errors, comments, line numbers
@@ -253,7 +281,7 @@ def test_unknown_sections_and_keys_warn_with_file_and_line_and_are_ignored() -> 
     assert cfg.loglevel == 2
     assert cfg.warnings == [
         f"{SRC}:5: unknown key 'future_key' in [debug] ignored",
-        f"{SRC}:7: unknown key 'anything' in [future] ignored",
+        f"{SRC}:6: unknown section [future] ignored (neither tlshd's nor hsd's)",
     ]
 
 
