@@ -2,12 +2,16 @@
 
     hsd [-c FILE] [-s] [--backend NAME]           serve the kernel (like tlshd)
     hsd --simulator SOCKET ...                    serve a kernel simulator instead
-    hsd check [-c FILE]                           validate the config, print effective settings
-    hsd plugins                                   installed plugins, their modes, who wins
+    hsd check [-c FILE] [--strict]                load and cross-check the config, print effective settings
+    hsd plugins [-c FILE]                         installed plugins, their modes, who wins
     hsd demo                                      watch hsd serve simulated requests against real peers
     hsd bench [--quick]                           handshakes/s and latency: hsd vs bare library vs C
 
-Expected failures print one line and exit non-zero; no tracebacks.
+Expected failures print one line each and exit non-zero; no tracebacks.  Exit
+statuses (hsd(8), EXIT STATUS): 0 success; 1 the kernel or the system cannot
+serve hsd (no handshake family, no CAP_NET_ADMIN, no simulator socket, a demo
+scenario failed); 2 bad usage or configuration - whatever `hsd check` reports
+as an error, which the daemon refuses at start in the same words.
 """
 
 from __future__ import annotations
@@ -16,11 +20,17 @@ import argparse
 import logging
 import sys
 
+from typing import TYPE_CHECKING
+
 from . import __version__
 from . import config as config_mod
 
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
+if TYPE_CHECKING:
+    from .plugins import PluginHost
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the kernel or the system cannot serve: nothing in the configuration to fix
+EXIT_USAGE = 2  # bad usage or configuration (argparse uses 2 too)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,10 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--simulator", metavar="SOCKET", help="serve the kernel simulator at SOCKET (hsd-sim)")
     parser.add_argument("--debug", action="store_true", help="debug logging (like [debug] loglevel=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    check = sub.add_parser("check", help="validate the config and print the effective settings")
+    check = sub.add_parser("check", help="load and cross-check the config, print the effective settings")
     check.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
                        help="config file to check (same as hsd -c FILE check)")
-    sub.add_parser("plugins", help="list installed plugins, the modes they serve and which one wins")
+    check.add_argument("--strict", action="store_true", help="fail on warnings too")
+    plugins = sub.add_parser("plugins", help="list installed plugins, the modes they serve and which one wins")
+    plugins.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
+                         help="config file whose plugin settings apply (same as hsd -c FILE plugins)")
     demo = sub.add_parser("demo", help="serve simulated kernel requests against real openssl/gnutls peers")
     demo.add_argument("--rounds", type=int, default=1, help="how many times to run the scenario list")
     # listed for --help only: `hsd bench ...` is routed in main() so the daemon never imports the benchmark
@@ -62,21 +75,37 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if args.backend:
         cfg.backend = args.backend
-    for warning in cfg.warnings:
-        print(f"hsd: warning: {warning}", file=sys.stderr)
     if args.command == "check":
         from .report import print_config
 
-        return print_config(cfg)
+        return print_config(cfg, strict=args.strict, backend_option=bool(args.backend))
     if args.command == "plugins":
         from .report import print_plugins
 
+        _print_warnings(cfg.warnings)
         return print_plugins(cfg)
     if args.command == "demo":
         from .demo import run_demo
 
+        _print_warnings(cfg.warnings)
         return run_demo(cfg, rounds=args.rounds)
     return _serve(args, cfg, argv)
+
+
+def _print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"hsd: warning: {warning}", file=sys.stderr)
+
+
+def preflight(cfg: config_mod.Config, host: "PluginHost", *, backend_option: bool) -> int:
+    """The daemon's start: refuse (exit 2) exactly what `hsd check` reports as an error, in its words."""
+    from .check import inspect
+
+    found = inspect(cfg, host, backend_option=backend_option)
+    _print_warnings(found.warnings)
+    for error in found.errors:
+        print(f"hsd: {error}", file=sys.stderr)
+    return EXIT_USAGE if found.errors else EXIT_OK
 
 
 def _serve(args: argparse.Namespace, cfg: config_mod.Config, argv: list[str]) -> int:
@@ -91,10 +120,9 @@ def _serve(args: argparse.Namespace, cfg: config_mod.Config, argv: list[str]) ->
     level = logging.DEBUG if (args.debug or cfg.loglevel > 0) else logging.INFO
     setup_logging(args.stderr, level, syslog=args.simulator is None)
     host = PluginHost.discover(cfg)
-    problems = host.start_problems()
-    if problems:
-        print(f"hsd: {problems[0]}", file=sys.stderr)
-        return EXIT_USAGE
+    code = preflight(cfg, host, backend_option=bool(args.backend))
+    if code:
+        return code
 
     def open_channel() -> Channel:
         """Called in every worker process after the fork: each has its own socket to the kernel."""
@@ -108,13 +136,20 @@ def _serve(args: argparse.Namespace, cfg: config_mod.Config, argv: list[str]) ->
 
     try:
         return serve_workers(open_channel, cfg, workers=workers, respawn_argv=argv, backend=cfg.backend,
-                             config_path=args.config, max_inflight=args.max_inflight, host=host)
+                             config_path=args.config, max_inflight=args.max_inflight, host=host, checked=True)
+    except FileNotFoundError as exc:
+        if not args.simulator:
+            raise
+        print(f"hsd: cannot connect to the simulator at {args.simulator}: {exc.strerror} "
+              f"(start it first: hsd-sim --socket {args.simulator})", file=sys.stderr)
+        return EXIT_FAILURE
     except PermissionError:
         print("hsd: the kernel refused ACCEPT: hsd needs CAP_NET_ADMIN (run as root or grant the capability)",
               file=sys.stderr)
         return EXIT_FAILURE
     except OSError as exc:
-        print(f"hsd: {exc.strerror or exc}", file=sys.stderr)
+        where = f"the simulator at {args.simulator}" if args.simulator else "the kernel's handshake family"
+        print(f"hsd: cannot serve {where}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILURE
     except RuntimeError as exc:
         from .netlink_channel import KernelUnsupported

@@ -19,6 +19,7 @@ copy a lock some thread holds.
 
 from __future__ import annotations
 
+import copy
 import logging
 import logging.handlers
 import os
@@ -32,8 +33,6 @@ from typing import Callable
 from . import config as config_mod
 from . import privileges
 from .channel import Channel
-from .credentials import check_private_key_file, check_trusted_file
-from .errors import CredentialError
 from .dispatcher import Dispatcher
 from .plugins import PluginHost
 
@@ -170,23 +169,24 @@ class SignalRelay:
         os.close(self._write_fd)
 
 
-def check_credential_files(config: config_mod.Config) -> None:
-    """Every file hsd will trust, checked at start-up: warn once, or CredentialError when strict."""
-    for rc in (config.client, config.server):
-        for path, what in ((rc.truststore, "trust store"), (rc.crl, "CRL"), (rc.certificate, "certificate"),
-                           (rc.pq_certificate, "certificate")):
-            if path:
-                check_trusted_file(path, config.strict_permissions, what)
-        for path in (rc.private_key, rc.pq_private_key):
-            if path:
-                check_private_key_file(path, config.strict_permissions)
+EXIT_CONFIG = 2  # hsd(8): a configuration hsd refuses (the same decision as `hsd check`)
+
+
+def refusals(config: config_mod.Config, host: PluginHost) -> list[str]:
+    """What stops start-up or a reload (hsd.check.inspect, as `hsd check` runs it); its warnings are logged once."""
+    from .check import inspect
+
+    found = inspect(config, host)
+    for warning in found.warnings:
+        log.warning("%s", warning)
+    return found.errors
 
 
 def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
           config_path: str | None, max_inflight: int | None = None, host: PluginHost | None = None,
           stop: threading.Event | None = None, on_ready: Callable[[], None] | None = None,
           drop_capabilities: bool = True, on_signal: Callable[[int], None] | None = None,
-          hardened: bool = False, signals: SignalRelay | None = None) -> int:
+          hardened: bool = False, signals: SignalRelay | None = None, checked: bool = False) -> int:
     """Run until a stop signal; returns the process exit code.
 
     The channel is already connected and joined.  First, while this process has
@@ -196,7 +196,8 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
     on_signal(signum) is called for every stop/reload signal (worker processes
     forward them to their children); signals is the caller's installed
     SignalRelay (serve_workers keeps it past serve()), else serve() makes its own
-    when it runs in the main thread."""
+    when it runs in the main thread.  checked=True: the caller (the command line)
+    already refused what hsd.check.inspect reports; otherwise serve() does, exit 2."""
     if drop_capabilities and not hardened:
         try:
             privileges.harden_process()
@@ -204,15 +205,16 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
             log.error("cannot drop privileges, refusing to run with them: %s", exc.strerror)
             channel.close()
             return 1
-    try:
-        check_credential_files(config)  # warn (or refuse, when strict) at start-up
-    except CredentialError as exc:
-        log.error("%s", exc)
-        channel.close()
-        return 1
+    host = host or PluginHost.discover(config)
+    if not checked:
+        errors = refusals(config, host)  # the same decision as `hsd check`: nothing left for the first handshake
+        if errors:
+            for error in errors:
+                log.error("not starting: %s", error)
+            channel.close()
+            return EXIT_CONFIG
     stop = stop or threading.Event()
     _ensure_process_keyring()
-    host = host or PluginHost.discover(config)
     dispatcher = Dispatcher(channel, host, config, backend=backend, max_inflight=max_inflight)
 
     def on_stop(signum: int) -> None:
@@ -229,8 +231,12 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
         except config_mod.ConfigError as exc:
             log.error("reload failed, keeping the running configuration: %s", exc)
             return
-        for warning in fresh.warnings:
-            log.warning("%s", warning)
+        view = copy.copy(host)  # the installed plugins judged under the fresh configuration
+        view.config = fresh
+        errors = refusals(fresh, view)
+        if errors:
+            log.error("reload failed, keeping the running configuration: %s", "; ".join(errors))
+            return
         dispatcher.config = fresh  # new requests only; in-flight handshakes keep their context
         host.config = fresh
         log.info("configuration reloaded from %s", fresh.source or "built-in defaults")
@@ -399,7 +405,7 @@ class WorkerPool:
 
 def serve_workers(open_channel: Callable[[], Channel], config: config_mod.Config, *, workers: int,
                   respawn_argv: list[str], backend: str | None, config_path: str | None,
-                  max_inflight: int | None = None, host: PluginHost | None = None) -> int:
+                  max_inflight: int | None = None, host: PluginHost | None = None, checked: bool = False) -> int:
     """serve() in `workers` processes; the channel is opened in each process after the fork.
 
     Must be called before any thread exists: the process is hardened (capabilities,
@@ -410,6 +416,14 @@ def serve_workers(open_channel: Callable[[], Channel], config: config_mod.Config
         workers = 1
     if workers > 1 and threading.active_count() > 1:
         raise RuntimeError("serve_workers() must fork before any thread is started")
+    if not checked:  # once, before any child is forked: every worker serves the configuration checked here
+        host = host or PluginHost.discover(config)
+        errors = refusals(config, host)
+        if errors:
+            for error in errors:
+                log.error("not starting: %s", error)
+            return EXIT_CONFIG
+        checked = True
     try:
         privileges.harden_process()
     except privileges.PrivilegeError as exc:
@@ -417,7 +431,7 @@ def serve_workers(open_channel: Callable[[], Channel], config: config_mod.Config
         return 1
     if workers <= 1:
         return serve(open_channel(), config, backend=backend, config_path=config_path,
-                     max_inflight=max_inflight, host=host, hardened=True)
+                     max_inflight=max_inflight, host=host, hardened=True, checked=checked)
     pool = WorkerPool(respawn_argv)
 
     def child_main() -> int:
@@ -427,7 +441,7 @@ def serve_workers(open_channel: Callable[[], Channel], config: config_mod.Config
             log.error("worker %d: cannot open the handshake channel: %s", os.getpid(), exc)
             return 1
         return serve(channel, config, backend=backend, config_path=config_path,
-                     max_inflight=max_inflight, host=host, hardened=True)
+                     max_inflight=max_inflight, host=host, hardened=True, checked=True)
 
     for _ in range(workers - 1):
         pool.fork_child(child_main)
@@ -439,7 +453,7 @@ def serve_workers(open_channel: Callable[[], Channel], config: config_mod.Config
     try:
         code = serve(open_channel(), config, backend=backend, config_path=config_path,
                      max_inflight=max_inflight, host=host, on_signal=pool.signal_all, hardened=True,
-                     signals=signals)
+                     signals=signals, checked=checked)
     finally:
         pool.stop()
         pool.wait()

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import fields
 
+from .check import inspect
 from .config import Config, RoleConfig
 from .plugins import PluginHost
 
+EXIT_USAGE = 2  # hsd(8): a configuration the daemon refuses
 
-def print_config(cfg: Config) -> int:
-    """`hsd check`: what hsd will actually use, after defaults; secrets are never in here.
 
-    Fails (1) when hsd would refuse to start: a selected backend that cannot load,
-    or no mode with a backend that serves it (PluginHost.start_problems)."""
+def print_config(cfg: Config, *, strict: bool = False, backend_option: bool = False) -> int:
+    """`hsd check`: every setting hsd will use, after defaults, then what hsd.check.inspect found.
+
+    Exit 2 when the daemon would refuse to start (the same inspect() decides at its
+    start), or with strict=True when there is a warning; 0 otherwise.  Warnings go
+    to stderr once; secrets are never printed."""
+    host = PluginHost.discover(cfg)
+    found = inspect(cfg, host, backend_option=backend_option)
     print(f"config file: {cfg.source or '(none found: built-in defaults)'}")
     print(f"[debug] loglevel={cfg.loglevel} tls={cfg.tls_debug} nl={cfg.nl_debug}")
     print(f"[authenticate] keyrings={';'.join(cfg.keyrings) or '(none)'} (always: .nvme;.nfs;.nfsd)")
@@ -23,23 +30,30 @@ def print_config(cfg: Config) -> int:
             if f.name == "truststore" and value is None:
                 value = "(system trust store)"
             print(f"[authenticate.{role}] x509.{f.name.replace('pq_', 'pq.')}={value if value is not None else '(unset)'}")
-    print(f"[hsd] backend={cfg.backend} max_inflight={cfg.max_inflight} handshake_timeout={cfg.handshake_timeout_ms}ms")
+    print(f"[hsd] backend={cfg.backend}{' (--backend)' if backend_option else ''} max_inflight={cfg.max_inflight} "
+          f"handshake_timeout={cfg.handshake_timeout_ms}ms workers={cfg.workers} isolation={cfg.isolation}")
+    print(f"[hsd] strict_permissions={str(cfg.strict_permissions).lower()} "
+          f"enable_plugins={';'.join(cfg.enable_plugins) or '(all installed)'} "
+          f"disable_plugins={';'.join(cfg.disable_plugins) or '(none)'}")
     for mode, backend in sorted(cfg.backends.items()):
         print(f"[hsd.backends] {mode}={backend}")
     print(f"[hsd.client] verify_server={str(cfg.verify_server).lower()}")
     print(f"[hsd.server] require_client_certificate={str(cfg.require_client_certificate).lower()} "
           f"allowed_client_sans={';'.join(cfg.allowed_client_sans) or '(any)'}")
     print(f"[hsd.psk] modes={';'.join(cfg.psk_modes)}")
-    for warning in cfg.warnings:
-        print(f"warning: {warning}")
-    host = PluginHost.discover(cfg)
     print_mode_statuses(host)
-    problems = host.start_problems()
-    for problem in problems:
-        print(f"error: {problem}")
-    if problems:
+    for note in found.notes:
+        print(f"[loaded] {note}")
+    for warning in found.warnings:
+        print(f"hsd: warning: {warning}", file=sys.stderr)
+    for error in found.errors:
+        print(f"error: {error}")
+    if found.errors:
         print("configuration FAILED: hsd would not start")
-        return 1
+        return EXIT_USAGE
+    if strict and found.warnings:
+        print(f"configuration FAILED (--strict): {len(found.warnings)} warning(s)")
+        return EXIT_USAGE
     print("configuration OK")
     return 0
 
@@ -56,7 +70,7 @@ def print_mode_statuses(host: PluginHost) -> None:
 def print_plugins(cfg: Config) -> int:
     """`hsd plugins`: what is installed, what each serves, which one wins per mode.
 
-    Fails (1) when no mode has a backend that serves it: a listing of nothing usable."""
+    Fails (2, a configuration error) when no mode has a backend that serves it: a listing of nothing usable."""
     host = PluginHost.discover(cfg)
     print("installed plugins:")
     for name, info in sorted(host.infos.items()):
@@ -73,5 +87,5 @@ def print_plugins(cfg: Config) -> int:
         print(f"  {str(mode):14} {winner}")
     if all(status.problem for status in host.mode_statuses()):
         print("no configured mode has a backend that can serve it")
-        return 1
+        return EXIT_USAGE
     return 0

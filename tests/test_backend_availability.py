@@ -71,7 +71,7 @@ def test_plugins_without_tlslite_lists_it_as_skipped_with_the_reason(tmp_path: P
 def test_check_fails_when_the_config_selects_a_backend_that_cannot_load(tmp_path: Path) -> None:
     cfg = config(tmp_path, "[hsd.backends]\nserver.x509=tlslite\n")
     result = hsd_without(("tlslite",), "check", "-c", cfg, cwd=tmp_path)
-    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.returncode == 2, result.stdout + result.stderr
     errors = [line for line in result.stdout.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "'tlslite'" in errors[0] and "selected for server/x509" in errors[0], result.stdout
     modes = mode_lines(result.stdout)
@@ -96,10 +96,10 @@ def test_check_and_plugins_fail_when_no_backend_loads(tmp_path: Path) -> None:
     """pyOpenSSL missing as well: nothing can serve any mode, so neither command may say all is well."""
     missing = ("tlslite", "OpenSSL")
     check = hsd_without(missing, "check", "-c", config(tmp_path, ""), cwd=tmp_path)
-    assert check.returncode == 1, check.stdout + check.stderr
+    assert check.returncode == 2, check.stdout + check.stderr
     assert "configuration FAILED" in check.stdout and "configuration OK" not in check.stdout
     assert all("unavailable" in line for line in mode_lines(check.stdout).values()), check.stdout
     plugins = hsd_without(missing, "plugins", cwd=tmp_path)
-    assert plugins.returncode == 1, plugins.stdout + plugins.stderr
+    assert plugins.returncode == 2, plugins.stdout + plugins.stderr
     assert "no configured mode has a backend that can serve it" in plugins.stdout
     assert "Traceback" not in check.stderr + plugins.stderr

@@ -1,0 +1,220 @@
+"""What hsd refuses to start with, and what it warns about: one decision for `hsd check` and the daemon.
+
+Why one function: an operator runs `hsd check`, reads "configuration OK" and
+starts the daemon; if the two disagreed, the daemon would find a missing file
+or a key that does not match its certificate only when a handshake needs it
+(a DONE with EIO on a mount at 3 a.m.).  So `hsd check`, the daemon's start
+and its reload all call inspect(): every error it returns stops start-up
+(exit 2) or a reload, every warning is printed once.
+
+inspect() loads what a handshake would load - each configured file read and
+parsed, private keys matched to their certificates, permissions judged under
+the configured policy, CRLs checked for being current and signed by a trust
+store CA - and resolves the backend and plugins of every mode.  Key material
+is read into buffers that are zeroed once parsed, and never reported.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+from cryptography import x509
+
+from . import credentials, filetrust
+from .config import MODES, Config, RoleConfig, nearest
+from .errors import CredentialError
+from .plugins import PluginHost
+from .secret import wipe
+
+
+@dataclass
+class Findings:
+    """Errors stop start-up (and `hsd check`); warnings are printed once and, with --strict, fail the check."""
+
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was verified, for `hsd check`'s report
+
+
+class _Refused(Exception):
+    """filetrust's refusal under strict_permissions, turned into an error finding."""
+
+
+def inspect(cfg: Config, host: PluginHost, *, backend_option: bool = False) -> Findings:
+    """Everything the daemon would refuse or fail on with this configuration, and what it would warn about.
+
+    backend_option: cfg.backend came from --backend (the messages name the option, not [hsd] backend)."""
+    found = Findings(warnings=list(cfg.warnings))
+    _backends(cfg, host, found, backend_option)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    for role in ("client", "server"):
+        _role_files(cfg, role, found, now)
+    return found
+
+
+# ---------------------------------------------------------------- backends and plugins
+
+def _backends(cfg: Config, host: PluginHost, found: Findings, backend_option: bool) -> None:
+    installed = sorted(host.backends())
+    default_key = "--backend" if backend_option else "[hsd] backend"
+    names = {cfg.backend: default_key}
+    for mode in MODES:
+        if mode in cfg.backends:
+            names.setdefault(cfg.backends[mode], f"[hsd.backends] {mode}")
+    for name, key in names.items():
+        if name in host.backends():
+            continue
+        modes = [str(status.mode) for status in host.mode_statuses() if status.backend == name]
+        if not modes:
+            continue
+        hint = nearest(name, installed) if name not in host.disabled else ""
+        found.errors.append(f"{key} = {name}: {host.why_unavailable(name)}{hint} (selected for {', '.join(modes)})")
+    if found.errors:
+        return
+    statuses = host.mode_statuses()
+    for status in statuses:
+        mode = f"{status.mode.role}.{status.mode.auth}"
+        if status.problem is None:
+            continue
+        if mode in cfg.backends:  # configured explicitly: the operator wants this mode served
+            found.errors.append(f"[hsd.backends] {mode} = {status.backend}: {status.problem}; "
+                                f"choose a backend that serves it (hsd plugins lists them)")
+        else:
+            found.warnings.append(f"{mode} requests will fail with EOPNOTSUPP: {status.problem}")
+    if all(status.problem for status in statuses):
+        found.errors.append("no mode has a backend that can serve it (hsd plugins shows why)")
+
+
+# ---------------------------------------------------------------- credential files
+
+_WHAT = {"truststore": "trust store", "crl": "CRL", "certificate": "certificate", "private_key": "private key",
+         "pq_certificate": "certificate", "pq_private_key": "private key"}
+
+
+def _key_name(role: str, attr: str) -> str:
+    return f"[authenticate.{role}] x509.{attr.replace('pq_', 'pq.')}"
+
+
+def _read(cfg: Config, role: str, attr: str, found: Findings) -> bytes | bytearray | None:
+    """The file's bytes (a private key's in a bytearray the caller wipes), or None with an error recorded."""
+    path = getattr(cfg.role(role), attr)
+    key = _key_name(role, attr)
+    secret = attr.endswith("private_key")
+    try:
+        warning = filetrust.enforce(path, _WHAT[attr], cfg.strict_permissions, refuse=_Refused, secret=secret)
+    except _Refused as exc:
+        found.errors.append(f"{key}: {exc}")
+        return None
+    if warning:
+        found.warnings.append(warning)
+    try:
+        if secret:
+            return credentials._read_secret_file(path)
+        with open(path, "rb") as handle:
+            return handle.read()
+    except IsADirectoryError:
+        found.errors.append(f"{key} = {path}: is a directory, not a file")
+    except OSError as exc:
+        fix = " (run hsd check as the user hsd runs as, root)" if exc.errno == 13 and os.geteuid() else ""
+        found.errors.append(f"{key} = {path}: cannot read it: {exc.strerror}{fix}")
+    return None
+
+
+def _parse(parse, data: bytes | bytearray | None, cfg: Config, role: str, attr: str, found: Findings):
+    """parse(data, path), the buffer wiped afterwards; None with an error recorded when it is no such file."""
+    if data is None:
+        return None
+    try:
+        return parse(data, getattr(cfg.role(role), attr))
+    except CredentialError as exc:
+        found.errors.append(f"{_key_name(role, attr)}: {exc}")
+        return None
+    finally:
+        wipe(data)
+
+
+def _role_files(cfg: Config, role: str, found: Findings, now: datetime.datetime) -> None:
+    rc: RoleConfig = cfg.role(role)
+    trust = _parse(credentials.parse_certificates, _read(cfg, role, "truststore", found), cfg, role,
+                   "truststore", found) if rc.truststore else None
+    crls = _parse(credentials.parse_crls, _read(cfg, role, "crl", found), cfg, role, "crl", found) if rc.crl else None
+    if rc.truststore and trust is not None:
+        found.notes.append(f"{_key_name(role, 'truststore')}: {len(trust)} CA certificate(s)")
+        for cert in trust:
+            problem = _validity(cert, now)
+            if problem:
+                found.warnings.append(f"{_key_name(role, 'truststore')} = {rc.truststore}: CA "
+                                      f"{cert.subject.rfc4514_string()} {problem}")
+    if crls is not None:
+        _check_crls(cfg, role, crls, trust, found, now)
+    _pair(cfg, role, "certificate", "private_key", found, now)
+    _pair(cfg, role, "pq_certificate", "pq_private_key", found, now)
+
+
+def _check_crls(cfg: Config, role: str, crls: list, trust: list | None, found: Findings,
+                now: datetime.datetime) -> None:
+    key = f"{_key_name(role, 'crl')} = {cfg.role(role).crl}"
+    found.notes.append(f"{_key_name(role, 'crl')}: {len(crls)} CRL(s)")
+    for crl in crls:
+        issuer = crl.issuer.rfc4514_string()
+        if crl.next_update_utc is not None and now > crl.next_update_utc:
+            found.warnings.append(f"{key}: the CRL of {issuer} expired on {crl.next_update_utc:%Y-%m-%d %H:%M} UTC; "
+                                  "peers it covers are refused until a current one is installed")
+        elif now < crl.last_update_utc:
+            found.warnings.append(f"{key}: the CRL of {issuer} is not valid before "
+                                  f"{crl.last_update_utc:%Y-%m-%d %H:%M} UTC; peers it covers are refused until then")
+        if trust is not None and not any(ca.subject == crl.issuer and _crl_signed_by(crl, ca) for ca in trust):
+            found.warnings.append(f"{key}: the CRL of {issuer} is signed by no CA in x509.truststore; "
+                                  "a peer chain through a CA without a CRL signed by it is refused")
+
+
+def _crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    try:
+        return crl.is_signature_valid(ca.public_key())
+    except (TypeError, ValueError):
+        return False
+
+
+def _validity(cert: x509.Certificate, now: datetime.datetime) -> str | None:
+    if now > cert.not_valid_after_utc:
+        return f"expired on {cert.not_valid_after_utc:%Y-%m-%d} (peers refuse it)"
+    if now < cert.not_valid_before_utc:
+        return f"is not valid before {cert.not_valid_before_utc:%Y-%m-%d} (peers refuse it until then)"
+    return None
+
+
+def _pair(cfg: Config, role: str, cert_attr: str, key_attr: str, found: Findings, now: datetime.datetime) -> None:
+    """A certificate and its key: both or neither, each readable and parsed, the key that of the leaf."""
+    rc = cfg.role(role)
+    cert_path, key_path = getattr(rc, cert_attr), getattr(rc, key_attr)
+    if not cert_path and not key_path:
+        return
+    if not (cert_path and key_path):
+        missing = key_attr if cert_path else cert_attr
+        found.errors.append(f"{_key_name(role, cert_attr)} and {_key_name(role, key_attr).split('] ')[1]} must be "
+                            f"configured together: set {_key_name(role, missing)} too")
+    chain = _parse(credentials.parse_certificates, _read(cfg, role, cert_attr, found), cfg, role,
+                   cert_attr, found) if cert_path else None
+    key = _parse(credentials.parse_private_key, _read(cfg, role, key_attr, found), cfg, role,
+                 key_attr, found) if key_path else None
+    if chain:
+        name = _key_name(role, cert_attr)
+        if len(chain) > credentials.MAX_CHAIN:
+            found.errors.append(f"{name} = {cert_path}: {len(chain)} certificates, at most {credentials.MAX_CHAIN}")
+        problem = _validity(chain[0], now)
+        if problem:
+            found.warnings.append(f"{name} = {cert_path}: the certificate {problem}")
+        if cert_attr == "pq_certificate" and not isinstance(chain[0].public_key(), credentials.MLDSA_PUBLIC_KEYS):
+            kind = type(chain[0].public_key()).__name__.removesuffix("PublicKey")
+            support = "" if credentials.MLDSA_PUBLIC_KEYS else " (this cryptography has no ML-DSA at all)"
+            found.errors.append(f"{name} = {cert_path}: must hold an ML-DSA certificate, its leaf key is "
+                                f"{kind}{support}")
+        else:
+            found.notes.append(f"{name}: {chain[0].subject.rfc4514_string()}, {len(chain)} certificate(s), "
+                               f"valid until {chain[0].not_valid_after_utc:%Y-%m-%d}")
+    if chain and key is not None and not credentials.key_belongs_to(key, chain[0]):
+        found.errors.append(f"{_key_name(role, key_attr)} = {key_path} is not the private key of "
+                            f"{_key_name(role, cert_attr)} = {cert_path} (their public keys differ): "
+                            "configure the key the certificate was issued for")
