@@ -1,8 +1,14 @@
 #!/usr/bin/env python3
 """Render hsd's man pages from their Markdown sources (stdlib only).
 
-    python3 docs/build_man.py            # write docs/man/hsd.8 and docs/man/hsd.conf.5
-    python3 docs/build_man.py --check    # exit 1 if the committed roff is stale
+    python3 docs/build_man.py            # write docs/man/hsd.8, hsd.conf.5 and hsd-sim.1
+    python3 docs/build_man.py --check    # exit 1 if a page is malformed or the committed roff is stale
+
+Both first lint the sources (lint()): the sections a man page needs, a
+SYNOPSIS of nothing but command lines that each start with the command, and
+OPTIONS that document exactly the options the program's argparse parser
+defines (read from its source with ast, so a flag added to the code and
+forgotten here, or documented in the wrong place, fails the build).
 
 The Markdown is one small, fixed subset, so the pages read well on a web
 page and render the same way every time, with no pandoc on the build host:
@@ -20,12 +26,17 @@ page and render the same way every time, with no pandoc on the build host:
 from __future__ import annotations
 
 import argparse
+import ast
 import re
 import sys
 from pathlib import Path
 
 DOCS = Path(__file__).resolve().parent
-PAGES = {"hsd.8.md": "man/hsd.8", "hsd.conf.5.md": "man/hsd.conf.5"}
+PAGES = {"hsd.8.md": "man/hsd.8", "hsd.conf.5.md": "man/hsd.conf.5", "hsd-sim.1.md": "man/hsd-sim.1"}
+# The program whose parser a page documents: its source, relative to the repository root.
+PROGRAMS = {"hsd.8.md": "core/cli.py", "hsd-sim.1.md": "core/simulator.py"}
+REQUIRED = ("NAME", "SYNOPSIS", "DESCRIPTION", "SEE ALSO")
+_OPTION = re.compile(r"\*\*(-{1,2}[A-Za-z][A-Za-z0-9-]*)\*\*")
 
 _INLINE = re.compile(r"\*\*(?P<bold>.+?)\*\*|`(?P<code>[^`]+)`|\*(?P<ital>[^*\s][^*]*?)\*")
 
@@ -132,11 +143,87 @@ def render(markdown: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def _sections(body: list[str]) -> dict[str, list[str]]:
+    """Top-level (# ) sections and their lines, fenced blocks left out of the headings' view."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    fenced = False
+    for line in body:
+        if line.startswith("```"):
+            fenced = not fenced
+        if not fenced and line.startswith("# "):
+            current = sections.setdefault(line[2:].strip().upper(), [])
+            continue
+        if current is not None:
+            current.append(line)
+    return sections
+
+
+def _terms(lines: list[str]) -> list[str]:
+    """The definition terms of a section: a line followed by a ': ' line."""
+    return [line for line, following in zip(lines, lines[1:]) if following.startswith(": ") and line.strip()
+            and not line.startswith(": ")]
+
+
+def parser_options(source: Path) -> set[str]:
+    """Every option string an argparse parser in source defines (add_argument("-x", "--long", ...)), plus -h/--help."""
+    found = {"-h", "--help"}
+    for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "add_argument":
+            for arg in node.args:
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.startswith("-"):
+                    found.add(arg.value)
+    return found
+
+
+def lint(markdown: str, name: str, program: Path | None = None) -> list[str]:
+    """What makes this page malformed (empty: nothing): missing sections, a SYNOPSIS holding anything but
+    command lines, options documented nowhere or not defined by the program."""
+    problems: list[str] = []
+    meta, body = front_matter(markdown.splitlines())
+    sections = _sections(body)
+    needed = REQUIRED + (("OPTIONS",) if program is not None else ())
+    problems += [f"{name}: no {section} section" for section in needed if section not in sections]
+    command = meta["title"]
+    synopsis = sections.get("SYNOPSIS", [])
+    for line in synopsis:
+        if not line.strip():
+            continue
+        if line.startswith(": "):
+            problems.append(f"{name}: SYNOPSIS holds a description ({line[:40]!r}...): it belongs under OPTIONS")
+        elif program is not None and not line.startswith(f"**{command}**"):
+            problems.append(f"{name}: SYNOPSIS line {line.strip()[:50]!r} does not start with **{command}**")
+    if program is None:
+        return problems
+    documented: set[str] = set()
+    for section in ("OPTIONS", "COMMANDS"):
+        for term in _terms(sections.get(section, [])):
+            documented.update(_OPTION.findall(term))
+    in_options = {opt for term in _terms(sections.get("OPTIONS", [])) for opt in _OPTION.findall(term)}
+    in_synopsis = {opt for line in synopsis for opt in _OPTION.findall(line)}
+    for option in sorted(in_synopsis - documented):
+        problems.append(f"{name}: {option} is in SYNOPSIS but documented under no OPTIONS or COMMANDS term")
+    defined = parser_options(program)
+    for option in sorted(defined - documented):
+        problems.append(f"{name}: {program.name} defines {option}, which no OPTIONS or COMMANDS term documents")
+    for option in sorted(in_options - defined):
+        problems.append(f"{name}: OPTIONS documents {option}, which {program.name} does not define")
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="fail if a committed page differs from its source")
     args = parser.parse_args(argv)
     stale = []
+    malformed: list[str] = []
+    for source in PAGES:
+        program = PROGRAMS.get(source)
+        malformed += lint((DOCS / source).read_text(encoding="utf-8"), source,
+                          DOCS.parent / program if program else None)
+    if malformed:
+        print("\n".join(f"malformed man page source: {problem}" for problem in malformed), file=sys.stderr)
+        return 1
     for source, target in PAGES.items():
         roff = render((DOCS / source).read_text(encoding="utf-8"))
         path = DOCS / target

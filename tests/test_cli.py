@@ -142,3 +142,46 @@ def hsd_openssl_version() -> str:
     import hsd_openssl
 
     return hsd_openssl.hsd_backend_info().version
+
+
+def test_a_missing_simulator_socket_is_named_in_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "nosuch.sock"
+    result = hsd_cli("--simulator", str(missing), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr  # the system cannot serve: nothing to fix in the config
+    assert "Traceback" not in result.stderr
+    lines = error_lines(result.stderr)
+    assert lines == [f"hsd: cannot connect to the simulator at {missing}: No such file or directory "
+                     f"(start it first: hsd-sim --socket {missing})"], result.stderr
+
+
+# hsd(8) EXIT STATUS: one table for every command
+EXIT_CASES = [
+    ("check of a good config", ["check"], "", 0),
+    ("unknown option", ["--no-such-option"], "", 2),
+    ("invalid value", ["check"], "[hsd]\nmax_inflight=lots\n", 2),
+    ("typo in an hsd section", ["check"], "[hsd.sever]\nrequire_client_certificate=1\n", 2),
+    ("daemon with an invalid value", ["-s"], "[hsd]\nworkers=0\n", 2),
+    ("daemon with an unknown backend", ["-s"], "[hsd]\nbackend=nosuch\n", 2),
+    ("check of an unknown backend", ["check"], "[hsd]\nbackend=nosuch\n", 2),
+    ("plugins with nothing enabled", ["plugins"], "[hsd]\nenable_plugins=nosuch\n", 2),
+    ("daemon with a missing key file", ["-s"], "[authenticate.server]\nx509.certificate=/nonexistent/c.pem\n"
+                                               "x509.private_key=/nonexistent/k.pem\n", 2),
+]
+
+
+@pytest.mark.parametrize("args, text, code", [c[1:] for c in EXIT_CASES], ids=[c[0] for c in EXIT_CASES])
+def test_exit_status_follows_the_man_page_table(tmp_path: Path, args: list[str], text: str, code: int) -> None:
+    config = write_config(tmp_path, text)
+    result = hsd_cli("-c", str(config), *args, cwd=tmp_path)
+    assert result.returncode == code, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_the_man_page_documents_the_exit_status_table() -> None:
+    page = (Path(__file__).parent.parent / "docs" / "hsd.8.md").read_text()
+    table = page.split("# EXIT STATUS", 1)[1].split("\n# ", 1)[0]
+    for code in ("**0**", "**1**", "**2**"):
+        assert code in table
+    two = table.split("**2**", 1)[1]
+    for cause in ("strict_permissions", "hsd check", "[hsd", "private key"):
+        assert cause in two, cause
