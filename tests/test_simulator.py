@@ -327,15 +327,17 @@ def test_accept_with_a_keyring_links_it_and_a_bad_keyring_fails_the_request(sim,
     ring = keyring.add_key("keyring", f"hsd-sim-link-{os.getpid()}", b"", keyring.KEY_SPEC_USER_KEYRING)
     # like a consumer's keyring (e.g. .nvme): linkable by its owner, whether or not this test
     # process still possesses the user keyring (other tests may have changed the session keyring)
-    keyring.set_perm(ring, 0x3F3F0000)
-    good, _ = tcp_pair()
-    sim.client_hello_psk(good, [1], keyring=ring)
-    hr = accept_one(channel)
-    assert hr.keyring == ring
-    process = keyring.keyring_id(keyring.KEY_SPEC_PROCESS_KEYRING)
-    assert keyring.search(process, "keyring", f"hsd-sim-link-{os.getpid()}") == ring
-    os.close(hr.sockfd)
-    keyring.invalidate(ring)
+    try:
+        keyring.set_perm(ring, 0x3F3F0000)
+        good, _ = tcp_pair()
+        sim.client_hello_psk(good, [1], keyring=ring)
+        hr = accept_one(channel)
+        assert hr.keyring == ring
+        process = keyring.keyring_id(keyring.KEY_SPEC_PROCESS_KEYRING)
+        assert keyring.search(process, "keyring", f"hsd-sim-link-{os.getpid()}") == ring
+        os.close(hr.sockfd)
+    finally:  # nothing of this test stays in the user keyring, also when it fails
+        keyring.invalidate(ring)
     bad, _ = tcp_pair()
     req = sim.client_hello_psk(bad, [1], keyring=0x7FFFFFF0)  # no such key
     with pytest.raises(OSError) as exc:
