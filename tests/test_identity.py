@@ -52,6 +52,7 @@ def production_keyring(monkeypatch: pytest.MonkeyPatch) -> None:
     from hsd import identity
 
     monkeypatch.setattr(identity, "_peer_ring", keyring.KEY_SPEC_USER_KEYRING)
+    monkeypatch.setattr(identity, "keep_peer_keys_private", lambda: None)  # the harness joins a simulator
 
 
 def user_keyring() -> int:
