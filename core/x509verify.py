@@ -344,17 +344,27 @@ def _explain(exc: VerificationError, leaf: x509.Certificate, peer_sent: Sequence
         problem = _validity_problem(cert, now)
         if problem:
             return problem + (f" (chain depth {depth})" if depth else "")
-    if subject is not None and not _has_san(leaf):
-        what = "IP address" if subject.ip is not None else "hostname"
-        return f"{what} mismatch (certificate has no subjectAltName; its subject CN is no name, RFC 9525)"
-    if "no matching subjectAltName" in text and subject is not None:
-        what = "IP address" if subject.ip is not None else "hostname"
-        return f"{what} mismatch (certificate is for {certificate_sans(leaf) or ['(no names)']}, expected {subject})"
+    if subject is not None and (not _has_san(leaf) or "no matching subjectAltName" in text):
+        return name_mismatch(leaf, subject)
     if "EKU" in text:
         return f"unsuitable certificate purpose ({text})"
     if "candidates exhausted" in text:
         return "unable to get local issuer certificate (not issued by a trusted CA)"
     return text
+
+
+def name_mismatch(leaf: x509.Certificate, subject: PeerName) -> str:
+    """The reason for a server certificate that does not name the server: the wanted name and the names it has.
+
+    Every backend words it this way, so the operator sees at once whether the
+    mount used another name than the certificate carries (fix the mount or
+    reissue the certificate)."""
+    what = "IP address" if subject.ip is not None else "hostname"
+    if not _has_san(leaf):
+        return (f"{what} mismatch (wanted {subject}; the certificate has no subjectAltName, "
+                "and its subject CN is no name, RFC 9525)")
+    names = ", ".join(certificate_sans(leaf)) or "(no DNS name or IP address)"
+    return f"{what} mismatch (wanted {subject}; the certificate is for {names})"
 
 
 def _has_san(cert: x509.Certificate) -> bool:
