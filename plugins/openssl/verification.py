@@ -15,11 +15,12 @@ from OpenSSL._util import ffi, lib
 
 from hsd.credentials import X509Credentials
 from hsd.errors import CredentialError, PeerRejected
-from hsd.x509verify import PeerName, allowed_san_values, match_allowed_sans
+from hsd.x509verify import PeerName, allowed_san_values, match_allowed_sans, name_mismatch
 
 # pyOpenSSL has no public API for host flags; these are OpenSSL's X509_CHECK_FLAG_* values.
 # NEVER_CHECK_SUBJECT: only subjectAltName names the server, never the subject CN (RFC 9525).
 HOST_FLAGS = lib.X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS | lib.X509_CHECK_FLAG_NEVER_CHECK_SUBJECT
+NAME_MISMATCH = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH: worded by hsd.x509verify
 
 
 class VerifyOutcome:
@@ -31,6 +32,7 @@ class VerifyOutcome:
         self.allowed_sans = list(allowed_sans)
         self.enforce = enforce
         self.reason: str | None = None
+        self.expected_name: PeerName | None = None  # set by pin_peer_name: the name a mismatch names
 
     def callback(self, conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int) -> bool:
         try:
@@ -41,6 +43,8 @@ class VerifyOutcome:
 
     def _judge(self, cert: crypto.X509, errnum: int, depth: int, ok: int) -> bool:
         if not ok:
+            if self.reason is None and errnum in NAME_MISMATCH and self.expected_name is not None:
+                self.reason = name_mismatch(cert.to_cryptography(), self.expected_name)
             if self.reason is None:
                 self.reason = ffi.string(lib.X509_verify_cert_error_string(errnum)).decode()
                 if depth:
@@ -93,6 +97,9 @@ def install_trust(context: SSL.Context, creds: X509Credentials) -> None:
 def pin_peer_name(conn: SSL.Connection, name: PeerName, *, check: bool) -> None:
     """Send SNI for DNS names; with check, make OpenSSL match the server certificate's SANs to name."""
     param = lib.SSL_get0_param(conn._ssl)
+    outcome = getattr(conn.get_app_data(), "outcome", None)
+    if check and isinstance(outcome, VerifyOutcome):
+        outcome.expected_name = name
     if check:
         lib.X509_VERIFY_PARAM_set_hostflags(param, HOST_FLAGS)
         if name.ip is not None:
