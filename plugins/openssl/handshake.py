@@ -10,6 +10,7 @@ callbacks through conn.get_app_data().  No session cache, no tickets.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from OpenSSL import SSL
 
@@ -56,6 +57,7 @@ class ConnectionState:
 
     secrets: TrafficSecrets
     outcome: VerifyOutcome
+    trace: Callable[[SSL.Connection], None] | None = None  # [debug] tls > 0: log each state
 
 
 def _trace(conn: SSL.Connection, ctx: HandshakeContext) -> None:
@@ -64,10 +66,18 @@ def _trace(conn: SSL.Connection, ctx: HandshakeContext) -> None:
         return
     role = ctx.request.role
 
-    def on_info(conn: SSL.Connection, where: int, ret: int) -> None:
+    def on_state(conn: SSL.Connection) -> None:
         ctx.log.debug("openssl %s: %s", role, conn.get_state_string().decode(errors="replace"))
 
-    conn.set_info_callback(on_info)
+    conn.get_app_data().trace = on_state
+
+
+def _routed_info(conn: SSL.Connection, _where: int, _ret: int) -> None:
+    """The shared context's info callback: the connection's own tracer, if it has one.
+    (Context-wide because pyOpenSSL 25.0, Debian trixie's, has no Connection.set_info_callback.)"""
+    state = conn.get_app_data()
+    if state is not None and state.trace is not None:
+        state.trace(conn)
 
 
 def _run(ctx: HandshakeContext, context: SSL.Context, outcome: VerifyOutcome, prepare=None) -> Session:
@@ -97,6 +107,7 @@ def _shared_context(verify_mode: int) -> SSL.Context:
     """A TLS 1.3 context whose callbacks route to each connection's own state."""
     context = tls13_context()
     route_keylog(context)
+    context.set_info_callback(_routed_info)
     if verify_mode == SSL.VERIFY_NONE:
         context.set_verify(SSL.VERIFY_NONE)
     else:
