@@ -433,27 +433,30 @@ class MemoryFile:
             self.fd = -1
 
 
+def _der(tag: int, content: bytes) -> bytes:
+    """One DER TLV (definite length)."""
+    n = len(content)
+    if n < 0x80:
+        return bytes([tag, n]) + content
+    size = (n.bit_length() + 7) // 8
+    return bytes([tag, 0x80 | size]) + n.to_bytes(size, "big") + content
+
+
+def _der_int(value: int) -> bytes:
+    return _der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
 def psk_session_pem(secret: bytes, hash_name: str) -> bytes:
-    """An SSL_SESSION carrying the PSK, as openssl's -psk_session reads it (a SHA-384 PSK needs this)."""
+    """An SSL_SESSION carrying the PSK, as openssl's -psk_session reads it (a SHA-384 PSK needs this).
+
+    Encoded here (OpenSSL's SSL_SESSION ASN.1, ssl/ssl_asn1.c: version 1, TLS 1.3, the
+    suite, no session id, the PSK as master key, time and timeout) rather than through
+    i2d_SSL_SESSION, which cryptography's bindings dropped (43, Debian trixie's, has none)."""
     import base64
 
-    from OpenSSL import SSL
-    from OpenSSL._util import ffi, lib
-
-    conn = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
-    session = lib.Cryptography_SSL_SESSION_new()
-    try:
-        cipher = lib.SSL_CIPHER_find(conn._ssl, b"\x13\x01" if hash_name == "sha256" else b"\x13\x02")
-        assert lib.SSL_SESSION_set1_master_key(session, secret, len(secret)) == 1
-        assert lib.SSL_SESSION_set_cipher(session, cipher) == 1
-        assert lib.SSL_SESSION_set_protocol_version(session, 0x0304) == 1
-        size = lib.i2d_SSL_SESSION(session, ffi.NULL)
-        buf = ffi.new("unsigned char[]", size)
-        cursor = ffi.new("unsigned char **", buf)
-        assert lib.i2d_SSL_SESSION(session, cursor) == size
-        der = bytes(ffi.buffer(buf, size))
-    finally:
-        lib.SSL_SESSION_free(session)
+    cipher = b"\x13\x01" if hash_name == "sha256" else b"\x13\x02"
+    der = _der(0x30, _der_int(1) + _der_int(0x0304) + _der(0x04, cipher) + _der(0x04, b"") + _der(0x04, secret)
+               + _der(0xA1, _der_int(int(time.time()))) + _der(0xA2, _der_int(86400)))
     return (b"-----BEGIN SSL SESSION PARAMETERS-----\n" + base64.encodebytes(der)
             + b"-----END SSL SESSION PARAMETERS-----\n")
 
