@@ -103,3 +103,15 @@ def test_check_and_plugins_fail_when_no_backend_loads(tmp_path: Path) -> None:
     assert plugins.returncode == 2, plugins.stdout + plugins.stderr
     assert "no configured mode has a backend that can serve it" in plugins.stdout
     assert "Traceback" not in check.stderr + plugins.stderr
+
+
+def test_a_default_backend_that_cannot_be_imported_is_refused_at_start_as_check_reports_it(tmp_path: Path) -> None:
+    """Debian trixie's libraries once made the default backend unimportable: the daemon must not say ready."""
+    cfg = config(tmp_path, "")
+    check = hsd_without(("OpenSSL",), "check", "-c", cfg, cwd=tmp_path)
+    start = hsd_without(("OpenSSL",), "-c", cfg, "-s", cwd=tmp_path)
+    assert check.returncode == 2 and start.returncode == 2, check.stdout + start.stderr
+    errors = [line.removeprefix("error: ") for line in check.stdout.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("[hsd] backend = openssl: backend 'openssl' is unavailable")
+    assert "No module named 'OpenSSL'" in errors[0]
+    assert [line.removeprefix("hsd: ") for line in error_lines(start.stderr)] == errors

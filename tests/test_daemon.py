@@ -149,6 +149,32 @@ def test_a_reload_with_a_broken_config_keeps_the_running_one(sim, tmp_path, hsd_
         assert daemon.stop() == 0
 
 
+def test_a_reload_whose_key_does_not_match_keeps_the_running_config(sim, tmp_path, hsd_pki: TestPki):
+    """A reload is judged like a start (hsd.check.inspect): a key that is not the certificate's is refused
+    in words naming both files, and requests go on with the running configuration."""
+    config = tmp_path / "hsd.conf"
+    daemon = Daemon(sim, write_config(config, hsd_pki.ca), tmp_path / "hsd.log")
+    server = peers.openssl_server(peers.PeerOptions(cert=hsd_pki.server.cert, key=hsd_pki.server.key,
+                                                    ca=hsd_pki.ca)).start()
+    try:
+        config.write_text(f"[authenticate.client]\nx509.truststore={hsd_pki.other_ca}\n"
+                          f"[authenticate.server]\nx509.certificate={hsd_pki.server.cert}\n"
+                          f"x509.private_key={hsd_pki.client.key}\n")
+        daemon.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 15
+        while "reload failed" not in daemon.text():
+            assert time.monotonic() < deadline, daemon.text()
+            time.sleep(0.05)
+        assert f"{hsd_pki.client.key} is not the private key of" in daemon.text()
+        assert "configuration reloaded" not in daemon.text()
+        sock = server.connect()  # still trusting hsd_pki.ca: the new file (other_ca) was not taken
+        assert sim.client_hello_anon(sock, peername="localhost", timeout_ms=5000).wait(15)[0] == 0
+        sock.close()
+    finally:
+        server.stop()
+        assert daemon.stop() == 0
+
+
 def core_file_limit(pid: int) -> tuple[str, str]:
     """(soft, hard) RLIMIT_CORE of a running process, from /proc/PID/limits."""
     with open(f"/proc/{pid}/limits") as handle:
