@@ -281,3 +281,40 @@ def test_every_config_the_vm_scenarios_use_passes_check_without_a_warning(tmp_pa
     assert "[hsd.backends] client.psk=tlslite" in mixed.splitlines()  # nvme-psk@mixed greps this line
     agent = hsd("check", "-c", str(configs["agent"]), cwd=tmp_path).stdout
     assert "[loaded] [authenticate.server] x509.certificate: CN=localhost, 1 certificate(s)" in agent
+
+
+def _crl(path: Path, issuer_name: str, key, *, days_ago: int) -> None:
+    """A CRL by issuer_name signed with key, whose next update was days_ago days ago (negative: in the future)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    crl = (x509.CertificateRevocationListBuilder()
+           .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer_name)]))
+           .last_update(now - datetime.timedelta(days=abs(days_ago) + 2))
+           .next_update(now - datetime.timedelta(days=days_ago))
+           .sign(key, hashes.SHA256()))
+    path.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+
+
+def test_a_stale_crl_or_one_no_trusted_ca_signed_is_a_warning_strict_refuses(etc: Path, tmp_path: Path) -> None:
+    """The daemon still starts (a CRL may be renewed by cron), but every peer it covers would be refused."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    stranger = ec.generate_private_key(ec.SECP256R1())
+    _crl(etc / "stale.crl", "nobody we trust", stranger, days_ago=3)
+    config = tmp_path / "tlshd.conf"
+    config.write_text(f"[authenticate.client]\nx509.truststore={etc / 'ca.pem'}\nx509.crl={etc / 'stale.crl'}\n")
+    plain = hsd("check", "-c", str(config), cwd=tmp_path)
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    warnings = warnings_of(plain.stderr)
+    assert len(warnings) == 2, plain.stderr
+    assert "the CRL of CN=nobody we trust expired on" in warnings[0]
+    assert "is signed by no CA in x509.truststore" in warnings[1]
+    assert hsd("check", "--strict", "-c", str(config), cwd=tmp_path).returncode == 2
+    _crl(etc / "fresh.crl", "nobody we trust", stranger, days_ago=-3)
+    config.write_text(f"[authenticate.client]\nx509.truststore={etc / 'ca.pem'}\nx509.crl={etc / 'fresh.crl'}\n")
+    assert len(warnings_of(hsd("check", "-c", str(config), cwd=tmp_path).stderr)) == 1  # only: unsigned
