@@ -58,6 +58,12 @@ def inspect(cfg: Config, host: PluginHost, *, backend_option: bool = False) -> F
 
 def _backends(cfg: Config, host: PluginHost, found: Findings, backend_option: bool) -> None:
     installed = sorted(host.backends())
+    known = sorted({*host.infos, *host.disabled, *(problem.name for problem in host.problems)})
+    for key, names in (("enable_plugins", cfg.enable_plugins), ("disable_plugins", cfg.disable_plugins)):
+        for name in names:
+            if name not in known:
+                found.warnings.append(f"[hsd] {key} names {name!r}, which is not installed{nearest(name, known)} "
+                                      f"(installed: {', '.join(known) or 'none'})")
     default_key = "--backend" if backend_option else "[hsd] backend"
     names = {cfg.backend: default_key}
     for mode in MODES:

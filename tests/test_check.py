@@ -318,3 +318,12 @@ def test_a_stale_crl_or_one_no_trusted_ca_signed_is_a_warning_strict_refuses(etc
     _crl(etc / "fresh.crl", "nobody we trust", stranger, days_ago=-3)
     config.write_text(f"[authenticate.client]\nx509.truststore={etc / 'ca.pem'}\nx509.crl={etc / 'fresh.crl'}\n")
     assert len(warnings_of(hsd("check", "-c", str(config), cwd=tmp_path).stderr)) == 1  # only: unsigned
+
+
+def test_a_plugin_list_naming_no_installed_plugin_warns_with_the_nearest_name(tmp_path: Path) -> None:
+    config = tmp_path / "tlshd.conf"
+    config.write_text("[hsd]\ndisable_plugins=tlslit\n")
+    result = hsd("check", "-c", str(config), cwd=tmp_path)
+    assert result.returncode == 0
+    [warning] = warnings_of(result.stderr)
+    assert warning.startswith("[hsd] disable_plugins names 'tlslit', which is not installed (did you mean 'tlslite'?)")
