@@ -44,6 +44,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 WORKLOADS = ("client-unauth", "client-x509", "server-x509", "client-psk")
 KEY_TYPES = ("p256", "rsa")
 GROUPS = {"x25519": "X25519", "hybrid": "X25519MLKEM768"}
+NEGOTIATED_NAMES = {"x25519": "x25519", "hybrid": "X25519MLKEM768"}  # as SSL_get0_group_name spells them
+PINNED_GROUP_ENV = "HSD_BENCH_PINNED_GROUP"
 KTLS_SUITES = "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256:TLS_AES_128_CCM_SHA256"
 PSK_IDENTITY = "hsd-bench-psk"
 TIMEOUT_MS = 30000
@@ -135,7 +137,9 @@ def _ssl_context(role: str, pki_dir: str, key_type: str, group: str, *, present_
         raise RuntimeError(f"OpenSSL rejects the TLS 1.3 suites {KTLS_SUITES}")
     context.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     context.set_options(SSL.OP_NO_TICKET)
-    if lib.SSL_CTX_set1_curves_list(context._context, GROUPS[group].encode()) != 1:
+    # without the binding (cryptography 43, Debian trixie's) Helper pinned the group through OPENSSL_CONF
+    if hasattr(lib, "SSL_CTX_set1_curves_list") and \
+            lib.SSL_CTX_set1_curves_list(context._context, GROUPS[group].encode()) != 1:
         raise RuntimeError(f"the bundled OpenSSL rejects group {GROUPS[group]}")
     stem = "server" if role == "server" else "client"
     if present_cert:
@@ -161,8 +165,10 @@ def _pin_host(conn: Any, name: bytes) -> None:
 def _group_name(conn: Any) -> str:
     from OpenSSL._util import ffi, lib
 
-    if not hasattr(lib, "SSL_get0_group_name"):  # cryptography 43 (Debian trixie's) lacks the binding
-        return "?"
+    if not hasattr(lib, "SSL_get0_group_name"):  # cryptography 43 (Debian trixie's) lacks the binding:
+        # a certificate handshake always makes an (EC)DHE share, and OPENSSL_CONF allowed this one group only
+        pinned = os.environ.get(PINNED_GROUP_ENV, "")
+        return NEGOTIATED_NAMES.get(pinned, "?")
     name = lib.SSL_get0_group_name(conn._ssl)
     return ffi.string(name).decode() if name != ffi.NULL else "?"
 
@@ -458,12 +464,34 @@ def _floor_main(argv: list[str]) -> int:
 # ================================================================ orchestration in the bench process
 
 
+def _helper_env(argv: list[str]) -> dict[str, str] | None:
+    """Where cryptography binds no call that sets the groups (43, Debian trixie's), the helper's
+    OpenSSL gets its one group from an OPENSSL_CONF system_default section instead."""
+    from OpenSSL._util import lib
+
+    if hasattr(lib, "SSL_CTX_set1_curves_list"):
+        return None
+    group = argv[argv.index("--group") + 1] if "--group" in argv else "x25519"
+    conf = os.path.join(tempfile.gettempdir(), f"hsd-bench-{os.getpid()}-{group}.cnf")
+    with open(conf, "w") as handle:
+        handle.write("openssl_conf = init\n[init]\nssl_conf = ssl\n[ssl]\nsystem_default = groups\n"
+                     f"[groups]\nGroups = {GROUPS[group]}\n")
+    return dict(os.environ, OPENSSL_CONF=conf, **{PINNED_GROUP_ENV: group})
+
+
+def openssl_has_mlkem() -> bool:
+    """ML-KEM came with OpenSSL 3.5: cryptography 43's wheel bundles 3.3 (Debian's links the system's)."""
+    from cryptography.hazmat.backends.openssl.backend import backend
+
+    return backend.openssl_version_number() >= 0x30500000
+
+
 class Helper:
     """One helper process (peer pool or bare library); JSON lines on its stdout."""
 
     def __init__(self, argv: list[str], stdin_line: bytes = b"") -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "hsd.bench", *argv], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_helper_env(argv))
         assert self.proc.stdin is not None
         if stdin_line:
             self.proc.stdin.write(stdin_line + b"\n")
@@ -1001,6 +1029,9 @@ def measure_row(sim: Any, st: Setup, plan: Plan, workload: str, key_type: str, g
         return row
     if workload == "client-psk" and group == "hybrid":
         row.not_possible = "n/a: the PSK peer is openssl s_server 3.0, which lacks ML-KEM"
+        return row
+    if group == "hybrid" and not openssl_has_mlkem():
+        row.not_possible = "n/a: the OpenSSL cryptography uses lacks ML-KEM (3.5+)"
         return row
     say(f"{row.label}: C limit")
     row.c_limit, row.c_note = run_c_limit(st, workload, key_type, group, plan.c_seconds)

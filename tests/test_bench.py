@@ -51,6 +51,10 @@ def test_hybrid_group_is_really_negotiated_and_nothing_leaks_here():
     before = open_fds()
     results = bench.run_bench(plan)
     assert open_fds() <= before
+    if not bench.openssl_has_mlkem():  # cryptography 43's wheel (OpenSSL 3.3): said so, not measured
+        reason = "n/a: the OpenSSL cryptography uses lacks ML-KEM (3.5+)"
+        assert [row.not_possible for row in results.rows] == [reason, reason]
+        return
     assert bench.all_handshakes_ok(results)
     assert [row.negotiated for row in results.rows] == ["X25519MLKEM768", "X25519MLKEM768"]
     assert all(row.c_limit is None and "ML-KEM" in row.c_note for row in results.rows)
