@@ -81,12 +81,12 @@ def _backends(cfg: Config, host: PluginHost, found: Findings, backend_option: bo
         return
     statuses = host.mode_statuses()
     for status in statuses:
-        mode = f"{status.mode.role}.{status.mode.auth}"
+        mode = str(status.mode).replace("/", ".")  # Mode prints "client/psk"; [hsd.backends] keys read client.psk
         if status.problem is None:
             continue
         if mode in cfg.backends:  # configured explicitly: the operator wants this mode served
-            found.errors.append(f"[hsd.backends] {mode} = {status.backend}: {status.problem}; "
-                                f"choose a backend that serves it (hsd plugins lists them)")
+            found.errors.append(f"[hsd.backends] {mode} = {status.backend}: {status.problem} "
+                                "(hsd plugins shows which backends and plugins serve each mode)")
         else:
             found.warnings.append(f"{mode} requests will fail with EOPNOTSUPP: {status.problem}")
     if all(status.problem for status in statuses):

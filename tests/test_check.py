@@ -111,6 +111,8 @@ REFUSALS = [
      lambda etc: server(etc, extra="[hsd]\ndisable_plugins=tlslite\n[hsd.backends]\nserver.x509=tlslite\n"),
      ["[hsd.backends] server.x509 = tlslite: backend 'tlslite' is disabled by configuration",
       "selected for server/x509"]),
+    ("per-mode-not-served", lambda etc: "[hsd]\ndisable_plugins=psk\n[hsd.backends]\nclient.psk=openssl\n",
+     ["[hsd.backends] client.psk = openssl: no PSK policy plugin serves client/psk", "hsd plugins shows"]),
 ]
 
 
@@ -135,7 +137,7 @@ def test_check_and_the_daemon_refuse_the_same_config_with_the_same_message(etc: 
 
 
 def test_each_refusal_has_its_own_message(etc: Path, tmp_path: Path) -> None:
-    """No catch-all: ten different problems, ten different first lines."""
+    """No catch-all: each problem has its own first line."""
     seen = set()
     for name, text, _words in REFUSALS:
         config = tmp_path / f"{name}.conf"
