@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if args.backend:
         cfg.backend = args.backend
+    if args.command in ("check", "plugins"):
+        # their report prints every plugin problem itself: no second copy from the log on stderr
+        logging.getLogger("hsd").addHandler(logging.NullHandler())
     if args.command == "check":
         from .report import print_config
 

@@ -59,6 +59,7 @@ def test_check_without_tlslite_shows_it_unavailable_with_the_reason_and_passes(t
     modes = mode_lines(result.stdout)
     assert len(modes) == 5 and all(line == "backend=openssl ok" for line in modes.values()), modes
     assert result.stdout.rstrip().endswith("configuration OK")
+    assert result.stderr == ""  # said once, in the report: not again by the log on stderr
 
 
 def test_plugins_without_tlslite_lists_it_as_skipped_with_the_reason(tmp_path: Path) -> None:
