@@ -348,7 +348,8 @@ def _explain(exc: VerificationError, leaf: x509.Certificate, peer_sent: Sequence
         return name_mismatch(leaf, subject)
     if "EKU" in text:
         return f"unsuitable certificate purpose ({text})"
-    if "candidates exhausted" in text:
+    # cryptography 43 (Debian trixie's) words it CandidatesExhausted(Other("...")), later ones "candidates exhausted: ..."
+    if "candidates exhausted" in text.lower() or "CandidatesExhausted" in text:
         return "unable to get local issuer certificate (not issued by a trusted CA)"
     return text
 
