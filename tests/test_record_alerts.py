@@ -22,6 +22,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+from cryptography.hazmat.backends.openssl.backend import backend
 from OpenSSL import SSL
 from tlslite import TLSConnection
 
@@ -37,6 +38,7 @@ from test_hostile_peers import BACKENDS, WAIT, daemon, pki, record  # noqa: F401
 ALERT, HANDSHAKE, APPLICATION_DATA = 21, 22, 23
 UNEXPECTED_MESSAGE_ALERT = bytes.fromhex("15 03 03 00 02 02 0a")
 PROTOCOL_VERSION_ALERT = bytes.fromhex("15 03 03 00 02 02 46")
+OPENSSL_VERSION = backend.openssl_version_number()  # the OpenSSL hsd's openssl backend runs on
 FRAGMENT = 64
 
 
@@ -173,7 +175,9 @@ def test_the_peer_gets_the_libraries_own_answer(pki, backend: str, case: str) ->
     ("tlslite", "empty-appdata-between-hello-fragments", [(ALERT, UNEXPECTED_MESSAGE_ALERT)]),
     ("tlslite", "empty-handshake-between-hello-fragments", [(ALERT, UNEXPECTED_MESSAGE_ALERT)]),
     ("tlslite", "sslv2-client-hello", [(ALERT, PROTOCOL_VERSION_ALERT)]),
-    ("openssl", "sslv2-client-hello", []),
+    # OpenSSL 4.0 (cryptography 50's wheel) sends nothing to an SSLv2-compatible ClientHello; 3.x
+    # (3.3 in cryptography 43's wheel, Debian's 3.5 and 3.6) refuse it on a TLS-1.3-only server with protocol_version.
+    ("openssl", "sslv2-client-hello", [] if OPENSSL_VERSION >= 0x40000000 else [(ALERT, PROTOCOL_VERSION_ALERT)]),
 ])
 def test_what_each_library_alone_answers(pki, backend: str, case: str, answer: list[tuple]) -> None:
     """Pins the reference runs' answers (RFC 8446 5.1 for the empty ones), so a library upgrade that
