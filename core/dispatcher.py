@@ -23,14 +23,13 @@ from typing import Any, Callable
 from . import identity
 from .channel import OVERRUN, Channel
 from .config import Config
-from .context import HandshakeContext
-from .credentials import load_x509
+from .context import Auth, HandshakeContext, Mode, Role, Settings
+from .credentials import X509Credentials, load_x509
 from .errors import HandshakeError, HandshakeTimeout, Unsupported
-from .hookspecs import Mode
 from .isolation import run_isolated
 from .ktls import install_session
 from .plugins import PluginHost
-from .protocol import AuthMode, Done, HandshakeRequest, MessageType, ProtocolError, errno_name
+from .protocol import Done, HandshakeRequest, ProtocolError, errno_name
 from .session import Session
 from .validate import check_session, scrub
 
@@ -330,17 +329,16 @@ class Dispatcher:
             outcome.peer, outcome.local = address_of(sock.getpeername), address_of(sock.getsockname)
             ctx = self._context(request, sock, entry.deadline)
             outcome.backend = ctx.backend
-            result = (run_isolated(ctx) if self.config.isolation == "process"
-                      else ctx.hook.hsd_handshake(ctx=ctx))
+            result = (run_isolated(ctx, self.host.handshake) if self.config.isolation == "process"
+                      else self.host.handshake(ctx))
             if result is None:
                 raise Unsupported(f"backend {ctx.backend!r} did not handle {ctx.mode}")
             session = check_session(result, ctx.backend)
-            outcome.cipher, outcome.group = session.cipher, session.group
+            outcome.cipher, outcome.group, outcome.details = session.cipher, session.group, dict(session.details)
             if once.sent:
                 raise HandshakeTimeout("the watchdog already failed this request")
-            if not session.ktls_installed:
-                install_session(self.channel.ktls, sock, session)
-            remote_auth = session.remote_auth or identity.remote_auth_for(request, session, _verified(ctx))
+            install_session(self.channel.ktls, sock, session)
+            remote_auth = _remote_auth(ctx, session)
             outcome.status = 0
         except HandshakeError as exc:
             outcome.status, outcome.reason = exc.status, exc.reason
@@ -368,28 +366,22 @@ class Dispatcher:
             _close_fd(sockfd)
 
     def _context(self, request: HandshakeRequest, sock: socket.socket, deadline: float) -> HandshakeContext:
-        if request.message_type not in (MessageType.CLIENTHELLO, MessageType.SERVERHELLO):
-            raise Unsupported(f"unknown message type {int(request.message_type)}")
-        if request.auth_mode not in (AuthMode.UNAUTH, AuthMode.PSK, AuthMode.X509):
-            raise Unsupported(f"unknown auth mode {int(request.auth_mode)}")
-        mode = Mode(request.role, request.auth)
-        if mode == Mode("server", "unauth"):
+        mode = Mode.of(request)  # Unsupported for an unknown message type or auth mode
+        if mode.role is Role.SERVER and mode.auth is Auth.UNAUTH:
             raise Unsupported("a TLS 1.3 server cannot run without authentication (server unauth)")
         if sock.type != socket.SOCK_STREAM:
             raise Unsupported("only stream (TCP) sockets are supported")
         backend = self.host.backend_for(mode, self.default_backend)
-        ctx = HandshakeContext(request=request, sock=sock, deadline=deadline, backend=backend,
-                               config=self.config, hook=self.host.hook)
-        if request.auth_mode in (AuthMode.UNAUTH, AuthMode.X509):
-            ctx.x509 = load_x509(self.config, request)
-        return ctx
+        x509 = load_x509(self.config, request) if mode.auth is not Auth.PSK else X509Credentials()
+        return HandshakeContext(request=request, sock=sock, deadline=deadline, backend=backend, x509=x509,
+                                settings=settings_of(self.config))
 
     def _report(self, outcome: Outcome, ctx: HandshakeContext | None, session: Session | None) -> None:
         level = logging.INFO if outcome.status == 0 else logging.WARNING
         log.log(level, outcome.line())
         if ctx is not None:
             try:
-                ctx.hook.hsd_handshake_done(ctx=ctx, status=outcome.status, session=session)
+                self.host.hook.hsd_handshake_done(ctx=ctx, status=outcome.status, session=session)
             except Exception:
                 log.exception("a plugin's hsd_handshake_done hook failed")
         if self.on_outcome:
@@ -425,9 +417,22 @@ def _wipe(session: Session | None, result: object) -> None:
         scrub(result)
 
 
-def _verified(ctx: HandshakeContext | None) -> bool:
-    """Did the backend verify the peer's certificate?  (The contract: with verify_peer it must.)"""
-    return ctx is not None and ctx.x509 is not None and ctx.x509.verify_peer
+def settings_of(config: Config) -> Settings:
+    """The part of the configuration a plugin may see."""
+    return Settings(tls_debug=config.tls_debug, psk_modes=tuple(config.psk_modes), keyrings=tuple(config.keyrings))
+
+
+def _remote_auth(ctx: HandshakeContext, session: Session) -> tuple[int, ...]:
+    """The identity DONE reports, decided here for every backend alike (hsd.identity).
+
+    PSK: the serial the core resolved from the key the backend finished with
+    (hsd.psk.run_psk, in the child under isolation).  Certificates: from what
+    the peer presented, reported only when the contract made the backend verify it."""
+    if ctx.mode.auth is Auth.PSK:
+        if len(session.remote_auth) != 1:
+            raise HandshakeError("a PSK session without the serial of the key used")
+        return session.remote_auth
+    return identity.remote_auth_for(ctx.request, session, ctx.x509.verify_peer)
 
 
 def _close_fd(fd: int) -> None:

@@ -4,9 +4,12 @@ Why: a backend crash - a Python bug, or a segfault in native TLS code - must
 cost only its own request, never the daemon and the other handshakes in flight.
 The parent keeps everything the kernel ties to the daemon: the fd (DONE's sockfd
 is looked up in the caller's fd table), kTLS installation and DONE.  The child
-only runs the plugin's hsd_handshake on its inherited copy of the socket and
-sends the Session back through a pipe (memory only, never disk); both copies of
-the secrets are wiped.
+only runs the host's routed handshake (the chosen backend, and for PSK the
+policy's offer and the core's remote-auth rule) on its inherited copy of the
+socket and sends the Session back through a pipe (memory only, never disk);
+both copies of the secrets are wiped.  The Session travels field by field as
+its own definition lists them (dataclasses.fields), so a new field crosses
+too; only the two secrets travel outside the JSON header.
 
 Forking a multi-threaded process: the child does the handshake and leaves with
 os._exit() - it never returns into the thread pool, never runs atexit handlers.
@@ -24,6 +27,7 @@ its previous session keyring: the child possesses exactly what the daemon does.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import errno
 import faulthandler
 import json
@@ -64,13 +68,10 @@ class IsolatedHandshakeFailed(HandshakeError):
 
 
 Handshake = Callable[[HandshakeContext], "Session | None"]
+SECRET_FIELDS = ("tx_secret", "rx_secret")  # the frame's body, never its header
 
 
-def _plugin_handshake(ctx: HandshakeContext) -> Session | None:
-    return ctx.hook.hsd_handshake(ctx=ctx)
-
-
-def run_isolated(ctx: HandshakeContext, handshake: Handshake = _plugin_handshake) -> Session | None:
+def run_isolated(ctx: HandshakeContext, handshake: Handshake) -> Session | None:
     """Run handshake(ctx) in a forked child; return its Session, or raise what it raised (status kept)."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     try:
@@ -121,8 +122,8 @@ def _fork_with_request_keyrings(ctx: HandshakeContext, child: Callable[[], NoRet
 
 
 def _keyrings_to_keep(ctx: HandshakeContext) -> list[int]:
-    """The request's keyrings, then the anchors a fork() would lose or replace."""
-    rings = [ctx.request.keyring, *ctx.keyrings]
+    """The request's keyring, then the anchors a fork() would lose or replace."""
+    rings = [ctx.request.keyring]
     for spec in (keyring.KEY_SPEC_PROCESS_KEYRING, keyring.KEY_SPEC_SESSION_KEYRING):
         try:
             rings.append(keyring.keyring_id(spec, create=False))
@@ -198,10 +199,45 @@ def _write_all(fd: int, data: bytearray) -> None:
 
 
 def _session_header(session: Session) -> dict[str, object]:
-    return {"kind": "session", "cipher": session.cipher, "tx_seq": session.tx_seq, "rx_seq": session.rx_seq,
-            "version": session.version, "group": session.group, "remote_auth": list(session.remote_auth),
-            "peer_certificates": [base64.b64encode(der).decode() for der in session.peer_certificates],
-            "ktls_installed": session.ktls_installed, "details": dict(session.details)}
+    """Every Session field but the secrets, as JSON: bytes become {"b64": ...}, tuples {"tuple": [...]}."""
+    header: dict[str, object] = {"kind": "session"}
+    for item in dataclasses.fields(Session):
+        if item.name not in SECRET_FIELDS:
+            header[item.name] = _to_json(getattr(session, item.name))
+    return header
+
+
+def _to_json(value: object) -> object:
+    if isinstance(value, (bytes, bytearray)):
+        return {"b64": base64.b64encode(value).decode()}
+    if isinstance(value, tuple):
+        return {"tuple": [_to_json(item) for item in value]}
+    if isinstance(value, dict):
+        return {"dict": {str(key): _to_json(item) for key, item in value.items()}}
+    return value
+
+
+def _from_json(value: object) -> object:
+    if isinstance(value, dict):
+        if set(value) == {"b64"}:
+            return base64.b64decode(value["b64"], validate=True)
+        if set(value) == {"tuple"} and isinstance(value["tuple"], list):
+            return tuple(_from_json(item) for item in value["tuple"])
+        if set(value) == {"dict"} and isinstance(value["dict"], dict):
+            return {key: _from_json(item) for key, item in value["dict"].items()}
+        raise ValueError(f"unknown encoding {sorted(value)}")
+    if isinstance(value, list):
+        raise ValueError("a bare list (tuples travel as {'tuple': [...]})")
+    return value
+
+
+def _session_from(header: dict, tx: bytearray, rx: bytearray) -> Session:
+    """The Session again, from exactly the fields its definition lists (a missing one is malformed)."""
+    names = [item.name for item in dataclasses.fields(Session) if item.name not in SECRET_FIELDS]
+    missing = [name for name in names if name not in header]
+    if missing:
+        raise KeyError(", ".join(missing))
+    return Session(tx_secret=tx, rx_secret=rx, **{name: _from_json(header[name]) for name in names})
 
 
 def _encode(header: dict[str, object], tx: bytes | bytearray = b"", rx: bytes | bytearray = b"") -> bytearray:
@@ -331,12 +367,7 @@ def _result(frame: bytearray, wait_status: int, killed: bool) -> Session | None:
     if kind == "none":
         return None
     try:
-        return Session(cipher=header["cipher"], tx_secret=tx, rx_secret=rx, tx_seq=header["tx_seq"],
-                       rx_seq=header["rx_seq"], version=header["version"], group=header["group"],
-                       remote_auth=tuple(header["remote_auth"]),
-                       peer_certificates=tuple(base64.b64decode(der, validate=True)
-                                               for der in header["peer_certificates"]),
-                       ktls_installed=header["ktls_installed"], details=dict(header["details"]))
+        return _session_from(header, tx, rx)
     except (KeyError, TypeError, ValueError) as exc:  # binascii.Error is a ValueError
         wipe(tx)
         wipe(rx)

@@ -1,7 +1,10 @@
 """What a backend hands back after a successful TLS 1.3 handshake.
 
-The core, not the backend, installs kTLS from this: the traffic secrets, the
-negotiated suite and the record counters.  Secrets are kept in bytearrays so
+A backend reports facts from its library - the suite, the traffic secrets,
+the record counters, what the peer presented (certificates, or the PSK
+identity it finished with) - and the core decides the rest: it installs kTLS
+from the secrets and counters, and it alone turns the facts into the identity
+DONE reports (remote_auth).  Secrets are kept in bytearrays so
 they can be overwritten as soon as the kernel has them.
 """
 
@@ -19,12 +22,12 @@ class Session:
     rx_secret: bytearray  # the peer's application traffic secret (we read with it)
     tx_seq: int = 0  # records already sent under tx_secret
     rx_seq: int = 0  # records already read under rx_secret
-    version: int = 0x0304
-    group: str | None = None  # key-exchange group, for logging
-    remote_auth: tuple[int, ...] = ()  # serials reported in DONE (PSK used, peer cert keys, ...)
-    peer_certificates: tuple[bytes, ...] = ()  # DER, leaf first (client x509: becomes remote-auth keys)
-    ktls_installed: bool = False  # True when the backend installed kTLS itself (offload hardware)
+    version: int = 0x0304  # the negotiated protocol version; kTLS is installed for TLS 1.3 only
+    group: str | None = None  # key-exchange group, for logging (None: psk_ke, or the library cannot tell)
+    peer_certificates: tuple[bytes, ...] = ()  # DER, leaf first, as the peer sent them (x509 modes)
+    psk_identity: bytes | None = None  # PSK modes: the identity the library finished the handshake with
     details: dict[str, str] = field(default_factory=dict)  # extra, loggable facts (never secrets)
+    remote_auth: tuple[int, ...] = ()  # set by the core, never by a backend: the serials DONE reports
 
     def wipe(self) -> None:
         """Overwrite the secrets in place; the session is useless afterwards.

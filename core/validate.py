@@ -79,8 +79,8 @@ def _problems(result: object) -> Iterator[str]:
     if not isinstance(result.peer_certificates, tuple) or not all(
             isinstance(der, (bytes, bytearray)) and der for der in result.peer_certificates):
         yield "peer_certificates is not a tuple of non-empty DER bytes"
-    if not isinstance(result.ktls_installed, bool):
-        yield f"ktls_installed is {type(result.ktls_installed).__name__}, not bool"
+    if result.psk_identity is not None and not isinstance(result.psk_identity, (bytes, bytearray)):
+        yield f"psk_identity is {type(result.psk_identity).__name__}, not bytes or None"
     if not isinstance(result.details, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in result.details.items()):
         yield "details is not a dict of str to str"

@@ -54,9 +54,11 @@ def test_hsd_plugins_lists_the_example_and_skips_the_broken_ones(venv, tmp_path)
     result = run(venv, "-m", "hsd.cli", "plugins", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert re.search(r"stdlib-ssl\s+0\.1\.0\s+backend\s+API 1\s+modes: client/unauth$", out, re.M), out
+    assert re.search(r"stdlib-ssl\s+0\.1\.0\s+backend\s+API 2\s+modes: client/unauth$", out, re.M), out
     assert re.search(r"broken-import\s+SKIPPED: cannot be loaded: ImportError", out), out
-    assert re.search(r"wrong-api\s+SKIPPED: it targets plugin API 999, this hsd provides API 1", out), out
+    assert re.search(r"wrong-api\s+SKIPPED: it targets plugin API 999, this hsd provides API 2$", out, re.M), out
+    assert re.search(r"old-api\s+SKIPPED: it targets plugin API 1, this hsd provides API 2 \(API 2: hsd_handshake "
+                     r"is called only on the backend chosen for the mode", out), out
     assert re.search(r"openssl\s+\S+\s+backend", out)  # the built-in backends still load
 
 
@@ -86,3 +88,41 @@ def test_the_interop_matrix_passes_on_the_example_with_broken_plugins_installed(
                  "test_secrets_only_ever_go_through_a_pipe"):
         assert re.search(rf"PASSED .*{re.escape(name)}", result.stdout), name
     assert "aes-128-ccm" not in result.stdout  # the plugin declared it cannot offer CCM: not asked to
+
+
+# ---------------------------------------------------------------- docs/plugins.md runs as written
+
+GUIDE = ROOT / "docs" / "plugins.md"
+
+
+def guide_blocks(language: str) -> list[str]:
+    """The guide's fenced blocks of one language, in order."""
+    return re.findall(rf"^```{language}\n(.*?)^```$", GUIDE.read_text(encoding="utf-8"), re.M | re.S)
+
+
+@pytest.mark.skipif(not peers.tool_available("openssl"), reason="the guide's test-kit snippets use openssl s_server")
+def test_every_python_block_of_the_plugin_guide_runs_as_written(venv, tmp_path) -> None:
+    """Top to bottom as one script, with the example plugin installed as a reader following the guide would
+    have it; each assert in the blocks must hold.  A block that stops running fails here."""
+    blocks = guide_blocks("python")
+    assert len(blocks) >= 5, "the guide lost its Python examples"
+    script = tmp_path / "guide.py"
+    script.write_text("\n\n".join(blocks) + "\nprint('guide ran:', len(%r))\n" % blocks, encoding="utf-8")
+    result = run(venv, str(script), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"guide ran: {len(blocks)}" in result.stdout
+
+
+def test_the_guides_config_and_registration_blocks_are_what_hsd_and_the_example_use() -> None:
+    from hsd.config import parse
+
+    (toml,) = guide_blocks("toml")
+    assert toml.strip() in (EXAMPLE / "pyproject.toml").read_text(encoding="utf-8")
+    (ini,) = guide_blocks("ini")
+    cfg = parse(ini, "docs/plugins.md")
+    assert cfg.backend_for("client", "unauth") == "stdlib-ssl" and cfg.backend_for("server", "x509") == "openssl"
+    assert cfg.disable_plugins == ["tlslite"] and "stdlib-ssl" in cfg.enable_plugins
+    matrix = (EXAMPLE / "tests" / "test_stdlib_ssl_matrix.py").read_text(encoding="utf-8")
+    pytest_block = next(block for block in guide_blocks("python") if "hsd_run_case" in block)
+    for line in ('pytestmark = pytest.mark.hsd_backend("stdlib-ssl")', "hsd_run_case(hsd_case)"):
+        assert line in pytest_block and line in matrix

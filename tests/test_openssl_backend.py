@@ -17,7 +17,7 @@ import pytest
 
 import hsd_openssl
 from hsd.config import Config
-from hsd.context import HandshakeContext
+from hsd.context import Auth, HandshakeContext
 from hsd.credentials import X509Credentials, load_x509
 from hsd.errors import CredentialError, HandshakeError, HandshakeTimeout, PeerClosed, PeerRejected
 from hsd.hookspecs import Mode
@@ -122,22 +122,25 @@ def test_backend_info_lists_exactly_the_certificate_modes(plugins: pluggy.Plugin
     infos = [info for info in plugins.hook.hsd_backend_info() if info.name == "openssl"]
     assert len(infos) == 1
     assert {Mode("client", "unauth"), Mode("client", "x509"), Mode("server", "x509")} <= set(infos[0].modes)
-    assert not any(mode.auth == "psk" for mode in hsd_openssl.CERT_MODES)
+    assert not any(mode.auth is Auth.PSK for mode in hsd_openssl.CERT_MODES)
 
 
-def test_declines_other_backends_and_psk(plugins: pluggy.PluginManager, pki: TestPki) -> None:
+def test_the_host_never_routes_another_backends_request_or_psk_without_a_policy(plugins, pki: TestPki) -> None:
+    """The host (not the backend) decides: a request for a backend that is not loaded, or a PSK request
+    with no policy plugin, is EOPNOTSUPP naming why, and the openssl backend sends nothing."""
     a, b = socket.socketpair()
     try:
         ctx = context(a, "client", "unauth", client_config(pki))
         ctx.backend = "tlslite"
-        assert plugins.hook.hsd_handshake(ctx=ctx) is None
+        expect_handshake_error(errno.EOPNOTSUPP, "'tlslite' is not installed", run_handshake, plugins, ctx)
         ctx.backend = "openssl"
         ctx.request = HandshakeRequest(sockfd=a.fileno(), message_type=MessageType.CLIENTHELLO,
                                        auth_mode=AuthMode.PSK, peername="localhost")
-        assert plugins.hook.hsd_handshake(ctx=ctx) is None
+        expect_handshake_error(errno.EOPNOTSUPP, "no PSK policy plugin serves client/psk", run_handshake,
+                               plugins, ctx)
         b.setblocking(False)
         with pytest.raises(BlockingIOError):
-            b.recv(1)  # nothing was sent by a declined handshake
+            b.recv(1)  # nothing was sent for a request the host refused
     finally:
         a.close()
         b.close()

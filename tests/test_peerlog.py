@@ -16,7 +16,7 @@ import socket
 import pytest
 from hypothesis import given, strategies as st
 
-import hsd_psk.policy
+import hsd.psk
 from hsd.peerlog import ELLIPSIS, PeerRateLimiter, peer_of, truncate, truncate_list
 from hsd.testing.harness import DaemonHarness
 from hsd.testing.keyrings import ThrowawayKeyring
@@ -171,7 +171,7 @@ def test_a_flood_of_bad_connections_yields_a_bounded_log(backend: str, hsd_keyri
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     hsd_keyring.add("the-only-known-identity", bytes(32))
     clock = Clock()
-    monkeypatch.setattr(hsd_psk.policy, "UNKNOWN_IDENTITY_WARNINGS",
+    monkeypatch.setattr(hsd.psk, "UNKNOWN_IDENTITY_WARNINGS",
                         PeerRateLimiter(burst=BURST, interval=60, clock=clock), raising=False)
     with caplog.at_level(logging.DEBUG), DaemonHarness(backend=backend) as daemon:
         statuses = {bad_connection(daemon, hsd_keyring) for _ in range(FLOOD)}

@@ -447,12 +447,21 @@ def test_backend_without_psk_mechanics_is_unsupported(plugins: pluggy.PluginMana
     assert "no-such-backend" in info.value.reason
 
 
-def test_policy_ignores_other_auth_modes(plugins: pluggy.PluginManager) -> None:
-    request = HandshakeRequest(sockfd=-1, message_type=MessageType.CLIENTHELLO, auth_mode=AuthMode.X509)
-    ctx = HandshakeContext(request=request, sock=socket.socket(), deadline=time.monotonic() + 1,
-                           backend="openssl", config=Config(), hook=plugins.hook)
+def test_the_policy_only_offers_keys_and_is_asked_only_for_psk(plugins, ring: ThrowawayKeyring) -> None:
+    """The policy runs no handshake of its own (it has no hsd_handshake to take other modes with); for a
+    PSK request it offers the ACCEPT's keys in order, and the host wipes them when the request ends."""
+    assert not hasattr(hsd_psk, "hsd_handshake")
+    first, second = secrets.token_bytes(32), secrets.token_bytes(48)
+    serials = (ring.add(ID256, first), ring.add(ID384, second))
+    request = HandshakeRequest(sockfd=-1, message_type=MessageType.CLIENTHELLO, auth_mode=AuthMode.PSK,
+                               peer_identities=serials, keyring=ring.serial)
+    ctx = HandshakeContext(request=request, sock=socket.socket(), deadline=time.monotonic() + 1, backend="openssl")
     with ctx.sock:
-        assert hsd_psk.hsd_handshake(ctx=ctx) is None
+        offer = hsd_psk.hsd_psk_offer(ctx=ctx)
+    assert [(key.serial, key.hash, bytes(key.secret)) for key in offer.keys] == \
+        [(serials[0], "sha256", first), (serials[1], "sha384", second)]
+    offer.wipe()
+    assert all(not any(key.secret) for key in offer.keys)
     info = hsd_psk.hsd_backend_info()
     assert info.name == "psk" and info.kind == "policy"
     assert {str(mode) for mode in info.modes} == {"client/psk", "server/psk"}

@@ -50,7 +50,7 @@ def test_well_formed_sessions_pass_unchanged():
     ({"peer_certificates": [b"der"]}, "peer_certificates is not a tuple"),
     ({"peer_certificates": ("MIIB...",)}, "peer_certificates is not a tuple"),
     ({"peer_certificates": (b"",)}, "peer_certificates is not a tuple"),
-    ({"ktls_installed": 1}, "ktls_installed is int, not bool"),
+    ({"psk_identity": "NVMe0R01 host subsys"}, "psk_identity is str, not bytes or None"),
     ({"details": {"k": 1}}, "details is not a dict of str to str"),
 ])
 def test_each_malformed_field_is_eio_naming_backend_and_field(fields, field):

@@ -1,7 +1,7 @@
 """hsd's test kit: the simulator, real peers and a kTLS record checker, for hsd and for plugin authors.
 
 - hsd.testing.harness: DaemonHarness (simulator + dispatcher + discovered plugins), assert_ktls_roundtrip
-- hsd.testing.handshakes: one handshake through a plugin's hooks, no dispatcher (plugin_manager, run_handshake)
+- hsd.testing.handshakes: one handshake routed through the plugin host, no dispatcher (plugin_host, run_handshake)
 - hsd.testing.matrix: the interop matrix as data (Case, MATRIX, cases_for, run_case)
 - hsd.testing.peers: openssl/gnutls peers, scripted broken peers, PSK peers
 - hsd.testing.records: a user-space TLS 1.3 record layer keyed by kTLS crypto_info (session_records)
@@ -17,7 +17,7 @@ _EXPORTS = {
     "DaemonHarness": "harness", "HarnessError": "harness", "assert_ktls_roundtrip": "harness",
     "assert_ktls_pair": "harness", "Case": "matrix", "MATRIX": "matrix", "cases_for": "matrix",
     "run_case": "matrix", "hsd_interop_matrix": "pytest_plugin", "make_pki": "pki",
-    "ThrowawayKeyring": "keyrings", "plugin_manager": "handshakes", "handshake_context": "handshakes",
+    "ThrowawayKeyring": "keyrings", "plugin_host": "handshakes", "plugin_manager": "handshakes", "handshake_context": "handshakes",
     "run_handshake": "handshakes", "expect_handshake_error": "handshakes", "session_records": "records",
 }
 

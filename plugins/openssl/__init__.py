@@ -2,8 +2,8 @@
 
 Registered under the ``hsd.backends`` entry-point group; pluggy registers this
 module, so the hook implementations are the module-level functions below.
-Serves client/unauth, client/x509 and server/x509; the PSK mechanics live in
-plugins/openssl/psk.py.
+The host calls them only for a request routed to this backend: client/unauth,
+client/x509 and server/x509 here, the PSK mechanics in plugins/openssl/psk.py.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import OpenSSL
 
 from hsd.context import HandshakeContext
-from hsd.hookspecs import BackendInfo, Mode, hookimpl
+from hsd.hookspecs import BackendInfo, Mode, Role, hookimpl
 from hsd.session import Session
 
 from .handshake import client_handshake, server_handshake
@@ -40,9 +40,7 @@ def hsd_backend_info() -> BackendInfo:
 
 
 @hookimpl
-def hsd_handshake(ctx: HandshakeContext) -> Session | None:
-    if ctx.backend != NAME or ctx.mode not in CERT_MODES:
-        return None
-    if ctx.request.role == "server":
+def hsd_handshake(ctx: HandshakeContext) -> Session:
+    if ctx.mode.role is Role.SERVER:
         return server_handshake(ctx)
     return client_handshake(ctx)

@@ -149,5 +149,5 @@ def context_key(ctx: HandshakeContext, creds: X509Credentials) -> Hashable | Non
         tuple(_Same(crl) for crl in creds.crls),
         tuple(creds.pq_chain),
         _public_half(creds.pq_key),
-        ctx.config.tls_debug,
+        ctx.settings.tls_debug,
     )

@@ -17,9 +17,8 @@ from OpenSSL import SSL
 from hsd import x509verify
 from hsd.context import HandshakeContext
 from hsd.credentials import X509Credentials
-from hsd.errors import CredentialError, HandshakeError, PeerClosed, PeerRejected
+from hsd.errors import HandshakeError, PeerClosed, PeerRejected
 from hsd.session import Session
-from hsd.wire import RecordSocket
 
 from .contexts import context_key, contexts
 from .driver import ErrorTranslator, drive_handshake, ssl_error_text
@@ -62,7 +61,7 @@ class ConnectionState:
 
 def _trace(conn: SSL.Connection, ctx: HandshakeContext) -> None:
     """[debug] tls > 0: log the handshake's state machine (no secrets in state names)."""
-    if ctx.config.tls_debug <= 0:
+    if ctx.settings.tls_debug <= 0:
         return
     role = ctx.request.role
 
@@ -90,7 +89,7 @@ def _run(ctx: HandshakeContext, context: SSL.Context, outcome: VerifyOutcome, pr
     try:
         if prepare is not None:
             prepare(conn)
-        dropped = drive_handshake(conn, RecordSocket(ctx.sock, ctx.deadline), server=role == "server",
+        dropped = drive_handshake(conn, ctx.records(), server=role == "server",
                                   translate=_translator(outcome), hello=hello)
         session = build_session(conn, secrets, role, hello)
     except BaseException:
@@ -137,9 +136,9 @@ def _server_context(creds: X509Credentials) -> SSL.Context:
 
 def client_handshake(ctx: HandshakeContext) -> Session:
     """Client unauth (server verified) or x509 (and we present our certificate)."""
-    creds = ctx.x509 or X509Credentials()
+    creds = ctx.x509
     verify = creds.verify_peer
-    name = x509verify.client_peer_name(ctx.peername, verify=verify)
+    name = ctx.server_name
     if not verify:
         ctx.log.debug("server certificate verification disabled by configuration")
     context = contexts.obtain(context_key(ctx, creds), lambda: _client_context(ctx, creds))
@@ -155,8 +154,6 @@ def client_handshake(ctx: HandshakeContext) -> Session:
 def server_handshake(ctx: HandshakeContext) -> Session:
     """Server x509: always asks for a client certificate, verifies it when sent."""
     creds = ctx.x509
-    if creds is None:
-        raise CredentialError("server x509 handshake but no server credentials were loaded")
     outcome = VerifyOutcome("client", creds.allowed_sans, enforce=creds.verify_peer)
     context = contexts.obtain(context_key(ctx, creds), lambda: _server_context(creds))
     session = _run(ctx, context, outcome)

@@ -11,7 +11,7 @@ from .pq import install_both_identities
 
 
 def install_identity(context: SSL.Context, creds: X509Credentials, role: str) -> None:
-    """Leaf, intermediates and key; CredentialError when OpenSSL cannot use them.
+    """Leaf, intermediates and key (the core checked both are there); CredentialError if OpenSSL cannot use them.
 
     With an x509.pq.* pair configured, both identities go on the context and
     OpenSSL picks per handshake by the peer's signature algorithms (see pq.py).
@@ -19,8 +19,6 @@ def install_identity(context: SSL.Context, creds: X509Credentials, role: str) ->
     if creds.pq_chain:
         install_both_identities(context, creds, role)
         return
-    if not creds.chain or creds.key is None:
-        raise CredentialError(f"{role} x509 handshake needs a certificate and a private key")
     try:
         context.use_certificate(creds.chain[0])
         for extra in creds.chain[1:]:

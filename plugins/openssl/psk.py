@@ -25,13 +25,10 @@ from OpenSSL import SSL
 from OpenSSL._util import ffi, lib
 
 from hsd.context import HandshakeContext
-from hsd.errors import (CredentialError, HandshakeError, PeerRejected, Unsupported,
-                        UnknownPskIdentity)
-from hsd.hookspecs import hookimpl
-from hsd.psk import PskKey, PskOffer, PskSelection
+from hsd.errors import CredentialError, HandshakeError, PeerRejected, UnknownPskIdentity
+from hsd.hookspecs import Role, hookimpl
+from hsd.psk import PskKey, PskOffer, PskSelection, server_first_flight
 from hsd.session import Session
-from hsd.wire import RecordSocket
-from hsd.tls13 import UNKNOWN_PSK_IDENTITY, offered_psk_identities, send_alert
 
 from .driver import default_translation, drive_handshake, ssl_error_text
 from .secrets import TrafficSecrets
@@ -57,7 +54,6 @@ MAX_MASTER_KEY = 48  # SSL_MAX_MASTER_KEY_LENGTH
 class _Handshake:
     """One handshake's state, reachable from its callbacks."""
 
-    keys: dict[bytes, PskKey | None] = field(default_factory=dict)  # server: lookups, cached
     selection: PskSelection = field(default_factory=PskSelection)  # every key handed to OpenSSL
     selected: bytes | None = None  # identity of the last session a callback handed OpenSSL
     finished_with: PskKey | None = None  # the key of OpenSSL's session at handshake done
@@ -144,7 +140,7 @@ def _session(conn: SSL.Connection, state: _Handshake, role: str, dropped: int,
              hello: ServerHelloReader) -> Session:
     key = _finished_key(conn, state)
     session = build_session(conn, state.secrets, role, hello)
-    session.remote_auth = (key.serial,)
+    session.psk_identity = key.identity
     session.details.update(psk_identity=key.identity.decode(errors="replace"),
                            psk_hash=key.hash,
                            psk_mode="psk_dhe_ke" if session.group else "psk_ke")
@@ -181,7 +177,7 @@ def _client(ctx: HandshakeContext, offer: PskOffer) -> Session:
     context = _context(state, key.hash, offer.modes, server=False)
     lib.SSL_CTX_set_psk_use_session_callback(context._context, use_session)
     conn = SSL.Connection(context, None)
-    records = RecordSocket(ctx.sock, ctx.deadline)
+    records = ctx.records()
     server_hello = ServerHelloReader()
     try:
         try:
@@ -199,29 +195,18 @@ def _client(ctx: HandshakeContext, offer: PskOffer) -> Session:
 
 
 def _server(ctx: HandshakeContext, offer: PskOffer) -> Session:
-    if offer.lookup is None:
-        raise CredentialError("no PSK lookup for a server handshake")
-    records = RecordSocket(ctx.sock, ctx.deadline)
-    first_flight, identities = offered_psk_identities(records)
+    records = ctx.records()
+    first_flight, _identities, chosen = server_first_flight(records, offer)
+    lookup = offer.lookup
+    assert lookup is not None  # server_first_flight refused an offer without one
     state = _Handshake()
-    chosen: PskKey | None = None
-    for identity in identities:
-        state.keys[identity] = offer.lookup(identity)
-        if state.keys[identity] is not None:
-            chosen = state.keys[identity]
-            break
-    if chosen is None:
-        send_alert(records, UNKNOWN_PSK_IDENTITY)
-        raise UnknownPskIdentity(f"client offered {len(identities)} unknown PSK identities")
     hash_name = chosen.hash
 
     @ffi.callback("int(SSL *, unsigned char *, size_t, SSL_SESSION **)")
     def find_session(ssl: Any, identity: Any, identity_len: int, sess_out: Any) -> int:
         try:
             name = bytes(ffi.buffer(identity, identity_len))
-            if name not in state.keys:
-                state.keys[name] = offer.lookup(name)
-            key = state.keys[name]
+            key = lookup(name)  # the offer remembers each identity's answer
             if key is None or key.hash != hash_name:
                 sess_out[0] = ffi.NULL  # not this one: OpenSSL tries the next identity
                 return 1
@@ -256,11 +241,7 @@ def _server(ctx: HandshakeContext, offer: PskOffer) -> Session:
 
 
 @hookimpl
-def hsd_psk_handshake(ctx: HandshakeContext, offer: PskOffer) -> Session | None:
-    if ctx.backend != "openssl":
-        return None
-    if ctx.request.role == "client":
-        return _client(ctx, offer)
-    if ctx.request.role == "server":
+def hsd_psk_handshake(ctx: HandshakeContext, offer: PskOffer) -> Session:
+    if ctx.mode.role is Role.SERVER:
         return _server(ctx, offer)
-    raise Unsupported(f"PSK handshake for unknown role '{ctx.request.role}'")
+    return _client(ctx, offer)

@@ -1,5 +1,5 @@
-"""hsd's PSK policy plugin: keys from the request's keyrings, mechanics from the backend."""
+"""hsd's PSK policy plugin: keys from the request's keyrings; the host hands them to the chosen backend."""
 
-from .policy import hsd_backend_info, hsd_handshake
+from .policy import hsd_backend_info, hsd_psk_offer
 
-__all__ = ["hsd_backend_info", "hsd_handshake"]
+__all__ = ["hsd_backend_info", "hsd_psk_offer"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import tlslite
 
 from hsd.context import HandshakeContext
-from hsd.hookspecs import ALL_MODES, BackendInfo, Mode, hookimpl
+from hsd.hookspecs import ALL_MODES, BackendInfo, Mode, Role, hookimpl
 from hsd.psk import PskOffer
 from hsd.session import Session
 
@@ -36,18 +36,14 @@ def hsd_backend_info() -> BackendInfo:
 
 
 @hookimpl
-def hsd_handshake(ctx: HandshakeContext) -> Session | None:
-    if ctx.backend != NAME or ctx.mode not in CERT_MODES:
-        return None
-    if ctx.request.role == "server":
+def hsd_handshake(ctx: HandshakeContext) -> Session:
+    if ctx.mode.role is Role.SERVER:
         return server_handshake(ctx)
     return client_handshake(ctx)
 
 
 @hookimpl
-def hsd_psk_handshake(ctx: HandshakeContext, offer: PskOffer) -> Session | None:
-    if ctx.backend != NAME or ctx.mode not in PSK_MODES:
-        return None
-    if ctx.request.role == "server":
+def hsd_psk_handshake(ctx: HandshakeContext, offer: PskOffer) -> Session:
+    if ctx.mode.role is Role.SERVER:
         return server_psk_handshake(ctx, offer)
     return client_psk_handshake(ctx, offer)

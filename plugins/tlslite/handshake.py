@@ -18,10 +18,8 @@ from tlslite.messages import Certificate, ServerHello
 
 from hsd import x509verify
 from hsd.context import HandshakeContext
-from hsd.credentials import X509Credentials
-from hsd.errors import CredentialError, HandshakeError, PeerClosed, PeerRejected
+from hsd.errors import HandshakeError, PeerClosed, PeerRejected
 from hsd.session import Session
-from hsd.wire import RecordSocket
 
 from .connection import ObservedConnection, Rejection
 from .identity import chain_certificates, tlslite_identity
@@ -97,7 +95,7 @@ def translate(conn: ObservedConnection, exc: BaseException) -> HandshakeError:
 def run(ctx: HandshakeContext, start: Callable[[ObservedConnection], None], observer: HandshakeObserver,
         first: bytes = b"") -> tuple[ObservedConnection, RecordTransport]:
     """Create the connection, run start(conn) (a tlslite handshake call), map failures."""
-    transport = RecordTransport(RecordSocket(ctx.sock, ctx.deadline), first)
+    transport = RecordTransport(ctx.records(), first)
     conn = ObservedConnection(transport, observer)
     try:
         start(conn)
@@ -112,9 +110,9 @@ def run(ctx: HandshakeContext, start: Callable[[ObservedConnection], None], obse
 
 def client_handshake(ctx: HandshakeContext) -> Session:
     """Client unauth (server verified) or x509 (and we present our certificate)."""
-    creds = ctx.x509 or X509Credentials()
+    creds = ctx.x509
     verify = creds.verify_peer
-    name = x509verify.client_peer_name(ctx.peername, verify=verify)
+    name = ctx.server_name
     chain = key = None
     if ctx.request.auth == "x509":
         chain, key = tlslite_identity(creds, "client", ctx.log)
@@ -140,8 +138,6 @@ def client_handshake(ctx: HandshakeContext) -> Session:
 def server_handshake(ctx: HandshakeContext) -> Session:
     """Server x509: always asks for a client certificate, verifies it when sent."""
     creds = ctx.x509
-    if creds is None:
-        raise CredentialError("server x509 handshake but no server credentials were loaded")
     x509verify.allowed_san_values(tuple(creds.allowed_sans))  # an unusable entry fails before anything is sent
     chain, key = tlslite_identity(creds, "server", ctx.log)
     observer = HandshakeObserver(lambda peer_chain: x509verify.verify_client_certificate(peer_chain, creds))

@@ -49,8 +49,6 @@ def tlslite_identity(creds: X509Credentials, role: str,
                      log: logging.Logger | None = None) -> tuple[X509CertChain, object]:
     """(chain, private key) in tlslite's types; CredentialError when tlslite cannot use them."""
     note_pq_ignored(creds, role, log or logging.getLogger("hsd.handshake"))
-    if not creds.chain or creds.key is None:
-        raise CredentialError(f"{role} x509 handshake needs a certificate and a private key")
     try:
         chain = X509CertChain([_tlslite_certificate(cert) for cert in creds.chain])
         key = tlslite_private_key(creds.key)

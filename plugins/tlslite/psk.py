@@ -20,12 +20,10 @@ from tlslite.constants import TLS_1_3_HRR, ExtensionType
 from tlslite.messages import ClientHello, ServerHello
 
 from hsd.context import HandshakeContext
-from hsd.errors import HandshakeError, PeerRejected, UnknownPskIdentity
-from hsd.psk import PskOffer, PskSelection, selected_identity
+from hsd.errors import HandshakeError, PeerRejected
+from hsd.psk import PskOffer, PskSelection, selected_identity, server_first_flight
 from hsd.secret import wipe
 from hsd.session import Session
-from hsd.tls13 import UNKNOWN_PSK_IDENTITY, offered_psk_identities, send_alert
-from hsd.wire import RecordSocket
 
 from .handshake import HandshakeObserver, run
 from .sessions import build_session
@@ -91,26 +89,18 @@ def client_psk_handshake(ctx: HandshakeContext, offer: PskOffer) -> Session:
         raise PeerRejected("server did not select one of our PSKs")
     key = selection.chosen(observer.identity)
     session = build_session(conn, "client")
-    session.remote_auth = (key.serial,)
+    session.psk_identity = key.identity
     session.details["psk_mode"] = psk_mode(session)
     return session
 
 
 def server_psk_handshake(ctx: HandshakeContext, offer: PskOffer) -> Session:
-    if offer.lookup is None:
-        raise HandshakeError("PSK server handshake without an identity lookup")
-    records = RecordSocket(ctx.sock, ctx.deadline)
-    raw, identities = offered_psk_identities(records)
+    raw, identities, _first = server_first_flight(ctx.records(), offer)
     selection = PskSelection()
-    for identity in identities:
-        key = offer.lookup(identity)
+    for key in map(offer.lookup, identities):  # type: ignore[arg-type]  (server_first_flight checked it)
         if key is not None:
             selection.give(key)
     known = selection.given
-    if not known:
-        send_alert(records, UNKNOWN_PSK_IDENTITY)
-        # the identities themselves are the PSK policy's to log (bounded, rate-limited per peer)
-        raise UnknownPskIdentity(f"client offered {len(identities)} unknown PSK identities")
     settings = tls13_settings()
     add_psks(settings, known, offer.modes)
     observer = PskObserver("peer")
@@ -120,6 +110,6 @@ def server_psk_handshake(ctx: HandshakeContext, offer: PskOffer) -> Session:
         _wipe(settings)
     key = selection.chosen(observer.identity)
     session = build_session(conn, "server")
-    session.remote_auth = (key.serial,)
+    session.psk_identity = key.identity
     session.details["psk_mode"] = psk_mode(session)
     return session

@@ -28,7 +28,6 @@ def hsd_backend_info() -> BackendInfo:
 
 
 @hookimpl
-def hsd_handshake(ctx: HandshakeContext) -> Session | None:
-    if ctx.backend != NAME or ctx.mode not in MODES:
-        return None  # not ours: another backend answers
+def hsd_handshake(ctx: HandshakeContext) -> Session:
+    # hsd calls this only for requests routed to this backend, in a mode it declared (client/unauth)
     return client_handshake(ctx)

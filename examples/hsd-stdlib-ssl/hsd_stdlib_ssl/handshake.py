@@ -24,13 +24,13 @@ def _context(ctx: HandshakeContext) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_3
     creds = ctx.x509
-    if creds is not None and not creds.verify_peer:
+    if not creds.verify_peer:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
         return context
-    if creds is not None and creds.crls:
+    if creds.crls:
         raise CredentialError("the stdlib-ssl backend cannot check CRLs; refusing rather than skipping them")
-    if creds is not None and creds.trust is not None:
+    if creds.trust is not None:
         context.load_verify_locations(cadata="".join(c.public_bytes(Encoding.PEM).decode() for c in creds.trust))
     else:
         context.load_default_certs()
@@ -44,10 +44,8 @@ def _flush(obj_out: ssl.MemoryBIO, records: RecordSocket) -> None:
 
 
 def client_handshake(ctx: HandshakeContext) -> Session:
-    context = _context(ctx)
-    if context.check_hostname and not ctx.peername:
-        raise PeerRejected("client handshake without a peer name: cannot verify the server")
-    records = RecordSocket(ctx.sock, ctx.deadline)
+    context = _context(ctx)  # hsd has already refused a verifying request without a peer name
+    records = ctx.records()
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     with KeylogPipe(context) as keylog:
         obj = context.wrap_bio(incoming, outgoing, server_side=False, server_hostname=ctx.peername)

@@ -1,0 +1,261 @@
+"""Plugin API 2 as a plugin author meets it, and as a careless or hostile plugin would abuse it.
+
+The host routes each request to the one backend chosen for its mode; the
+core enforces the rules every backend obeys (peer name, own credentials,
+which identity DONE reports) and refuses what a plugin gets wrong with a
+message naming the plugin.  The plugins here are real plugins, registered
+exactly as entry-point ones are, on the kernel simulator and the dispatcher.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import socket
+import typing
+from pathlib import Path
+
+import pytest
+
+from hsd import context as context_mod
+from hsd.config import Config
+from hsd.context import Auth, HandshakeContext, Mode, Role, Settings
+from hsd.hookspecs import API_VERSION, BackendInfo, hookimpl
+from hsd.isolation import SECRET_FIELDS, _decode, _session_header, _encode, _result
+from hsd.plugins import PluginHost
+from hsd.protocol import AuthMode, MessageType
+from hsd.psk import PskKey, PskOffer
+from hsd.session import Session
+from hsd.testing.harness import DaemonHarness
+
+UNAUTH = frozenset({Mode("client", "unauth")})
+
+
+def session(**fields: object) -> Session:
+    base: dict[str, object] = dict(cipher="TLS_AES_128_GCM_SHA256", tx_secret=bytearray(32),
+                                   rx_secret=bytearray(b"\1" * 32))
+    base.update(fields)
+    return Session(**base)  # type: ignore[arg-type]
+
+
+class Greedy:
+    """A backend that takes whatever it is given - no "is this mine?" filter, as API 2 allows."""
+
+    def __init__(self, name: str, modes: frozenset[Mode] = UNAUTH, **returned: object) -> None:
+        self.name, self.modes, self.returned = name, modes, returned
+        self.seen: list[tuple[str, str]] = []
+
+    @hookimpl
+    def hsd_backend_info(self) -> BackendInfo:
+        return BackendInfo(self.name, "1.0", self.modes)
+
+    @hookimpl
+    def hsd_handshake(self, ctx: HandshakeContext) -> Session:
+        self.seen.append((ctx.backend, str(ctx.mode)))
+        return session(**self.returned)
+
+
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        client = socket.create_connection(srv.getsockname())
+        server, _ = srv.accept()
+    return client, server
+
+
+def one_request(harness: DaemonHarness, submit: str = "client_hello_anon", **kw: object):
+    mine, theirs = tcp_pair()
+    with mine, theirs:
+        request = getattr(harness, submit)(mine, timeout_ms=5000, **kw)
+        return harness.finish(request)
+
+
+# ---------------------------------------------------------------- routing
+
+
+def test_each_request_reaches_only_the_backend_chosen_for_its_mode() -> None:
+    a, b = Greedy("a"), Greedy("b")
+    config = Config(backend="a")
+    config.backends["client.unauth"] = "b"
+    with DaemonHarness(None, config, extra_plugins={"a": a, "b": b}, discover=False) as harness:
+        for _ in range(3):
+            one_request(harness, peername="localhost").expect(0)
+    assert (a.seen, b.seen) == ([], [("b", "client/unauth")] * 3)
+
+
+def test_a_mode_the_backend_does_not_claim_never_reaches_it() -> None:
+    a = Greedy("a")  # claims client/unauth only
+    with DaemonHarness("a", extra_plugins={"a": a}, discover=False) as harness:
+        finished = one_request(harness, "client_hello_x509", peername="localhost")
+    assert finished.status == errno.EOPNOTSUPP and "'a' does not serve client/x509" in finished.outcome.reason
+    assert a.seen == []
+
+
+class Delegating:
+    """Serves client/unauth by handing the request to another backend (the documented way)."""
+
+    def __init__(self, to: str) -> None:
+        self.to = to
+
+    @hookimpl
+    def hsd_backend_info(self) -> BackendInfo:
+        return BackendInfo("front", "1.0", UNAUTH)
+
+    @hookimpl
+    def hsd_handshake(self, ctx: HandshakeContext) -> Session:
+        return ctx.delegate(self.to)
+
+
+def test_a_backend_delegates_through_the_host_and_only_to_a_backend_that_serves_the_mode() -> None:
+    behind = Greedy("behind")
+    with DaemonHarness("front", extra_plugins={"front": Delegating("behind"), "behind": behind},
+                       discover=False) as harness:
+        one_request(harness, peername="localhost").expect(0)
+    assert behind.seen == [("behind", "client/unauth")]  # it runs under its own name
+    for target, reason in (("front", "delegated a request to itself"), ("nowhere", "'nowhere' is not installed")):
+        with DaemonHarness("front", extra_plugins={"front": Delegating(target)}, discover=False) as harness:
+            finished = one_request(harness, peername="localhost")
+        assert finished.status == errno.EOPNOTSUPP and reason in finished.outcome.reason
+
+
+# ---------------------------------------------------------------- the rules the core owns
+
+
+def test_a_verifying_client_request_without_a_peer_name_is_refused_before_the_backend_runs() -> None:
+    a = Greedy("a")
+    with DaemonHarness("a", extra_plugins={"a": a}, discover=False) as harness:
+        finished = one_request(harness, peername=None)
+    assert finished.status == errno.EACCES and "without a peer name" in finished.outcome.reason
+    assert a.seen == []
+
+
+def test_a_server_request_without_our_certificate_never_reaches_the_backend() -> None:
+    a = Greedy("a", frozenset({Mode("server", "x509")}))
+    with DaemonHarness("a", extra_plugins={"a": a}, discover=False) as harness:
+        finished = one_request(harness, "server_hello_x509")
+    assert finished.status == errno.EIO and "no server certificate is configured" in finished.outcome.reason
+    assert a.seen == []
+
+
+def test_a_backend_cannot_choose_the_identity_done_reports() -> None:
+    """remote_auth is the core's: a backend claiming serial 1234 (say, the key of another request) is EIO."""
+    liar = Greedy("liar", remote_auth=(1234,))
+    with DaemonHarness("liar", extra_plugins={"liar": liar}, discover=False) as harness:
+        finished = one_request(harness, peername="localhost")
+    assert finished.status == errno.EIO and finished.remote_auth == ()
+    assert "backend 'liar' set remote_auth (1234,)" in finished.outcome.reason
+
+
+def test_a_psk_session_reports_the_serial_of_the_offered_key_it_names_and_no_other() -> None:
+    key = PskKey(identity=b"id-1", secret=bytearray(b"k" * 32), hash="sha256", serial=77)
+    offer = PskOffer(keys=[key])
+    assert offer.key_for(b"id-1") is key
+    with pytest.raises(Exception, match="did not offer"):
+        offer.key_for(b"id-2")
+    found = PskKey(identity=b"srv", secret=bytearray(b"s" * 32), hash="sha256", serial=88)
+    server = PskOffer(lookup=lambda identity: found if identity == b"srv" else None)
+    assert server.lookup(b"nope") is None and server.lookup(b"srv") is found
+    assert server.key_for(b"srv") is found and server.unknown() == [b"nope"]
+    with pytest.raises(Exception, match="did not offer"):
+        server.key_for(b"never-looked-up")  # a key the library was never given cannot be reported
+    server.wipe()
+    assert not any(found.secret)
+
+
+# ---------------------------------------------------------------- what a plugin gives the core
+
+
+class Info:
+    def __init__(self, **fields: object) -> None:
+        self.fields = fields
+
+    @hookimpl
+    def hsd_backend_info(self) -> BackendInfo:
+        return BackendInfo(**{"name": "odd", "version": "1", "modes": UNAUTH, **self.fields})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("fields,reason", [
+    ({"api_version": 1}, "it targets plugin API 1, this hsd provides API 2 (API 2: hsd_handshake is called only"),
+    ({"modes": frozenset({("client", "unauth")})}, "modes holds ('client', 'unauth'), a tuple, not a Mode"),
+    ({"modes": frozenset()}, "modes is not a non-empty frozenset of Mode"),
+    ({"modes": frozenset({Mode("server", "unauth")})}, "mode server/unauth is not one hsd serves"),
+    ({"kind": "backnd"}, "kind 'backnd' is not one of backend, policy, observer"),
+    ({"name": "two words"}, "name 'two words' is not a non-empty word"),
+    ({"extra": {"n": 1}}, "extra is not a dict of str to str"),
+])
+def test_a_malformed_plugin_is_refused_at_load_naming_it(fields: dict, reason: str) -> None:
+    host = PluginHost(Config())
+    assert host.add("my-entry-point", Info(**fields)) is None
+    (problem,) = host.problems
+    assert problem.name == "my-entry-point" and reason in problem.reason, problem.reason
+    assert "odd" not in host.infos
+
+
+def test_an_api_1_plugin_is_reported_by_hsd_plugins_style_problems_and_never_called() -> None:
+    class Old(Greedy):
+        @hookimpl
+        def hsd_backend_info(self) -> BackendInfo:
+            return BackendInfo("old", "1.0", UNAUTH, api_version=1)
+
+    old = Old("old")
+    with DaemonHarness("old", extra_plugins={"old-entry": old}, discover=False) as harness:
+        finished = one_request(harness, peername="localhost")
+        assert [p.name for p in harness.host.problems] == ["old-entry"]
+    assert finished.status == errno.EOPNOTSUPP and old.seen == []
+
+
+# ---------------------------------------------------------------- the typed context and result
+
+
+def test_the_context_holds_no_config_no_hook_and_no_optional_it_always_has() -> None:
+    names = {f.name for f in dataclasses.fields(HandshakeContext)}
+    assert {"config", "hook", "keyrings"}.isdisjoint(names)
+    hints = typing.get_type_hints(HandshakeContext, vars(context_mod))
+    assert all(typing.Any not in (hint, *typing.get_args(hint)) for hint in hints.values())
+    for name in ("x509", "settings", "request", "sock", "deadline", "backend"):
+        assert type(None) not in typing.get_args(hints[name]), name
+    assert dataclasses.fields(Settings)  # what a plugin sees of the config, all of it typed
+
+
+def test_modes_are_the_protocols_enums() -> None:
+    assert Mode("client", "x509") == Mode(Role.CLIENT, Auth.X509) == Mode(Role.of(MessageType.CLIENTHELLO),
+                                                                       Auth.of(AuthMode.X509))
+    assert {role.wire for role in Role} == {MessageType.CLIENTHELLO, MessageType.SERVERHELLO}
+    assert {auth.wire for auth in Auth} == {AuthMode.UNAUTH, AuthMode.X509, AuthMode.PSK}
+    assert str(Mode("server", "psk")) == "server/psk" and Mode("server", "psk").key == "server.psk"
+    with pytest.raises(ValueError):
+        Mode("client", "x.509")
+
+
+def test_every_session_field_crosses_the_isolation_pipe() -> None:
+    """The frame is made from Session's own field list: a field added later crosses without an edit here."""
+    original = session(tx_seq=3, rx_seq=4, group="x25519", peer_certificates=(b"\x30\x01", b"\x30\x02"),
+                       psk_identity=b"NVMe0R01 h s", details={"k": "v"}, remote_auth=(9,))
+    header = _session_header(original)
+    assert set(header) - {"kind"} == {f.name for f in dataclasses.fields(Session)} - set(SECRET_FIELDS)
+    frame = _encode(header, original.tx_secret, original.rx_secret)
+    assert _decode(frame)[0] == header
+    again = _result(frame, 0, False)
+    for item in dataclasses.fields(Session):
+        assert getattr(again, item.name) == getattr(original, item.name), item.name
+
+
+def test_api_version_is_2() -> None:
+    assert API_VERSION == 2
+
+
+def test_the_architecture_module_map_lists_every_module() -> None:
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "docs" / "architecture.md").read_text(encoding="utf-8")
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    missing = []
+    for path in sorted((root / "core").rglob("*.py")):
+        rel = path.relative_to(root / "core").as_posix()
+        if not any(f"`{rel}`" in row for row in rows):
+            missing.append(f"core/{rel}")
+    for path in sorted((root / "plugins").rglob("*.py")):
+        package = path.parent.relative_to(root).as_posix()
+        listed = [row for row in rows if f"`{package}/" in row]
+        if not any(f"{package}/{path.name}" in row or f"`{path.name}`" in row or f", {path.name}" in row
+                   or f"`{package}/{path.name}`" in row for row in listed):
+            missing.append(path.relative_to(root).as_posix())
+    assert not missing, f"docs/architecture.md's module map omits {missing}"
