@@ -32,11 +32,13 @@ from hsd.context import HandshakeContext
 from hsd.daemon import serve
 from hsd.credentials import X509Credentials, load_x509
 from hsd.errors import CredentialError, PeerRejected
-from hsd.hookspecs import PROJECT, HookSpecs
+from hsd.dispatcher import settings_of
+from hsd.plugins import PluginHost
 from hsd.protocol import AuthMode, HandshakeRequest, MessageType
 from hsd.session import Session
 from hsd.simulator import Simulator
 from hsd.testing import peers
+from hsd.testing.handshakes import plugin_host, run_handshake
 from hsd.testing.pki_pq import PqPki, make_pq_pki
 from hsd.testing.records import session_records
 
@@ -49,11 +51,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PqPki:
     return make_pq_pki(str(tmp_path_factory.mktemp("pqpki")))
 
 
-def backend(module) -> pluggy.PluginManager:
-    manager = pluggy.PluginManager(PROJECT)
-    manager.add_hookspecs(HookSpecs)
-    manager.register(module)
-    return manager
+def backend(module) -> PluginHost:
+    return plugin_host(module)
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +94,11 @@ def context(sock: socket.socket, role: str, config: Config, *, auth: str = "x509
             backend_name: str = "openssl") -> HandshakeContext:
     req = request(sock, role, auth)
     return HandshakeContext(request=req, sock=sock, deadline=time.monotonic() + 10, backend=backend_name,
-                            config=config, x509=load_x509(config, req))
+                            x509=load_x509(config, req), settings=settings_of(config))
 
 
 def handshake(plugins: pluggy.PluginManager, ctx: HandshakeContext) -> Session:
-    session = plugins.hook.hsd_handshake(ctx=ctx)
-    assert session is not None, "the backend declined a mode it serves"
-    return session
+    return run_handshake(plugins, ctx)
 
 
 def tcp_pair(cleanup: list) -> tuple[socket.socket, socket.socket]:
