@@ -64,7 +64,7 @@ def handshake(sock: socket.socket, role: str, backend: str) -> Session:
     cfg = config()
     sock.setblocking(False)
     ctx = HandshakeContext(request=request, sock=sock, deadline=time.monotonic() + HANDSHAKE_SECONDS,
-                           backend=backend, config=cfg, x509=load_x509(cfg, request))
+                           backend=backend, x509=load_x509(cfg, request))
     session = importlib.import_module(f"hsd_{backend}").hsd_handshake(ctx=ctx)
     if session is None:
         raise AssertionError(f"hsd_{backend} declined {role}")
