@@ -515,4 +515,7 @@ def is_ready(msg: Message, family_id: int) -> bool:
 
 
 def errno_name(code: int) -> str:
+    """The errno's symbolic name; 95 is EOPNOTSUPP, as the kernel, tlshd and hsd's docs call it (Python says ENOTSUP)."""
+    if code == errno.EOPNOTSUPP:
+        return "EOPNOTSUPP"
     return errno.errorcode.get(code, str(code))
