@@ -8,7 +8,9 @@ ktls-utils), a look at what got installed, hsd's own report without
 tlslite-ng, the unit and interop tests on Debian's libraries without
 tlslite-ng (the tests needing it deselected and counted by
 tests.debian.select_available), `pip install --break-system-packages
-tlslite-ng` as docs/packaging.md tells an operator, and the whole set again.
+tlslite-ng` as docs/packaging.md tells an operator, and then only the tests
+the first run left out (`--only-needing tlslite`): every test runs once per
+root.  Both suites run side by side (threads): the steps mostly wait.
 A root that cannot be built fails these tests; nothing here is ever skipped.
 """
 
@@ -17,22 +19,31 @@ from __future__ import annotations
 import re
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from tests.debian.chroot import SOURCE_DIR, TESTS_DIR, RootCopy, Step, pip_env
+from tests.debian.lowest import lowest_constraints
 from tests.debian.roots import REPO, SUITES, RootError, ensure_root
 
 pytestmark = pytest.mark.deb
 
 DEBIAN_LIBRARIES = ("python3-openssl", "python3-cryptography", "python3-pyroute2", "python3-pluggy",
                     "python3-stevedore")
+# Debian package -> the pyproject requirement it stands for (runtime libraries, then the test tools)
+DEBIAN_VERSIONS = {"python3-openssl": "pyopenssl", "python3-cryptography": "cryptography",
+                   "python3-pyroute2": "pyroute2", "python3-pluggy": "pluggy", "python3-stevedore": "stevedore",
+                   "python3-pytest": "pytest", "python3-hypothesis": "hypothesis"}
 UNIT = "/usr/lib/systemd/system/hsd.service"
 PACKAGING_DOC = REPO / "docs" / "packaging.md"
 # The unit and interop tests against the installed package: debian/tests/unit (the autopkgtest) says which.
+# Once on Debian's libraries alone; after `pip install tlslite-ng` only the tests that run left out.
 PYTEST = f"cd {TESTS_DIR} && sh debian/tests/unit"
+PYTEST_TLSLITE_ONLY = f"{PYTEST} --only-needing tlslite"
+STEP_TIMEOUT = 1500
 SELECT_TLSLITE_CONF = "[hsd]\nbackend=tlslite\n"
 
 
@@ -55,7 +66,8 @@ STEPS: tuple[tuple[str, str], ...] = (
                 "echo '--- enabled'; systemctl is-enabled hsd.service || true\n"
                 "echo '--- execstart'; sed -n 's/^ExecStart=//p' " + UNIT + "\n"
                 "echo '--- running'; pgrep -x hsd || echo none\n"
-                "echo '--- check'; hsd check 2>/dev/null | head -1"),
+                "echo '--- check'; hsd check 2>/dev/null | head -1\n"
+                "echo '--- versions'; dpkg-query -W -f='${Package} ${Version}\\n' " + " ".join(DEBIAN_VERSIONS)),
     ("without-tlslite", "rc=0; hsd plugins || rc=$?; echo \"plugins rc=$rc\"\n"
                         "rc=0; hsd check >/tmp/check.out || rc=$?; echo \"check rc=$rc\"\n"
                         "grep -E '^\\[(mode|plugin)\\]' /tmp/check.out\n"
@@ -65,7 +77,7 @@ STEPS: tuple[tuple[str, str], ...] = (
     ("tests-without-tlslite", PYTEST),
     ("pip-tlslite", f"pip install --break-system-packages '{tlslite_requirement()}'\n"
                     "python3 -c 'import tlslite, sys; print(\"tlslite-ng\", tlslite.__version__, tlslite.__file__)'"),
-    ("tests-with-tlslite", PYTEST),
+    ("tests-with-tlslite", PYTEST_TLSLITE_ONLY),
 )
 ESSENTIAL = {"build", "install", "pip-tlslite"}  # later steps mean nothing after these fail
 
@@ -77,6 +89,8 @@ class SuiteRun:
     root_seconds: float
     root_cached: bool
     steps: dict[str, Step] = field(default_factory=dict)
+    seconds: float = 0.0  # in the root, all steps
+    error: str = ""  # the root could not be built
 
     def step(self, name: str) -> Step:
         assert name in self.steps, f"{self.suite}: step {name} did not run (an earlier step failed: " \
@@ -101,27 +115,57 @@ def _setup_host() -> None:
         pytest.fail(f"scripts/setup-debian failed:\n{proc.stdout}{proc.stderr}")
 
 
-@pytest.fixture(scope="module", params=sorted(SUITES, reverse=True))  # trixie first: the oldest libraries
-def suite_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> SuiteRun:
-    _setup_host()
-    suite = SUITES[request.param]
-    log = tmp_path_factory.mktemp(f"deb-{suite.name}") / "mmdebstrap.log"
+def _run_suite(name: str, log: Path) -> SuiteRun:
+    """Every step in a fresh copy of the suite's root; a root that cannot be built is run.error."""
+    suite = SUITES[name]
+    started = time.monotonic()
     try:
         root = ensure_root(suite, log)
     except RootError as exc:
-        pytest.fail(f"the {suite.name} root cannot be built: {exc}")
+        return SuiteRun(suite.name, "", time.monotonic() - started, False, error=str(exc))
     started = time.monotonic()
     with RootCopy(root) as copy:
         run = SuiteRun(suite.name, copy.commit, root.seconds, not root.built_now)
-        for name, script in STEPS:
-            step = copy.run(name, script, timeout=1200, env=pip_env() if name == "pip-tlslite" else None)
-            run.steps[name] = step
-            if step.rc and name in ESSENTIAL:
+        for step_name, script in STEPS:
+            step = copy.run(step_name, script, timeout=STEP_TIMEOUT,
+                            env=pip_env() if step_name == "pip-tlslite" else None)
+            run.steps[step_name] = step
+            if step.rc and step_name in ESSENTIAL:
                 break
-    total = time.monotonic() - started
-    timing = ", ".join(f"{s.name} {s.seconds:.0f} s" for s in run.steps.values())
-    origin = "cached" if run.root_cached else f"built in {run.root_seconds:.0f} s"
-    print(f"{suite.name} @ {run.commit}: root {origin}; in the root {total:.0f} s ({timing})")
+    run.seconds = time.monotonic() - started
+    return run
+
+
+_RUNS: dict[str, SuiteRun] = {}
+
+
+def _all_suites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SuiteRun]:
+    """Both suites at once, each in its own thread: the steps wait on peers and the network far more than
+    they compute, so two roots side by side take little longer than one (2 cores)."""
+    if not _RUNS:
+        _setup_host()
+        started = time.monotonic()
+        logs = {name: tmp_path_factory.mktemp(f"deb-{name}") / "mmdebstrap.log" for name in SUITES}
+        with ThreadPoolExecutor(max_workers=len(SUITES)) as pool:
+            futures = {name: pool.submit(_run_suite, name, logs[name]) for name in SUITES}
+            _RUNS.update({name: future.result() for name, future in futures.items()})
+        for name in sorted(SUITES, reverse=True):
+            run = _RUNS[name]
+            if run.error:
+                print(f"{name}: the root cannot be built ({run.root_seconds:.0f} s)")
+                continue
+            timing = ", ".join(f"{s.name} {s.seconds:.0f} s" for s in run.steps.values())
+            origin = "cached" if run.root_cached else f"built in {run.root_seconds:.0f} s"
+            print(f"{name} @ {run.commit}: root {origin}; in the root {run.seconds:.0f} s ({timing})")
+        print(f"deb: both suites in {time.monotonic() - started:.0f} s (side by side)")
+    return _RUNS
+
+
+@pytest.fixture(scope="module", params=sorted(SUITES, reverse=True))  # trixie first: the oldest libraries
+def suite_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> SuiteRun:
+    run = _all_suites(tmp_path_factory)[request.param]
+    if run.error:
+        pytest.fail(f"the {run.suite} root cannot be built: {run.error}")
     return run
 
 
@@ -173,6 +217,29 @@ def test_unit_is_enabled_not_started_and_starts_the_installed_binary(suite_run: 
         assert page in files
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """Upstream release of a Debian or pip version: epoch, revision and +dfsg dropped; 1.5 == 1.5.0."""
+    upstream = version.split(":")[-1].rsplit("-", 1)[0].split("+")[0].split("~")[0]
+    parts = [int(p) for p in re.findall(r"\d+", upstream)]
+    while len(parts) > 1 and parts[-1] == 0:
+        parts.pop()
+    return tuple(parts)
+
+
+def test_trixie_has_exactly_pyprojects_lower_bounds_and_forky_no_less(suite_run: SuiteRun) -> None:
+    """tests/test_lowest_versions.py leans on this: the trixie root runs the whole set on the bounds."""
+    bounds = lowest_constraints(REPO / "pyproject.toml")
+    installed = dict(line.split(" ", 1) for line in suite_run.section("inspect", "versions").splitlines())
+    assert set(installed) == set(DEBIAN_VERSIONS), installed
+    for package, name in DEBIAN_VERSIONS.items():
+        have, bound = _release(installed[package]), _release(bounds[name])
+        if suite_run.suite == "trixie":
+            assert have == bound, f"trixie's {package} {installed[package]} is not the bound {name}>={bounds[name]}"
+        else:
+            assert have >= bound, f"{suite_run.suite}'s {package} {installed[package]} is below {name}>={bounds[name]}"
+    print(f"{suite_run.suite}: " + ", ".join(f"{p} {v}" for p, v in sorted(installed.items())))
+
+
 def test_without_tlslite_hsd_reports_it_unavailable_and_refuses_to_start_on_it(suite_run: SuiteRun) -> None:
     output = suite_run.ok("without-tlslite").output
     assert "plugins rc=0" in output and "check rc=0" in output, output
@@ -206,7 +273,12 @@ def test_unit_and_interop_tests_pass_without_tlslite(suite_run: SuiteRun) -> Non
 
 
 def test_unit_and_interop_tests_pass_with_tlslite_from_pypi(suite_run: SuiteRun) -> None:
+    """The tests the run on Debian's libraries alone left out, and only those, once tlslite-ng is there."""
     print(suite_run.ok("pip-tlslite").output.strip().splitlines()[-1])
+    without, _ = _pytest_summary(suite_run, "tests-without-tlslite")
     selection, counts = _pytest_summary(suite_run, "tests-with-tlslite")
-    assert "tlslite" not in selection.split()[0], selection
-    assert int(counts.get("passed", 0)) > 0 and "failed" not in counts
+    fields = dict(item.split("=", 1) for item in selection.split())
+    left_out = dict(item.split("=", 1) for item in without.split())
+    assert fields.get("only") == "tlslite", selection
+    assert int(fields["selected"]) >= max(int(left_out["deselected"]), 1), (selection, without)
+    assert int(counts.get("passed", 0)) == int(fields["selected"]) and "failed" not in counts, counts

@@ -8,6 +8,11 @@ missing is decided by importing it, here, at the start of the run; which tests
 need it is read from their code (ast): a module that imports it (or an hsd
 module built on it, or a test module that does) at top level, or a test whose parameters, names or
 command-line arguments name the tlslite backend.
+
+`--only-needing tlslite` is the complement, once the library is installed:
+only the tests a run without it left out.  The Debian roots run the suite
+once on Debian's libraries alone, then just those tests after
+`pip install tlslite-ng`, so every test runs once per root.
 """
 
 from __future__ import annotations
@@ -80,9 +85,29 @@ def _names_backend(function: object, backend: str) -> bool:
     return False
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--only-needing", metavar="PROBE", default=None,
+                     help="run only the tests that need this optional library (its import name, e.g. tlslite): "
+                          "the ones a run without it deselected")
+
+
+def _only(config: pytest.Config) -> Optional | None:
+    probe = config.getoption("--only-needing")
+    if probe is None:
+        return None
+    for optional in OPTIONALS:
+        if optional.probe == probe:
+            return optional
+    raise pytest.UsageError(f"--only-needing: no optional library {probe!r} (known: "
+                            f"{', '.join(o.probe for o in OPTIONALS)})")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     for optional in OPTIONALS:
         _probe(optional)
+    only = _only(config)
+    if only is not None and only.reason:
+        raise pytest.UsageError(f"--only-needing {only.probe}: it is not available ({only.reason})")
 
 
 def _module_needs(path: Path, optional: Optional, seen: frozenset[Path] = frozenset()) -> bool:
@@ -109,6 +134,9 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    only = _only(config)
+    if only is not None:
+        _keep_only_needing(config, items, only)
     missing = [o for o in OPTIONALS if o.reason and o.backend]
     keep, drop = [], []
     for item in items:
@@ -123,6 +151,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items[:] = keep
 
 
+def _keep_only_needing(config: pytest.Config, items: list[pytest.Item], only: Optional) -> None:
+    """The complement of a run without `only`: its whole modules and its backend's tests, nothing else."""
+    verdicts: dict[Path, bool] = {}
+    keep, drop = [], []
+    for item in items:
+        path = Path(str(item.path))
+        if path not in verdicts:
+            verdicts[path] = _module_needs(path, only)
+        if verdicts[path] or (only.backend and _item_needs(item, only.backend)):
+            keep.append(item)
+        else:
+            drop.append(item)
+    only.items = [item.nodeid for item in keep]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 def _item_needs(item: pytest.Item, backend: str) -> bool:
     callspec = getattr(item, "callspec", None)
     if callspec is not None and any(value == backend for value in callspec.params.values()):
@@ -132,6 +178,10 @@ def _item_needs(item: pytest.Item, backend: str) -> bool:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:  # type: ignore[no-untyped-def]
+    only = _only(terminalreporter.config)
+    if only is not None:  # one line for tests/test_debian.py to read
+        terminalreporter.write_line(f"select_available: only={only.probe} selected={len(only.items)}")
+        return
     missing = [o for o in OPTIONALS if o.reason]
     terminalreporter.section("optional libraries")
     for optional in OPTIONALS:
