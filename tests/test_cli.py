@@ -185,3 +185,12 @@ def test_the_man_page_documents_the_exit_status_table() -> None:
     two = table.split("**2**", 1)[1]
     for cause in ("strict_permissions", "hsd check", "[hsd", "private key"):
         assert cause in two, cause
+
+
+def test_the_operators_guide_has_the_same_exit_status_table() -> None:
+    guide = (Path(__file__).parent.parent / "docs" / "operators-guide.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in guide.splitlines() if line.startswith("| ") and
+            line.split("|")[1].strip() in ("0", "1", "2")}
+    assert set(rows) == {"0", "1", "2"}
+    assert "hsd check" in rows["2"] and "strict_permissions" in rows["2"]
+    assert "handshake" in rows["1"] and "simulator" in rows["1"]
