@@ -139,8 +139,6 @@ class GateBackend(FastBackend):
 
     @hookimpl
     def hsd_handshake(self, ctx):
-        if ctx.backend != FAST:
-            return None
         self.gate.wait(WAIT)
         return super().hsd_handshake(ctx)
 
@@ -328,8 +326,6 @@ class RudeBackend:
 
     @hookimpl
     def hsd_handshake(self, ctx):
-        if ctx.backend != "rude":
-            return None
         if ctx.peername == "close.test":
             ctx.sock.close()  # "never close ctx.sock" - this one does
         elif ctx.peername == "swap.test":
@@ -597,8 +593,6 @@ class ContractBreakingBackend:
 
     @hookimpl
     def hsd_handshake(self, ctx):
-        if ctx.backend != self.name:
-            return None
         if ctx.peername == "never-returns.test":
             self.release.wait()  # only the test's teardown lets it go
             return None

@@ -51,8 +51,6 @@ class MisbehavingBackend:
 
     @hookimpl
     def hsd_handshake(self, ctx):
-        if ctx.backend != self.name:
-            return None
         what = self.behaviour
         if what == "segfault":
             ctypes.string_at(0)  # SIGSEGV in native code
@@ -444,8 +442,6 @@ def test_the_child_refuses_a_malformed_session_with_the_plugins_name():
     class BytesSecret(MisbehavingBackend):
         @hookimpl
         def hsd_handshake(self, ctx):
-            if ctx.backend != self.name:
-                return None
             return Session(cipher="TLS_AES_128_GCM_SHA256", tx_secret=b"\x11" * 32, rx_secret=bytearray(32))
 
     with DaemonHarness(CRASHER, isolated(), discover=False, extra_plugins={CRASHER: BytesSecret("ok")}) as harness:

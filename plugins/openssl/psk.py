@@ -28,6 +28,7 @@ from hsd.context import HandshakeContext
 from hsd.errors import CredentialError, HandshakeError, PeerRejected, UnknownPskIdentity
 from hsd.hookspecs import Role, hookimpl
 from hsd.psk import PskKey, PskOffer, PskSelection, server_first_flight
+from hsd.secret import wipe
 from hsd.session import Session
 
 from .driver import default_translation, drive_handshake, ssl_error_text
@@ -88,7 +89,7 @@ def _session_key(conn: SSL.Connection, state: _Handshake) -> PskKey:
         length = lib.SSL_SESSION_get_master_key(session, buf, MAX_MASTER_KEY)
         return state.selection.chosen(state.selected, ffi.buffer(buf, length))
     finally:
-        ffi.memmove(buf, bytes(MAX_MASTER_KEY), MAX_MASTER_KEY)
+        wipe(ffi.buffer(buf, MAX_MASTER_KEY))
 
 
 def _note_final_session(context: SSL.Context, state: _Handshake) -> None:

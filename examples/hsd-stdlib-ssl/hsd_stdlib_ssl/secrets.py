@@ -13,6 +13,7 @@ import os
 import ssl
 
 from hsd.errors import HandshakeError
+from hsd.secret import fromhex_into, wipe
 
 WANTED = ("CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0")
 
@@ -33,19 +34,28 @@ class KeylogPipe:
         return self
 
     def collect(self) -> dict[str, bytearray]:
-        """The application traffic secrets (stops ssl writing, reads to EOF, wipes the buffer)."""
+        """The application traffic secrets (stops ssl writing, reads to EOF, wipes what it read).
+
+        The keylog text is read into bytearrays and decoded in place with
+        hsd.secret (no immutable bytes or str of a secret is made), then zeroed."""
         self.context.keylog_filename = None
-        raw = bytearray()
-        while chunk := os.read(self.read_fd, 4096):
-            raw += chunk
+        raw, chunk = bytearray(), bytearray(4096)
         found: dict[str, bytearray] = {}
         try:
-            for line in bytes(raw).split(b"\n"):
-                fields = line.split()
-                if len(fields) == 3 and fields[0].decode() in WANTED:
-                    found[fields[0].decode()] = bytearray.fromhex(fields[2].decode())
+            while got := os.readv(self.read_fd, [chunk]):
+                raw += memoryview(chunk)[:got]
+            pos = 0
+            while pos < len(raw):
+                end = raw.find(b"\n", pos)
+                end = len(raw) if end < 0 else end
+                label = bytes(raw[pos:max(pos, raw.find(b" ", pos, end))]).decode(errors="replace")  # not secret
+                if label in WANTED:
+                    with memoryview(raw) as view:
+                        found[label] = fromhex_into(view[raw.rfind(b" ", pos, end) + 1:end])
+                pos = end + 1
         finally:
-            raw[:] = bytes(len(raw))
+            wipe(raw)
+            wipe(chunk)
         missing = [name for name in WANTED if name not in found]
         if missing:
             raise HandshakeError(f"the keylog did not carry {', '.join(missing)}")
