@@ -9,6 +9,7 @@ It never imports a TLS library.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import logging
@@ -18,7 +19,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import identity
 from .channel import OVERRUN, Channel
@@ -29,7 +30,8 @@ from .errors import HandshakeError, HandshakeTimeout, Unsupported
 from .isolation import run_isolated
 from .ktls import install_session
 from .plugins import PluginHost
-from .protocol import Done, HandshakeRequest, ProtocolError, errno_name
+from .peerlog import truncate
+from .protocol import AuthMode, Done, HandshakeRequest, MessageType, ProtocolError, errno_name
 from .session import Session
 from .validate import check_session, scrub
 
@@ -54,7 +56,9 @@ class Outcome:
     duration: float = 0.0
     reason: str = ""
     done_error: int = 0  # errno the kernel answered to our DONE (0 = accepted)
+    remote_auth: tuple[int, ...] = ()  # the serials DONE reported
     details: dict[str, str] = field(default_factory=dict)
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage (context, handshake, ktls, ...)
 
     def line(self) -> str:
         req = self.request
@@ -321,24 +325,34 @@ class Dispatcher:
         ctx: HandshakeContext | None = None
         sock: socket.socket | None = None
         remote_auth: tuple[int, ...] = ()
+        stage = _Stages(outcome.stages)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s", accept_line(request))
         try:
             try:
                 sock = socket.socket(fileno=request.sockfd)
             except OSError as exc:
                 raise HandshakeError(f"fd {request.sockfd} from ACCEPT is not a usable socket: {exc.strerror}") from None
             outcome.peer, outcome.local = address_of(sock.getpeername), address_of(sock.getsockname)
-            ctx = self._context(request, sock, entry.deadline)
+            with stage("context"):
+                ctx = self._context(request, sock, entry.deadline)
             outcome.backend = ctx.backend
-            result = (run_isolated(ctx, self.host.handshake) if self.config.isolation == "process"
-                      else self.host.handshake(ctx))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("fd %d: %s -> backend %s; %s", request.sockfd, ctx.mode, ctx.backend,
+                          credentials_line(self.config, request, ctx))
+            with stage("handshake"):
+                result = (run_isolated(ctx, self.host.handshake) if self.config.isolation == "process"
+                          else self.host.handshake(ctx))
             if result is None:
                 raise Unsupported(f"backend {ctx.backend!r} did not handle {ctx.mode}")
             session = check_session(result, ctx.backend)
             outcome.cipher, outcome.group, outcome.details = session.cipher, session.group, dict(session.details)
             if once.sent:
                 raise HandshakeTimeout("the watchdog already failed this request")
-            install_session(self.channel.ktls, sock, session)
-            remote_auth = _remote_auth(ctx, session)
+            with stage("ktls"):
+                install_session(self.channel.ktls, sock, session)
+            with stage("identity"):
+                remote_auth = _remote_auth(ctx, session)
             outcome.status = 0
         except HandshakeError as exc:
             outcome.status, outcome.reason = exc.status, exc.reason
@@ -348,11 +362,13 @@ class Dispatcher:
         finally:
             # every step runs whatever an earlier one raised; the entry goes before the fd, so a
             # request that gets this fd number next can never lose its own entry to this one
-            _each_step(("DONE", lambda: once.send(outcome.status, remote_auth)),
-                       ("wipe", lambda: _wipe(session, result)),
+            with stage("done"):
+                _each_step(("DONE", lambda: once.send(outcome.status, remote_auth)))
+            _each_step(("wipe", lambda: _wipe(session, result)),
                        ("in-flight removal", lambda: self._forget(entry)),
                        ("close", lambda: self._close_socket(sock, request.sockfd)))
             outcome.done_error = once.error
+            outcome.remote_auth = remote_auth if outcome.status == 0 else ()
             outcome.duration = time.monotonic() - started
             self.stats["done"] += 1
             self.stats["ok" if outcome.status == 0 else "failed"] += 1
@@ -379,11 +395,12 @@ class Dispatcher:
     def _report(self, outcome: Outcome, ctx: HandshakeContext | None, session: Session | None) -> None:
         level = logging.INFO if outcome.status == 0 else logging.WARNING
         log.log(level, outcome.line())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("fd %d timings: %s; remote-auth %s", outcome.request.sockfd,
+                      " ".join(f"{name} {seconds * 1000:.1f}ms" for name, seconds in outcome.stages.items()) or "-",
+                      ",".join(str(serial) for serial in outcome.remote_auth) or "none")
         if ctx is not None:
-            try:
-                self.host.hook.hsd_handshake_done(ctx=ctx, status=outcome.status, session=session)
-            except Exception:
-                log.exception("a plugin's hsd_handshake_done hook failed")
+            self.host.observe(ctx, outcome.status, session)
         if self.on_outcome:
             self.on_outcome(outcome)
 
@@ -398,6 +415,50 @@ def address_of(get_address: Callable[[], Any]) -> str:
         host, port = addr[0], addr[1]
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     return str(addr) or "-"
+
+
+class _Stages:
+    """`with stage("name"):` adds the block's duration to the outcome's stages (for the debug timing line)."""
+
+    def __init__(self, stages: dict[str, float]) -> None:
+        self.stages = stages
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            self.stages[name] = time.monotonic() - began
+
+
+def accept_line(request: HandshakeRequest) -> str:
+    """[debug] what ACCEPT said, by number: never a key, only the serials the kernel named."""
+    def named(enum_type: type, value: int) -> str:
+        try:
+            return enum_type(value).name
+        except ValueError:
+            return str(int(value))
+
+    return (f"ACCEPT fd={request.sockfd} message_type={named(MessageType, request.message_type)} "
+            f"auth_mode={named(AuthMode, request.auth_mode)} peername={truncate(repr(request.peername))} "
+            f"timeout={request.timeout_ms}ms peer_identities={list(request.peer_identities)} "
+            f"certificate={request.certificate} privkey={request.privkey} keyring={request.keyring}")
+
+
+def credentials_line(config: Config, request: HandshakeRequest, ctx: HandshakeContext) -> str:
+    """[debug] which credentials were chosen, and from where (paths and serials, never contents)."""
+    if ctx.mode.auth is Auth.PSK:
+        return (f"PSK keys from keyring {request.keyring} and the defaults/[authenticate] keyrings "
+                f"{list(ctx.settings.keyrings)}; peer identities {list(request.peer_identities)}")
+    role = config.role(str(ctx.mode.role))
+    creds = ctx.x509
+    cert = (f"keyring key {request.certificate}" if request.certificate else role.certificate or "none")
+    key = (f"keyring key {request.privkey}" if request.privkey else role.private_key or "none")
+    trust = (f"{len(creds.trust)} anchors from {role.truststore}" if creds.trust is not None else "the system store")
+    return (f"certificate {cert} ({len(creds.chain)} in chain), private key {key}, trust {trust}, "
+            f"{len(creds.crls)} CRLs, verify_peer={creds.verify_peer}, require_peer_cert={creds.require_peer_cert}, "
+            f"allowed_sans={creds.allowed_sans or 'any'}" + (", ML-DSA pair too" if creds.pq_chain else ""))
 
 
 def _each_step(*steps: tuple[str, Callable[[], object]]) -> None:

@@ -12,6 +12,7 @@ daemon keeps no copy of what the kernel now holds.
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 import struct
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDFExpand
 from .errors import KtlsError
 from .secret import wipe, wipe_all
 from .session import Session
+
+log = logging.getLogger("hsd")
 
 SOL_TLS = 282
 TCP_ULP = 31
@@ -232,6 +235,7 @@ def install_session(installer: KtlsInstaller, sock: socket.socket, session: Sess
     tx, rx = session_crypto_info(session)
     try:
         installer.install(sock, tx, rx)
+        log.debug("kTLS installed on fd %d: TX %r, RX %r (%s)", sock.fileno(), tx, rx, session.cipher)
     finally:
         tx.wipe()
         rx.wipe()

@@ -192,11 +192,29 @@ class PluginHost:
         return session
 
     def _call(self, name: str, hook: str, **kwargs: Any) -> Any:
-        """One plugin's implementation of one hook, never the others'."""
+        """One plugin's implementation of one hook, never the others'.
+
+        A HandshakeError is the plugin's answer and passes through; any other
+        exception is a bug of that plugin: one log line naming it (the traceback
+        only at debug level), then PluginBug (EIO) for the request."""
         for impl in getattr(self.pm.hook, hook).get_hookimpls():
             if impl.plugin_name == name:
-                return impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+                try:
+                    return impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+                except HandshakeError:
+                    raise
+                except Exception as exc:
+                    raise plugin_bug(name, hook, exc) from None
         raise Unsupported(f"plugin {name!r} does not implement {hook}")
+
+    def observe(self, ctx: HandshakeContext, status: int, session: Session | None) -> None:
+        """hsd_handshake_done on every plugin that has it; one that raises is logged and the others still run."""
+        for impl in self.pm.hook.hsd_handshake_done.get_hookimpls():
+            args = {"ctx": ctx, "status": status, "session": session}
+            try:
+                impl.function(**{arg: args[arg] for arg in impl.argnames})
+            except Exception as exc:
+                plugin_bug(impl.plugin_name, "hsd_handshake_done", exc)
 
     def why_unavailable(self, name: str) -> str:
         """Why backend name is not usable: it failed to load (and why), is disabled, or is not installed."""
@@ -256,6 +274,18 @@ API_1_CHANGES = (" (API 2: hsd_handshake is called only on the backend chosen fo
 
 class MalformedResult(HandshakeError):
     """A plugin returned something the contract does not allow (a plugin bug): EIO."""
+
+
+class PluginBug(HandshakeError):
+    """A plugin raised something else than a HandshakeError: EIO, the reason names the plugin."""
+
+
+def plugin_bug(name: str, hook: str, exc: BaseException) -> PluginBug:
+    """Log a plugin's exception as one line naming it (traceback at debug level only); the error for DONE."""
+    reason = f"plugin {name!r} raised {exc!r} in {hook}"
+    log.error("%s (a bug in that plugin; the traceback is logged at debug level)", reason)
+    log.debug("traceback of plugin %r in %s", name, hook, exc_info=exc)
+    return PluginBug(reason)
 
 
 def info_problem(info: BackendInfo) -> str | None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import logging
+import re
 import socket
 import typing
 from pathlib import Path
@@ -259,3 +261,64 @@ def test_the_architecture_module_map_lists_every_module() -> None:
                    or f"`{package}/{path.name}`" in row for row in listed):
             missing.append(path.relative_to(root).as_posix())
     assert not missing, f"docs/architecture.md's module map omits {missing}"
+
+
+def test_a_plugin_exception_is_one_error_line_naming_the_plugin(caplog: pytest.LogCaptureFixture) -> None:
+    class Buggy(Greedy):
+        @hookimpl
+        def hsd_handshake(self, ctx: HandshakeContext) -> Session:
+            raise KeyError("oops")
+
+    with caplog.at_level(logging.INFO, logger="hsd"), \
+            DaemonHarness("buggy", extra_plugins={"buggy": Buggy("buggy")}, discover=False) as harness:
+        finished = one_request(harness, peername="localhost")
+    assert finished.status == errno.EIO
+    assert "plugin 'buggy' raised KeyError('oops') in hsd_handshake" in finished.outcome.reason
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert [r.getMessage().split(" (")[0] for r in errors] == ["plugin 'buggy' raised KeyError('oops') in hsd_handshake"]
+    assert not any(r.exc_info for r in caplog.records if r.levelno > logging.DEBUG), "a traceback above debug level"
+
+
+def test_eopnotsupp_is_called_eopnotsupp_in_the_outcome_line() -> None:
+    a = Greedy("a")
+    with DaemonHarness("a", extra_plugins={"a": a}, discover=False) as harness:
+        finished = one_request(harness, "client_hello_x509", peername="localhost")
+    line = finished.outcome.line()
+    assert "status=95 (EOPNOTSUPP)" in line and "ENOTSUP)" not in line
+
+
+def test_debug_logs_the_accept_the_choice_the_ktls_parameters_and_the_timings_never_a_key(
+        hsd_pki, caplog: pytest.LogCaptureFixture) -> None:
+    from hsd.ktls import session_crypto_info
+
+    secret_tx, secret_rx = bytearray(range(1, 33)), bytearray(range(101, 133))
+    expected = session(tx_secret=bytearray(secret_tx), rx_secret=bytearray(secret_rx))
+    tx, rx = session_crypto_info(expected)
+    forbidden = [bytes(b).hex() for b in (secret_tx, secret_rx, tx.key, rx.key, tx.iv, rx.iv)]
+    tx.wipe(), rx.wipe()
+    keyed = Greedy("keyed", tx_secret=secret_tx, rx_secret=secret_rx, tx_seq=2)
+    config = Config()
+    config.client.truststore = hsd_pki.ca
+    with caplog.at_level(logging.DEBUG, logger="hsd"), \
+            DaemonHarness("keyed", config, extra_plugins={"keyed": keyed}, discover=False) as harness:
+        one_request(harness, peername="nfs.example", keyring=0).expect(0)
+    lines = [record.getMessage() for record in caplog.records]
+    text = "\n".join(lines)
+    assert re.search(r"ACCEPT fd=\d+ message_type=CLIENTHELLO auth_mode=UNAUTH peername='nfs.example' "
+                     r"timeout=5000ms peer_identities=\[\] certificate=0 privkey=0 keyring=0", text), text
+    assert re.search(r"fd \d+: client/unauth -> backend keyed; certificate none \(0 in chain\), private key none, "
+                     rf"trust 1 anchors from {re.escape(hsd_pki.ca)}, 0 CRLs, verify_peer=True", text), text
+    assert re.search(r"kTLS installed on fd \d+: TX CryptoInfo\(AES_GCM_128, version=0x304, rec_seq=2\), "
+                     r"RX CryptoInfo\(AES_GCM_128, version=0x304, rec_seq=0\)", text), text
+    timing = next(line for line in lines if " timings: " in line)
+    assert re.search(r"context [\d.]+ms handshake [\d.]+ms ktls [\d.]+ms identity [\d.]+ms done [\d.]+ms", timing)
+    for secret in forbidden:  # neither the traffic secrets nor the derived kTLS keys and IVs, in hex
+        assert secret not in text.replace(":", "").lower()
+
+
+def test_without_debug_a_handshake_logs_only_its_outcome_line(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="hsd"), \
+            DaemonHarness("a", extra_plugins={"a": Greedy("a")}, discover=False) as harness:
+        one_request(harness, peername="localhost").expect(0)
+    handshake_lines = [r.getMessage() for r in caplog.records if r.name == "hsd" and "fd" in r.getMessage()]
+    assert not any("ACCEPT" in line or "timings" in line for line in handshake_lines)
