@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if args.backend:
         cfg.backend = args.backend
+    if args.max_inflight is not None:  # the effective settings, as `hsd check` prints them
+        cfg.max_inflight = args.max_inflight
+    if args.workers is not None:
+        cfg.workers = args.workers
     if args.command in ("check", "plugins"):
         # their report prints every plugin problem itself: no second copy from the log on stderr
         logging.getLogger("hsd").addHandler(logging.NullHandler())

@@ -194,3 +194,11 @@ def test_the_operators_guide_has_the_same_exit_status_table() -> None:
     assert set(rows) == {"0", "1", "2"}
     assert "hsd check" in rows["2"] and "strict_permissions" in rows["2"]
     assert "handshake" in rows["1"] and "simulator" in rows["1"]
+
+
+def test_check_shows_the_command_line_overrides_as_the_effective_settings(tmp_path: Path) -> None:
+    config = write_config(tmp_path, "[hsd]\nworkers=2\nmax_inflight=5\nbackend=openssl\n")
+    result = hsd_cli("-c", str(config), "--workers", "3", "--max-inflight", "9", "--backend", "tlslite", "check",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[hsd] backend=tlslite (--backend) max_inflight=9 handshake_timeout=10000ms workers=3" in result.stdout
