@@ -108,6 +108,10 @@ def _read(cfg: Config, role: str, attr: str, found: Findings) -> bytes | bytearr
     path = getattr(cfg.role(role), attr)
     key = _key_name(role, attr)
     secret = attr.endswith("private_key")
+    if path.startswith(("pkcs11:", "tpmkey:")):  # tlshd 1.x takes these URLs for private keys; hsd does not
+        found.errors.append(f"{key} = {path}: hsd reads keys from PEM or DER files only, not from "
+                            f"{path.split(':', 1)[0]}: URLs; export the key to a file (mode 0600)")
+        return None
     try:
         warning = filetrust.enforce(path, _WHAT[attr], cfg.strict_permissions, refuse=_Refused, secret=secret)
     except _Refused as exc:

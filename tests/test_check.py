@@ -111,6 +111,10 @@ REFUSALS = [
      lambda etc: server(etc, extra="[hsd]\ndisable_plugins=tlslite\n[hsd.backends]\nserver.x509=tlslite\n"),
      ["[hsd.backends] server.x509 = tlslite: backend 'tlslite' is disabled by configuration",
       "selected for server/x509"]),
+    ("pkcs11-key-url", lambda etc: server(etc, key="").replace(
+        "x509.certificate=", "x509.private_key=pkcs11:token=nfs;object=server\nx509.certificate="),
+     ["[authenticate.server] x509.private_key = pkcs11:token=nfs;object=server: hsd reads keys from PEM or DER "
+      "files only, not from pkcs11: URLs"]),
     ("per-mode-not-served", lambda etc: "[hsd]\ndisable_plugins=psk\n[hsd.backends]\nclient.psk=openssl\n",
      ["[hsd.backends] client.psk = openssl: no PSK policy plugin serves client/psk", "hsd plugins shows"]),
 ]
