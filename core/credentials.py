@@ -25,7 +25,7 @@ from .protocol import HandshakeRequest
 from .secret import frombase64_into, wipe
 
 MAX_CHAIN = 10
-try:  # ML-DSA keys arrived in cryptography 46; Debian trixie ships 43 (x509.pq.* is then refused)
+try:  # ML-DSA keys arrived in cryptography 47; Debian trixie ships 43 (x509.pq.* is then refused)
     from cryptography.hazmat.primitives.asymmetric import mldsa
     MLDSA_PUBLIC_KEYS: tuple[type, ...] = (mldsa.MLDSA44PublicKey, mldsa.MLDSA65PublicKey, mldsa.MLDSA87PublicKey)
     MLDSA_PRIVATE_KEYS: tuple[type, ...] = (mldsa.MLDSA44PrivateKey, mldsa.MLDSA65PrivateKey,
