@@ -19,7 +19,7 @@ libraries: the two backends against real peers, PSK, verification, record
 handling, secrets hygiene (LIBRARY_TESTS).  The rest (config, protocol,
 dispatcher, CLI, ...) depends on pluggy, stevedore and pyroute2 only, at the
 versions the trixie root runs.  Tests whose optional library is missing at
-those versions (ML-DSA before cryptography 46) are deselected and counted by
+those versions (ML-DSA before cryptography 47) are deselected and counted by
 tests.debian.select_available.
 """
 

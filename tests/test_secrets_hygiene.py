@@ -462,7 +462,7 @@ KEY_POS_ALL, KEY_USR_VIEW, KEY_USR_READ = 0x3F000000, 0x00010000, 0x00020000
 # the object is freed: in-process (isolation=none) one copy of each application traffic secret can
 # remain in freed heap until malloc reuses it.  Nothing reaches it; isolation=process leaves none.
 OPENSSL_SSL_OBJECT = {"client traffic secret": 1, "server traffic secret": 1}
-# docs/secrets.md, "cryptography without derive_into" (Debian trixie's 43 among them): HKDFExpand.derive
+# docs/secrets.md, "cryptography without derive_into" (before 47; Debian trixie's 43): HKDFExpand.derive
 # returns each kTLS key and IV as an immutable bytes first, freed, not wiped.  One copy each at most,
 # and only in a daemon without process isolation (the child that derived them has exited).
 HKDF_BYTES = {f"kTLS {direction} {what}": 1 for direction in ("tx", "rx") for what in ("key", "write IV")}

@@ -40,7 +40,7 @@ class Optional:
 
 OPTIONALS = (
     Optional("tlslite-ng", "tlslite", frozenset({"tlslite", "hsd_tlslite"}), backend="tlslite"),
-    Optional("ML-DSA in cryptography (46+)", "cryptography.hazmat.primitives.asymmetric.mldsa",
+    Optional("ML-DSA in cryptography (47+)", "cryptography.hazmat.primitives.asymmetric.mldsa",
              frozenset({"cryptography.hazmat.primitives.asymmetric.mldsa", "hsd.testing.pki_pq"})),
 )
 
