@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_inflight is not None:  # the effective settings, as `hsd check` prints them
         cfg.max_inflight = args.max_inflight
     if args.workers is not None:
+        if args.workers < 1:
+            print("hsd: --workers must be at least 1", file=sys.stderr)
+            return EXIT_USAGE
         cfg.workers = args.workers
     if args.command in ("check", "plugins"):
         # their report prints every plugin problem itself: no second copy from the log on stderr
@@ -120,10 +123,7 @@ def _serve(args: argparse.Namespace, cfg: config_mod.Config, argv: list[str]) ->
     from .daemon import serve_workers, setup_logging
     from .plugins import PluginHost
 
-    workers = args.workers if args.workers is not None else cfg.workers
-    if workers < 1:
-        print("hsd: --workers must be at least 1", file=sys.stderr)
-        return EXIT_USAGE
+    workers = cfg.workers  # [hsd] workers, or --workers (checked in main)
     level = logging.DEBUG if (args.debug or cfg.loglevel > 0) else logging.INFO
     setup_logging(args.stderr, level, syslog=args.simulator is None)
     host = PluginHost.discover(cfg)
@@ -145,10 +145,11 @@ def _serve(args: argparse.Namespace, cfg: config_mod.Config, argv: list[str]) ->
         return serve_workers(open_channel, cfg, workers=workers, respawn_argv=argv, backend=cfg.backend,
                              config_path=args.config, max_inflight=args.max_inflight, host=host, checked=True)
     except FileNotFoundError as exc:
-        if not args.simulator:
-            raise
-        print(f"hsd: cannot connect to the simulator at {args.simulator}: {exc.strerror} "
-              f"(start it first: hsd-sim --socket {args.simulator})", file=sys.stderr)
+        if args.simulator:
+            print(f"hsd: cannot connect to the simulator at {args.simulator}: {exc.strerror} "
+                  f"(start it first: hsd-sim --socket {args.simulator})", file=sys.stderr)
+        else:
+            print(f"hsd: cannot serve the kernel's handshake family: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILURE
     except PermissionError:
         print("hsd: the kernel refused ACCEPT: hsd needs CAP_NET_ADMIN (run as root or grant the capability)",
