@@ -152,7 +152,7 @@ class PluginHost:
         core.  PSK: the policy's offer, the backend's mechanics, remote-auth from
         the key used (hsd.psk.run_psk)."""
         self.context(ctx)
-        return self._run(ctx, ctx.backend, None)
+        return self._run(ctx)
 
     def _delegate(self, ctx: HandshakeContext, backend: str, offer: PskOffer | None) -> Session:
         if backend == ctx.backend:
@@ -161,9 +161,9 @@ class PluginHost:
             raise Unsupported(f"a PSK request is delegated to {backend!r} with the offer it was given")
         return self._call_backend(dataclasses.replace(ctx, backend=backend), offer)
 
-    def _run(self, ctx: HandshakeContext, name: str, offer: PskOffer | None) -> Session:
+    def _run(self, ctx: HandshakeContext) -> Session:
         mode = ctx.mode
-        self._serving(name, mode)
+        self._serving(ctx.backend, mode)
         if mode.auth is not Auth.PSK:
             check_request(ctx)
             return self._call_backend(ctx, None)

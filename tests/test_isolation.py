@@ -416,7 +416,11 @@ def test_isolation_cost(hsd_pki):
 @pytest.mark.parametrize("header", [
     {"kind": "session"},  # no fields at all
     {"kind": "session", "cipher": "TLS_AES_128_GCM_SHA256", "tx_seq": 0, "rx_seq": 0, "version": 0x0304,
-     "group": None, "remote_auth": [], "peer_certificates": ["not base64!"], "ktls_installed": False, "details": {}},
+     "group": None, "remote_auth": {"tuple": []}, "peer_certificates": {"tuple": [{"b64": "not base64!"}]},
+     "psk_identity": None, "details": {"dict": {}}},
+    {"kind": "session", "cipher": "TLS_AES_128_GCM_SHA256", "tx_seq": 0, "rx_seq": 0, "version": 0x0304,
+     "group": None, "remote_auth": {"tuple": []}, "peer_certificates": {"list?": []},
+     "psk_identity": None, "details": {"dict": {}}},
     {"kind": "error", "status": "EACCES", "reason": "x", "type": "PeerRejected"},
     {"kind": "error", "status": 0, "reason": "x", "type": "PeerRejected"},  # "failed" with success
 ])

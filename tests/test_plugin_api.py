@@ -322,3 +322,29 @@ def test_without_debug_a_handshake_logs_only_its_outcome_line(caplog: pytest.Log
         one_request(harness, peername="localhost").expect(0)
     handshake_lines = [r.getMessage() for r in caplog.records if r.name == "hsd" and "fd" in r.getMessage()]
     assert not any("ACCEPT" in line or "timings" in line for line in handshake_lines)
+
+
+class Observer:
+    def __init__(self, name: str, fail: bool) -> None:
+        self.name, self.fail, self.seen = name, fail, []
+
+    @hookimpl
+    def hsd_backend_info(self) -> BackendInfo:
+        return BackendInfo(self.name, "1.0", frozenset(), kind="observer")
+
+    @hookimpl
+    def hsd_handshake_done(self, ctx: HandshakeContext, status: int, session: Session | None) -> None:
+        self.seen.append(status)
+        if self.fail:
+            raise ValueError("observer bug")
+
+
+def test_an_observer_that_raises_is_named_and_the_other_observers_still_run(caplog) -> None:
+    first, second = Observer("a-first", True), Observer("b-second", False)
+    plugins = {"a": Greedy("a"), "b-second": second, "a-first": first}  # pluggy would call a-first first
+    with caplog.at_level(logging.INFO, logger="hsd"), \
+            DaemonHarness("a", extra_plugins=plugins, discover=False) as harness:
+        one_request(harness, peername="localhost").expect(0)
+    assert first.seen == [0] and second.seen == [0]
+    assert any("plugin 'a-first' raised ValueError('observer bug') in hsd_handshake_done" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.ERROR)

@@ -329,3 +329,13 @@ def teardown_module() -> None:
     for name, values in sorted(TIMINGS.items()):
         ok = sorted(values)
         print(f"\nhandshake {name}: n={len(ok)} median={ok[len(ok) // 2] * 1000:.1f} ms max={ok[-1] * 1000:.1f} ms")
+
+
+def test_importing_the_backend_warns_nothing_a_user_could_act_on() -> None:
+    """tlslite-ng's asyncore DeprecationWarning stays out of users' runs (pytest or not), warnings as errors."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", "import hsd_tlslite"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and not result.stderr, result.stderr

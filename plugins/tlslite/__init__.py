@@ -9,7 +9,11 @@ as an independent implementation and where OpenSSL is not wanted.
 
 from __future__ import annotations
 
-import tlslite
+import warnings
+
+with warnings.catch_warnings():  # tlslite-ng imports asyncore at import time: not something a user can act on
+    warnings.filterwarnings("ignore", "The asyncore module is deprecated", DeprecationWarning)
+    import tlslite
 
 from hsd.context import HandshakeContext
 from hsd.hookspecs import ALL_MODES, BackendInfo, Mode, Role, hookimpl
