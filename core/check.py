@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import datetime
 import os
+import warnings
 from dataclasses import dataclass, field
 
 from cryptography import x509
+from cryptography.utils import CryptographyDeprecationWarning
 
-from . import credentials, filetrust
+from . import credentials, filetrust, x509verify
 from .config import MODES, Config, RoleConfig, nearest
 from .errors import CredentialError
 from .plugins import PluginHost
@@ -157,6 +159,16 @@ def _role_files(cfg: Config, role: str, found: Findings, now: datetime.datetime)
             if problem:
                 found.warnings.append(f"{_key_name(role, 'truststore')} = {rc.truststore}: CA "
                                       f"{cert.subject.rfc4514_string()} {problem}")
+    if role == "client" and rc.truststore is None and cfg.verify_server:
+        try:
+            with warnings.catch_warnings():  # the system bundle's own quirks (a CA with a zero serial) are no finding
+                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+                anchors = x509verify.system_trust_anchors()
+            found.notes.append(f"{_key_name(role, 'truststore')}: the system trust store, "
+                               f"{len(anchors)} CA certificate(s)")
+        except CredentialError:
+            found.warnings.append(f"{_key_name(role, 'truststore')} is unset and this system has no CA bundle: "
+                                  "client handshakes fail with EIO; set it (or install ca-certificates)")
     if crls is not None:
         _check_crls(cfg, role, crls, trust, found, now)
     _pair(cfg, role, "certificate", "private_key", found, now)
