@@ -7,6 +7,7 @@ from OpenSSL import SSL, crypto
 from hsd.credentials import X509Credentials
 from hsd.errors import CredentialError
 
+from .driver import ssl_error_text
 from .pq import install_both_identities
 
 
@@ -26,4 +27,12 @@ def install_identity(context: SSL.Context, creds: X509Credentials, role: str) ->
         context.use_privatekey(creds.key)
         context.check_privatekey()
     except (SSL.Error, crypto.Error, TypeError, ValueError) as exc:
-        raise CredentialError(f"{role} certificate/private key unusable: {exc}") from None
+        raise CredentialError(f"{role} certificate/private key unusable: {_reason(exc)}") from None
+
+
+def _reason(exc: Exception) -> str:
+    """OpenSSL's error queue as words (not a list of tuples); a key that is not the certificate's, said so."""
+    text = ssl_error_text(exc) if isinstance(exc, (SSL.Error, crypto.Error)) else str(exc)
+    if "key values mismatch" in text:
+        return f"the private key does not match the certificate ({text})"
+    return text
