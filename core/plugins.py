@@ -75,10 +75,16 @@ class PluginHost:
             log.warning("plugin %s skipped: %s", problem.name, problem.reason)
         return host
 
-    def add(self, name: str, plugin: Any) -> BackendInfo | None:
-        """Check and register one plugin object (module, class or instance)."""
+    def _disabled(self, *names: str) -> bool:
         cfg = self.config
-        if (cfg.enable_plugins and name not in cfg.enable_plugins) or name in cfg.disable_plugins:
+        return (bool(cfg.enable_plugins) and not any(n in cfg.enable_plugins for n in names)) or \
+            any(n in cfg.disable_plugins for n in names)
+
+    def add(self, name: str, plugin: Any) -> BackendInfo | None:
+        """Check and register one plugin object (module, class or instance) found under entry-point name.
+
+        enable_plugins/disable_plugins may name the entry point or BackendInfo.name."""
+        if name in self.config.disable_plugins:  # never even asked for its info
             self.disabled.append(name)
             return None
         try:
@@ -95,6 +101,9 @@ class PluginHost:
             problem = info_problem(info)
             if problem:
                 raise TypeError(f"its BackendInfo is malformed: {problem}")
+            if self._disabled(name, info.name):
+                self.disabled.extend(dict.fromkeys((name, info.name)))
+                return None
             if info.name in self.infos:
                 raise TypeError(f"a plugin named {info.name!r} is already loaded")
             self.pm.register(obj, name=info.name)

@@ -348,3 +348,20 @@ def test_an_observer_that_raises_is_named_and_the_other_observers_still_run(capl
     assert first.seen == [0] and second.seen == [0]
     assert any("plugin 'a-first' raised ValueError('observer bug') in hsd_handshake_done" in r.getMessage()
                for r in caplog.records if r.levelno == logging.ERROR)
+
+
+@pytest.mark.parametrize("listed", ["entry-name", "info-name"])
+def test_backend_selection_uses_backendinfo_name_and_disable_takes_either_name(listed: str) -> None:
+    class Named(Greedy):
+        @hookimpl
+        def hsd_backend_info(self) -> BackendInfo:
+            return BackendInfo("info-name", "1.0", UNAUTH)
+
+    plugin = Named("info-name")
+    with DaemonHarness("info-name", extra_plugins={"entry-name": plugin}, discover=False) as harness:
+        one_request(harness, peername="localhost").expect(0)
+    assert plugin.seen == [("info-name", "client/unauth")]
+    host = PluginHost(Config(disable_plugins=[listed]))
+    assert host.add("entry-name", Named("info-name")) is None and "info-name" not in host.infos
+    host = PluginHost(Config(enable_plugins=[listed]))
+    assert host.add("entry-name", Named("info-name")) is not None
