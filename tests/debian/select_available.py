@@ -7,7 +7,8 @@ counted as passed - and the run says how many and why.  Whether a library is
 missing is decided by importing it, here, at the start of the run; which tests
 need it is read from their code (ast): a module that imports it (or an hsd
 module built on it, or a test module that does) at top level, or a test whose parameters, names or
-command-line arguments name the tlslite backend.
+command-line arguments name the tlslite backend; a test that needs it less
+visibly (a config file selecting it) says so: `@pytest.mark.needs("tlslite")`.
 
 `--only-needing tlslite` is the complement, once the library is installed:
 only the tests a run without it left out.  The Debian roots run the suite
@@ -18,6 +19,7 @@ once on Debian's libraries alone, then just those tests after
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import inspect
 import textwrap
@@ -73,6 +75,9 @@ def _names_backend(function: object, backend: str) -> bool:
         tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
     except (OSError, TypeError, SyntaxError):
         return False
+    definition = tree.body[0] if tree.body else None
+    if isinstance(definition, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        definition.decorator_list = []  # markers and other parameters are judged per item, not from the source
     for node in ast.walk(tree):
         if isinstance(node, ast.Name) and backend in node.id:
             return True
@@ -137,10 +142,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     only = _only(config)
     if only is not None:
         _keep_only_needing(config, items, only)
-    missing = [o for o in OPTIONALS if o.reason and o.backend]
+    missing = [o for o in OPTIONALS if o.reason]
     keep, drop = [], []
     for item in items:
-        owner = next((o for o in missing if _item_needs(item, o.backend or "")), None)
+        owner = next((o for o in missing if _item_needs(item, o)), None)
         if owner is None:
             keep.append(item)
         else:
@@ -159,7 +164,7 @@ def _keep_only_needing(config: pytest.Config, items: list[pytest.Item], only: Op
         path = Path(str(item.path))
         if path not in verdicts:
             verdicts[path] = _module_needs(path, only)
-        if verdicts[path] or (only.backend and _item_needs(item, only.backend)):
+        if verdicts[path] or _item_needs(item, only):
             keep.append(item)
         else:
             drop.append(item)
@@ -169,9 +174,25 @@ def _keep_only_needing(config: pytest.Config, items: list[pytest.Item], only: Op
         items[:] = keep
 
 
-def _item_needs(item: pytest.Item, backend: str) -> bool:
+def _value_names(value: object, backend: str) -> bool:
+    """A parameter that is the backend's name, or a case (dataclass) with a field naming it
+    (an interop case against the other backend: Case(other_backend="tlslite"))."""
+    if value == backend:
+        return True
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return any(getattr(value, f.name) == backend for f in dataclasses.fields(value))
+    return False
+
+
+def _item_needs(item: pytest.Item, optional: Optional) -> bool:
+    """Marked `@pytest.mark.needs("tlslite")`, or (for a backend) its parameters or code name the backend."""
+    if any(optional.probe in marker.args for marker in item.iter_markers("needs")):
+        return True
+    backend = optional.backend
+    if not backend:
+        return False
     callspec = getattr(item, "callspec", None)
-    if callspec is not None and any(value == backend for value in callspec.params.values()):
+    if callspec is not None and any(_value_names(value, backend) for value in callspec.params.values()):
         return True
     function = getattr(item, "function", None)
     return function is not None and _names_backend(function, backend)
