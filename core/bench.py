@@ -983,6 +983,13 @@ def run_c_limit(st: Setup, workload: str, key_type: str, group: str, seconds: in
 # ================================================================ the whole run
 
 
+def installed_backends() -> tuple[str, ...]:
+    """The backends to compare: openssl, and tlslite where tlslite-ng is installed (it is not in Debian)."""
+    import importlib.util
+
+    return ("openssl", "tlslite") if importlib.util.find_spec("tlslite") else ("openssl",)
+
+
 @dataclass
 class Plan:
     """How much to measure: --quick is a CI smoke run (correctness, not figures)."""
@@ -998,7 +1005,7 @@ class Plan:
     silent_count: int = 200
     max_inflight: int = 64
     models: bool = True  # also measure the alternative concurrency models
-    backends: tuple[str, ...] = ("openssl", "tlslite")  # hsd with each backend, same workloads
+    backends: tuple[str, ...] = field(default_factory=lambda: installed_backends())  # hsd with each, same workloads
     backend_counts: dict[int, int] = field(default_factory=lambda: {1: 40, 8: 80})
 
     @classmethod
@@ -1046,6 +1053,8 @@ def measure_row(sim: Any, st: Setup, plan: Plan, workload: str, key_type: str, g
                 row.bare[conc] = run_bare(st, workload, key_type, group, conc, count, peers=peers)
         if server_role:
             row.tlslite_note = "not run (tlslite bare is client-side only here)"
+        elif plan.tlslite_count and "tlslite" not in installed_backends():
+            row.tlslite_note = "n/a (tlslite-ng is not installed)"
         elif plan.tlslite_count:
             say(f"{row.label}: bare tlslite")
             try:
@@ -1300,7 +1309,8 @@ def report(results: Results, plan: Plan) -> str:
             cells.setdefault((b.workload, b.concurrency), {})[b.backend] = (
                 f"{_num(b.figures.rate)} | {_ms(b.figures.pct(0.5))}/{_ms(b.figures.pct(0.99))}")
         lines = [[w, str(c)] + [byb.get(name, "-") for name in plan.backends] for (w, c), byb in cells.items()]
-        parts.append(f"hsd by backend, side by side ({plan.key_types[0]} x25519)\n" + _table(head, lines))
+        absent = "" if "tlslite" in plan.backends else "; tlslite: n/a, tlslite-ng is not installed"
+        parts.append(f"hsd by backend, side by side ({plan.key_types[0]} x25519{absent})\n" + _table(head, lines))
     parts.append("Targets\n" + "\n".join(targets(rows, plan)))
     return "\n\n".join(parts) + "\n"
 
