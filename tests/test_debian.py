@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.debian.chroot import SOURCE_DIR, TESTS_DIR, RootCopy, Step, pip_env
+from tests.debian.chroot import SOURCE_DIR, TESTS_DIR, RootCopy, Step, head_commit, pip_env
 from tests.debian.lowest import lowest_constraints
 from tests.debian.roots import REPO, SUITES, RootError, ensure_root
 
@@ -115,7 +115,7 @@ def _setup_host() -> None:
         pytest.fail(f"scripts/setup-debian failed:\n{proc.stdout}{proc.stderr}")
 
 
-def _run_suite(name: str, log: Path) -> SuiteRun:
+def _run_suite(name: str, log: Path, commit: str) -> SuiteRun:
     """Every step in a fresh copy of the suite's root; a root that cannot be built is run.error."""
     suite = SUITES[name]
     started = time.monotonic()
@@ -124,7 +124,7 @@ def _run_suite(name: str, log: Path) -> SuiteRun:
     except RootError as exc:
         return SuiteRun(suite.name, "", time.monotonic() - started, False, error=str(exc))
     started = time.monotonic()
-    with RootCopy(root) as copy:
+    with RootCopy(root, commit) as copy:
         run = SuiteRun(suite.name, copy.commit, root.seconds, not root.built_now)
         for step_name, script in STEPS:
             step = copy.run(step_name, script, timeout=STEP_TIMEOUT,
@@ -145,9 +145,10 @@ def _all_suites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SuiteRun]
     if not _RUNS:
         _setup_host()
         started = time.monotonic()
+        commit = head_commit()  # both roots test the same commit, however HEAD moves meanwhile
         logs = {name: tmp_path_factory.mktemp(f"deb-{name}") / "mmdebstrap.log" for name in SUITES}
         with ThreadPoolExecutor(max_workers=len(SUITES)) as pool:
-            futures = {name: pool.submit(_run_suite, name, logs[name]) for name in SUITES}
+            futures = {name: pool.submit(_run_suite, name, logs[name], commit) for name in SUITES}
             _RUNS.update({name: future.result() for name, future in futures.items()})
         for name in sorted(SUITES, reverse=True):
             run = _RUNS[name]

@@ -1,6 +1,6 @@
 """A throw-away copy of a cached root, with the committed tree in it, and steps run inside it by chroot.
 
-Why a copy from `git archive HEAD`: other work in the checkout (uncommitted
+Why a copy from `git archive HEAD` (resolved once per run): other work in the checkout (uncommitted
 edits) must not leak into what is built and tested; the package is what the
 commit says.  Why chroot rather than mmdebstrap hooks: the root is reused from
 the cache, so nothing here needs the network except the step that asks pip
@@ -35,12 +35,17 @@ class Step:
     output: str
 
 
-def committed_tree(dest: Path) -> str:
-    """Extract HEAD's files into dest; return the commit id."""
+def head_commit() -> str:
+    """HEAD's commit id, resolved once per run: every root and step then tests the same commit."""
+    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def committed_tree(dest: Path, commit: str | None = None) -> str:
+    """Extract the commit's files (HEAD's by default) into dest; return the commit id."""
     dest.mkdir(parents=True, exist_ok=True)
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, check=True).stdout.strip()
-    archive = subprocess.Popen(["git", "-C", str(REPO), "archive", "HEAD"], stdout=subprocess.PIPE)
+    commit = commit or head_commit()
+    archive = subprocess.Popen(["git", "-C", str(REPO), "archive", commit], stdout=subprocess.PIPE)
     subprocess.run(["tar", "-x", "-C", str(dest)], stdin=archive.stdout, check=True)
     if archive.wait():
         raise RuntimeError("git archive HEAD failed")
@@ -50,11 +55,11 @@ def committed_tree(dest: Path) -> str:
 class RootCopy:
     """Extracted root with /proc, /sys, /dev mounted; steps run by chroot; removed on exit."""
 
-    def __init__(self, root: Root) -> None:
+    def __init__(self, root: Root, commit: str | None = None) -> None:
         self.root = root
         self.dir = Path(tempfile.mkdtemp(prefix=f"hsd-deb-{root.suite.name}-", dir="/var/tmp"))
         self.mounts: list[Path] = []
-        self.commit = ""
+        self.commit = commit or ""
 
     def __enter__(self) -> "RootCopy":
         subprocess.run(["tar", "-x", "-C", str(self.dir), "-f", str(self.root.tarball)], check=True)
@@ -69,8 +74,8 @@ class RootCopy:
         host_ca = Path("/etc/ssl/certs/ca-certificates.crt")
         if host_ca.exists():
             shutil.copy(host_ca, self.dir / HOST_CA.lstrip("/"))
-        self.commit = committed_tree(self.dir / SOURCE_DIR.lstrip("/"))
-        committed_tree(self.dir / TESTS_DIR.lstrip("/"))
+        self.commit = committed_tree(self.dir / SOURCE_DIR.lstrip("/"), self.commit or None)
+        committed_tree(self.dir / TESTS_DIR.lstrip("/"), self.commit)
         return self
 
     def __exit__(self, *_exc: object) -> None:
