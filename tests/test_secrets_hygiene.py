@@ -418,11 +418,28 @@ def copies(regions: list[bytes], needle: bytes) -> int:
     return sum(region.count(needle) for region in regions)
 
 
-def keylog_secrets(path: str) -> dict[str, bytes]:
-    """label -> secret from an NSS key log file the peer wrote."""
-    with open(path) as handle:
-        fields = [line.split() for line in handle if not line.startswith("#")]
-    return {f[0]: bytes.fromhex(f[2]) for f in fields if len(f) == 3}
+KEYLOG_LABELS = ("CLIENT_TRAFFIC_SECRET_0", "SERVER_TRAFFIC_SECRET_0")
+
+
+def keylog_secrets(path: str, wait: float = 10.0) -> dict[str, bytes]:
+    """label -> secret from an NSS key log file the peer wrote.
+
+    Read while the peer still runs: OpenSSL's server logs CLIENT_TRAFFIC_SECRET_0 only once it has
+    read the client's Finished, which may be after hsd's DONE (hsd's client is done when it has sent
+    that Finished).  So this reads until both application secrets are there, for up to `wait` s."""
+    deadline = time.monotonic() + wait
+    while True:
+        with open(path) as handle:
+            fields = [line.split() for line in handle if not line.startswith("#")]
+        secrets = {f[0]: bytes.fromhex(f[2]) for f in fields if len(f) == 3 and line_complete(f[2])}
+        if all(label in secrets for label in KEYLOG_LABELS) or time.monotonic() > deadline:
+            return secrets
+        time.sleep(0.02)
+
+
+def line_complete(hex_secret: str) -> bool:
+    """A secret cut mid-write has an odd or short length; TLS 1.3 secrets are 32 or 48 bytes."""
+    return len(hex_secret) in (64, 96)
 
 
 def secret_needles(keylog: dict[str, bytes], req, suite_hint: str) -> dict[str, bytes]:
@@ -482,8 +499,9 @@ def test_no_copy_of_traffic_secrets_or_ktls_keys_stays_in_daemon_memory(memory_d
         mine = socket.create_connection(server.address)
         req = sim.client_hello_anon(mine, peername="localhost", timeout_ms=10000)
         assert req.wait(WAIT)[0] == 0
+        server_secrets = keylog_secrets(server_log)  # while s_server runs: it may log its last line after our DONE
         mine.close()
-    assert_no_copies(daemon, canary, secret_needles(keylog_secrets(server_log), req, "client"), "after a client",
+    assert_no_copies(daemon, canary, secret_needles(server_secrets, req, "client"), "after a client",
                      library_copies)
 
     client_log = str(tmp_path / "s_client.keys")
@@ -494,9 +512,10 @@ def test_no_copy_of_traffic_secrets_or_ktls_keys_stays_in_daemon_memory(memory_d
         conn, _ = listener.accept()
         req = sim.server_hello_x509(conn, timeout_ms=10000)
         assert req.wait(WAIT)[0] == 0
+        client_secrets = keylog_secrets(client_log)
         conn.close()
     assert req.remote_auth, "the client certificate was not reported: not the mutual-TLS path"
-    needles = secret_needles(keylog_secrets(client_log), req, "server")
+    needles = secret_needles(client_secrets, req, "server")
     with open(pki.server.key, "rb") as handle:  # the key file's text: read per handshake, then zeroed
         needles.update({f"server key file line {i}": line.strip()
                         for i, line in enumerate(handle) if len(line.strip()) == 64})
