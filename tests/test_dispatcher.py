@@ -268,6 +268,10 @@ class GatedAcceptChannel:
         if self.armed.is_set():
             assert self.gate.wait(10), "the gate was never opened"
         req = self.inner.accept()
+        if req is not None and self.armed.is_set() and not self.gate.is_set():
+            # the dispatcher was already in an ACCEPT (draining) when the test armed the gate: hold the
+            # request here instead, and move it onto the reused number below, as if it came now
+            assert self.gate.wait(10), "the gate was never opened"
         if req is not None and self.reuse_fd is not None and req.sockfd != self.reuse_fd:
             req = dataclasses.replace(req, sockfd=self._move(req.sockfd, self.reuse_fd))
         return req
