@@ -6,6 +6,7 @@
     hsd plugins [-c FILE]                         installed plugins, their modes, who wins
     hsd demo                                      watch hsd serve simulated requests against real peers
     hsd bench [--quick]                           handshakes/s and latency: hsd vs bare library vs C
+    hsd bench startup [--runs N]                  start to join, first handshake and ready (median)
 
 Expected failures print one line each and exit non-zero; no tracebacks.  Exit
 statuses (hsd(8), EXIT STATUS): 0 success; 1 the kernel or the system cannot
@@ -17,16 +18,19 @@ as an error, which the daemon refuses at start in the same words.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from typing import TYPE_CHECKING
 
 from . import __version__
-from . import config as config_mod
 
+# Serving imports nothing more before it has joined the tlshd group (hsd.startup says why):
+# the configuration, logging and everything else are imported where they are used.
 if TYPE_CHECKING:
+    from . import config as config_mod
     from .plugins import PluginHost
+    from .signals import SignalRelay
+    from .startup import EarlyJoin
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the kernel or the system cannot serve: nothing in the configuration to fix
@@ -63,25 +67,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "startup"]:
+        from .startbench import main as startbench_main
+
+        return startbench_main(argv[2:])
     if argv[:1] == ["bench"]:
         from .bench import main as bench_main
 
         return bench_main(argv[1:])
     args = _parser().parse_args(argv)
-    try:
-        cfg = config_mod.load(args.config)
-    except config_mod.ConfigError as exc:
-        print(f"hsd: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.backend:
-        cfg.backend = args.backend
-    if args.max_inflight is not None:  # the effective settings, as `hsd check` prints them
-        cfg.max_inflight = args.max_inflight
-    if args.workers is not None:
-        if args.workers < 1:
-            print("hsd: --workers must be at least 1", file=sys.stderr)
-            return EXIT_USAGE
-        cfg.workers = args.workers
+    if args.command is None:
+        return _serve(args, argv)  # joins the group first, then reads the configuration
+    cfg = configure(args)
+    if isinstance(cfg, int):
+        return cfg
+    import logging
+
     if args.command in ("check", "plugins"):
         # their report prints every plugin problem itself: no second copy from the log on stderr
         logging.getLogger("hsd").addHandler(logging.NullHandler())
@@ -99,7 +100,28 @@ def main(argv: list[str] | None = None) -> int:
 
         _print_warnings(cfg.warnings)
         return run_demo(cfg, rounds=args.rounds)
-    return _serve(args, cfg, argv)
+    raise AssertionError(f"unhandled command {args.command!r}")
+
+
+def configure(args: argparse.Namespace) -> "config_mod.Config | int":
+    """The configuration with the command line's overrides (the effective settings), or exit 2 in one line."""
+    from . import config as config_mod
+
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as exc:
+        print(f"hsd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.backend:
+        cfg.backend = args.backend
+    if args.max_inflight is not None:  # the effective settings, as `hsd check` prints them
+        cfg.max_inflight = args.max_inflight
+    if args.workers is not None:
+        if args.workers < 1:
+            print("hsd: --workers must be at least 1", file=sys.stderr)
+            return EXIT_USAGE
+        cfg.workers = args.workers
+    return cfg
 
 
 def _print_warnings(warnings: list[str]) -> None:
@@ -107,7 +129,7 @@ def _print_warnings(warnings: list[str]) -> None:
         print(f"hsd: warning: {warning}", file=sys.stderr)
 
 
-def preflight(cfg: config_mod.Config, host: "PluginHost", *, backend_option: bool) -> int:
+def preflight(cfg: "config_mod.Config", host: "PluginHost", *, backend_option: bool) -> int:
     """The daemon's start: refuse (exit 2) exactly what `hsd check` reports as an error, in its words."""
     from .check import inspect
 
@@ -118,7 +140,45 @@ def preflight(cfg: config_mod.Config, host: "PluginHost", *, backend_option: boo
     return EXIT_USAGE if found.errors else EXIT_OK
 
 
-def _serve(args: argparse.Namespace, cfg: config_mod.Config, argv: list[str]) -> int:
+def _join(args: argparse.Namespace) -> "EarlyJoin":
+    """Join the tlshd group before anything heavy is imported (hsd.startup says why)."""
+    from .startup import EarlyJoin
+
+    return EarlyJoin.simulator_at(args.simulator) if args.simulator else EarlyJoin.kernel()
+
+
+def _serve(args: argparse.Namespace, argv: list[str]) -> int:
+    from .signals import SignalRelay
+    from .startup import EarlyJoin, JoinError
+
+    signals = SignalRelay()  # a stop or reload signal while loading is queued, not the default action
+    signals.install()
+    try:
+        try:
+            early = _join(args)
+        except (JoinError, OSError) as exc:
+            # still judge the configuration first: what `hsd check` refuses is exit 2 on any kernel
+            early, failure = EarlyJoin(), exc
+        else:
+            failure = None
+        # joined: from here on the kernel queues requests, and the dispatcher's first pass ACCEPTs them
+        try:
+            cfg = configure(args)
+            if isinstance(cfg, int):
+                return cfg
+            return _load_and_serve(args, cfg, argv, early, signals, failure)
+        finally:
+            early.discard()
+    finally:
+        signals.close()
+
+
+def _load_and_serve(args: argparse.Namespace, cfg: "config_mod.Config", argv: list[str], early: "EarlyJoin",
+                    signals: "SignalRelay", failure: BaseException | None) -> int:
+    """Everything after the join: logging, plugins, the start-up checks, then serving."""
+    import logging
+    import os
+
     from .channel import Channel
     from .daemon import serve_workers, setup_logging
     from .plugins import PluginHost
@@ -126,39 +186,37 @@ def _serve(args: argparse.Namespace, cfg: config_mod.Config, argv: list[str]) ->
     workers = cfg.workers  # [hsd] workers, or --workers (checked in main)
     level = logging.DEBUG if (args.debug or cfg.loglevel > 0) else logging.INFO
     setup_logging(args.stderr, level, syslog=args.simulator is None)
+    if early.joined:
+        logging.getLogger("hsd").debug("joined the tlshd group (pid %d); loading plugins", os.getpid())
     host = PluginHost.discover(cfg)
     code = preflight(cfg, host, backend_option=bool(args.backend))
     if code:
         return code
+    if isinstance(failure, OSError):
+        return _channel_failure(args, failure)
+    if failure is not None:
+        print(f"hsd: {failure}", file=sys.stderr)
+        return EXIT_FAILURE
 
     def open_channel() -> Channel:
         """Called in every worker process after the fork: each has its own socket to the kernel."""
+        joined = early.take()  # the parent's: the membership held since start; None in a forked worker
+        if joined is not None:
+            return joined
         if args.simulator:
             from .simulator import SimChannel
 
             return SimChannel.connect(args.simulator)
         from .netlink_channel import NetlinkChannel
 
-        return NetlinkChannel()
+        return NetlinkChannel(early.family)
 
     try:
         return serve_workers(open_channel, cfg, workers=workers, respawn_argv=argv, backend=cfg.backend,
-                             config_path=args.config, max_inflight=args.max_inflight, host=host, checked=True)
-    except FileNotFoundError as exc:
-        if args.simulator:
-            print(f"hsd: cannot connect to the simulator at {args.simulator}: {exc.strerror} "
-                  f"(start it first: hsd-sim --socket {args.simulator})", file=sys.stderr)
-        else:
-            print(f"hsd: cannot serve the kernel's handshake family: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    except PermissionError:
-        print("hsd: the kernel refused ACCEPT: hsd needs CAP_NET_ADMIN (run as root or grant the capability)",
-              file=sys.stderr)
-        return EXIT_FAILURE
+                             config_path=args.config, max_inflight=args.max_inflight, host=host, checked=True,
+                             signals=signals)
     except OSError as exc:
-        where = f"the simulator at {args.simulator}" if args.simulator else "the kernel's handshake family"
-        print(f"hsd: cannot serve {where}: {exc.strerror or exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return _channel_failure(args, exc)
     except RuntimeError as exc:
         from .netlink_channel import KernelUnsupported
 
@@ -168,6 +226,22 @@ def _serve(args: argparse.Namespace, cfg: config_mod.Config, argv: list[str]) ->
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 0
+
+
+def _channel_failure(args: argparse.Namespace, exc: OSError) -> int:
+    """One line for a channel that cannot be opened or served; exit 1."""
+    if isinstance(exc, FileNotFoundError) and args.simulator:
+        print(f"hsd: cannot connect to the simulator at {args.simulator}: {exc.strerror} "
+              f"(start it first: hsd-sim --socket {args.simulator})", file=sys.stderr)
+    elif isinstance(exc, FileNotFoundError):
+        print(f"hsd: cannot serve the kernel's handshake family: {exc.strerror or exc}", file=sys.stderr)
+    elif isinstance(exc, PermissionError):
+        print("hsd: the kernel refused ACCEPT: hsd needs CAP_NET_ADMIN (run as root or grant the capability)",
+              file=sys.stderr)
+    else:
+        where = f"the simulator at {args.simulator}" if args.simulator else "the kernel's handshake family"
+        print(f"hsd: cannot serve {where}: {exc.strerror or exc}", file=sys.stderr)
+    return EXIT_FAILURE
 
 
 if __name__ == "__main__":

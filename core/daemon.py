@@ -35,6 +35,7 @@ from . import privileges
 from .channel import Channel
 from .dispatcher import Dispatcher
 from .plugins import PluginHost
+from .signals import SignalRelay
 
 log = logging.getLogger("hsd")
 
@@ -90,83 +91,6 @@ def _ensure_process_keyring() -> None:
         keyring.keyring_id(keyring.KEY_SPEC_PROCESS_KEYRING, create=True)
     except OSError as exc:
         log.debug("no process keyring: %s", exc)
-
-
-class SignalRelay:
-    """Stop and reload signals, acted on by a thread of ours instead of inside the signal handler.
-
-    Why: a Python signal handler runs in the main thread between two bytecodes of
-    whatever it interrupted - possibly while that code holds a lock (a logging
-    handler's, an Event's condition, the worker pool's).  A handler that logs,
-    sets an Event or takes any other lock can then wait forever for itself, and
-    every thread that wants the same lock waits with it.  So the handler only
-    writes the signal number to a non-blocking self-pipe (os.write takes no
-    lock); the "hsd-signals" thread reads it and does the work in ordinary code.
-
-    The handler ignores signals in a forked child (an isolated handshake, before
-    it resets its handlers): the pipe belongs to the process that made it.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
-    _CLOSE = 0  # not a signal number: tells the thread to end
-
-    def __init__(self) -> None:
-        self._owner = os.getpid()
-        self._read_fd, self._write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        os.set_blocking(self._read_fd, True)
-        self._previous: dict[int, object] = {}
-        self._thread: threading.Thread | None = None
-        self.act: Callable[[int], None] = lambda _signum: None  # runs in the thread
-
-    def _handler(self, signum: int, _frame: object) -> None:
-        """The whole signal handler: one write, no lock, no logging."""
-        if os.getpid() != self._owner:
-            return
-        try:
-            os.write(self._write_fd, bytes((signum,)))
-        except OSError:
-            pass  # pipe full: earlier signals are still queued, and stopping twice is stopping once
-
-    def install(self) -> None:
-        """Main thread only (signal.signal's rule); signals are queued until start()."""
-        for signum in self.SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._handler)
-
-    def start(self, act: Callable[[int], None]) -> None:
-        """From now on act(signum) runs for each signal, the queued ones first (a later call replaces act)."""
-        self.act = act
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="hsd-signals", daemon=True)
-            self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            try:
-                data = os.read(self._read_fd, 64)
-            except InterruptedError:
-                continue
-            for signum in data:
-                if signum == self._CLOSE:
-                    return
-                try:
-                    self.act(signum)
-                except Exception:  # noqa: BLE001  a failed reload must not end signal handling
-                    log.exception("handling %s failed", signal.Signals(signum).name)
-            if not data:
-                return
-
-    def close(self) -> None:
-        """Previous handlers back, thread ended, pipe closed (signals after this get the old handlers)."""
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)  # type: ignore[arg-type]
-        self._previous.clear()
-        if self._thread is not None:
-            os.set_blocking(self._write_fd, True)
-            os.write(self._write_fd, bytes((self._CLOSE,)))
-            self._thread.join()
-            self._thread = None
-        os.close(self._read_fd)
-        os.close(self._write_fd)
 
 
 EXIT_CONFIG = 2  # hsd(8): a configuration hsd refuses (the same decision as `hsd check`)
@@ -405,8 +329,12 @@ class WorkerPool:
 
 def serve_workers(open_channel: Callable[[], Channel], config: config_mod.Config, *, workers: int,
                   respawn_argv: list[str], backend: str | None, config_path: str | None,
-                  max_inflight: int | None = None, host: PluginHost | None = None, checked: bool = False) -> int:
+                  max_inflight: int | None = None, host: PluginHost | None = None, checked: bool = False,
+                  signals: SignalRelay | None = None) -> int:
     """serve() in `workers` processes; the channel is opened in each process after the fork.
+
+    signals: the caller's installed SignalRelay (the command line installs one
+    right after joining the group, so a signal during loading is queued, not fatal).
 
     Must be called before any thread exists: the process is hardened (capabilities,
     core dumps) here, before the children are forked and before the reaper and
@@ -431,7 +359,7 @@ def serve_workers(open_channel: Callable[[], Channel], config: config_mod.Config
         return 1
     if workers <= 1:
         return serve(open_channel(), config, backend=backend, config_path=config_path,
-                     max_inflight=max_inflight, host=host, hardened=True, checked=checked)
+                     max_inflight=max_inflight, host=host, hardened=True, checked=checked, signals=signals)
     pool = WorkerPool(respawn_argv)
 
     def child_main() -> int:
@@ -446,8 +374,10 @@ def serve_workers(open_channel: Callable[[], Channel], config: config_mod.Config
     for _ in range(workers - 1):
         pool.fork_child(child_main)
     # the parent's relay outlives serve(): a stop signal while the children are waited for is still handled
-    signals = SignalRelay()
-    signals.install()
+    own_signals = signals is None
+    if signals is None:
+        signals = SignalRelay()
+        signals.install()
     pool.start_reaping()
     code = 1
     try:
@@ -457,5 +387,6 @@ def serve_workers(open_channel: Callable[[], Channel], config: config_mod.Config
     finally:
         pool.stop()
         pool.wait()
-        signals.close()
+        if own_signals:
+            signals.close()
     return code or (1 if pool.failed_on_stop else 0)

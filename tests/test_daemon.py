@@ -37,9 +37,10 @@ class Daemon:
                                          stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
                                          env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 30
-        while sim.listeners() < 1:
+        # joined comes first (requests queue from then on), ready once loaded, hardened and serving
+        while sim.listeners() < 1 or "hsd ready:" not in self.text():
             assert self.proc.poll() is None, f"hsd exited early:\n{self.text()}"
-            assert time.monotonic() < deadline, f"hsd never joined:\n{self.text()}"
+            assert time.monotonic() < deadline, f"hsd never became ready:\n{self.text()}"
             time.sleep(0.05)
 
     def text(self) -> str:
