@@ -65,9 +65,19 @@ def tool_available(name: str) -> bool:
     return shutil.which(name) is not None
 
 
-def gnutls_priority(suites: list[str] | None) -> str:
-    """TLS 1.3 only, optionally restricted to the given IANA suites."""
-    base = "NORMAL:-VERS-ALL:+VERS-TLS1.3"
+# The signature schemes a peer without ML-DSA offers (OpenSSL 3.0, GnuTLS 3.7): newer openssl and
+# gnutls-cli (Debian's 3.5+/3.8.9+) offer ML-DSA too, so a test of the classic fallback says so.
+CLASSIC_SIGALGS = ("ECDSA+SHA256:ECDSA+SHA384:ECDSA+SHA512:ed25519:ed448:"
+                   "rsa_pss_rsae_sha256:rsa_pss_rsae_sha384:rsa_pss_rsae_sha512:"
+                   "rsa_pss_pss_sha256:rsa_pss_pss_sha384:rsa_pss_pss_sha512")
+GNUTLS_CLASSIC_SIGNATURES = (":-SIGN-ALL:+SIGN-ECDSA-SECP256R1-SHA256:+SIGN-ECDSA-SECP384R1-SHA384:"
+                             "+SIGN-ECDSA-SECP521R1-SHA512:+SIGN-EDDSA-ED25519:+SIGN-RSA-PSS-RSAE-SHA256:"
+                             "+SIGN-RSA-PSS-RSAE-SHA384:+SIGN-RSA-PSS-RSAE-SHA512")
+
+
+def gnutls_priority(suites: list[str] | None, classic: bool = False) -> str:
+    """TLS 1.3 only, optionally restricted to the given IANA suites (and to classic signatures)."""
+    base = "NORMAL:-VERS-ALL:+VERS-TLS1.3" + (GNUTLS_CLASSIC_SIGNATURES if classic else "")
     if not suites:
         return base
     return base + ":-CIPHER-ALL:" + ":".join("+" + GNUTLS_CIPHERS[s] for s in suites)
@@ -208,6 +218,7 @@ class PeerOptions:
     servername: str = "localhost"  # client: SNI and the name to verify
     request_client_cert: bool = False  # server: ask for a client certificate
     require_client_cert: bool = False  # server: insist on one
+    classic_signatures: bool = False  # offer no ML-DSA signature scheme, as an older peer (CLASSIC_SIGALGS)
     extra: list[str] = field(default_factory=list)
 
 
@@ -248,6 +259,8 @@ def _openssl_credentials(opts: PeerOptions) -> list[str]:
         argv += ["-crl_check"]
     if opts.suites:
         argv += ["-ciphersuites", ":".join(opts.suites)]
+    if opts.classic_signatures:  # for our handshake signature, and (server) for a client certificate
+        argv += ["-sigalgs", CLASSIC_SIGALGS, "-client_sigalgs", CLASSIC_SIGALGS]
     return argv
 
 
@@ -271,7 +284,8 @@ def openssl_server(opts: PeerOptions, port: int | None = None) -> ServerPeer:
 def gnutls_server(opts: PeerOptions, port: int | None = None) -> ServerPeer:
     """`gnutls-serv --echo`: echoes what it receives (proves both directions at once)."""
     port = port or free_port()
-    argv = ["gnutls-serv", "--port", str(port), "--echo", "--priority", gnutls_priority(opts.suites),
+    argv = ["gnutls-serv", "--port", str(port), "--echo", "--priority",
+            gnutls_priority(opts.suites, opts.classic_signatures),
             *_gnutls_credentials(opts)]
     if opts.require_client_cert:
         argv += ["--require-client-cert"]
@@ -291,7 +305,7 @@ def openssl_client(opts: PeerOptions, port: int, host: str = LOOPBACK) -> PeerPr
 
 def gnutls_client(opts: PeerOptions, port: int, host: str = LOOPBACK) -> PeerProcess:
     """`gnutls-cli`: sends stdin lines, prints what it receives."""
-    argv = ["gnutls-cli", "--port", str(port), "--priority", gnutls_priority(opts.suites),
+    argv = ["gnutls-cli", "--port", str(port), "--priority", gnutls_priority(opts.suites, opts.classic_signatures),
             "--sni-hostname", opts.servername, *_gnutls_credentials(opts)]
     if opts.verify:
         argv += ["--verify-hostname", opts.servername]
