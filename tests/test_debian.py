@@ -127,8 +127,10 @@ def _run_suite(name: str, log: Path, commit: str) -> SuiteRun:
     with RootCopy(root, commit) as copy:
         run = SuiteRun(suite.name, copy.commit, root.seconds, not root.built_now)
         for step_name, script in STEPS:
+            # pip's settings for the steps that reach the index: pip-tlslite, and the tests (the
+            # example plugin's tests pip-install it into a venv, with its build backend)
             step = copy.run(step_name, script, timeout=STEP_TIMEOUT,
-                            env=pip_env() if step_name == "pip-tlslite" else None)
+                            env=pip_env() if step_name.startswith(("pip-", "tests-")) else None)
             run.steps[step_name] = step
             if step.rc and step_name in ESSENTIAL:
                 break
