@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.utils import CryptographyDeprecationWarning
 
-from . import credentials, filetrust, x509verify
+from . import credentials, expiry, filetrust, x509verify
 from .config import MODES, Config, RoleConfig, nearest
 from .errors import CredentialError
 from .plugins import PluginHost
@@ -38,6 +38,9 @@ class Findings:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was verified, for `hsd check`'s report
+    # certificates and CRLs expired (error lines) or expiring within [hsd] expiry_warning_days (warnings):
+    # reported at start, reload and daily, and by `hsd check`; they do not stop start-up (hsd.expiry says why)
+    expiring: list[expiry.Expiry] = field(default_factory=list)
 
 
 class _Refused(Exception):
@@ -101,8 +104,7 @@ _WHAT = {"truststore": "trust store", "crl": "CRL", "certificate": "certificate"
          "pq_certificate": "certificate", "pq_private_key": "private key"}
 
 
-def _key_name(role: str, attr: str) -> str:
-    return f"[authenticate.{role}] x509.{attr.replace('pq_', 'pq.')}"
+_key_name = expiry.key_name
 
 
 def _read(cfg: Config, role: str, attr: str, found: Findings) -> bytes | bytearray | None:
@@ -159,6 +161,8 @@ def _role_files(cfg: Config, role: str, found: Findings, now: datetime.datetime)
             if problem:
                 found.warnings.append(f"{_key_name(role, 'truststore')} = {rc.truststore}: CA "
                                       f"{cert.subject.rfc4514_string()} {problem}")
+        found.expiring += expiry.trust_store(trust, _key_name(role, "truststore"), rc.truststore, now,
+                                           cfg.expiry_warning_days)
     if role == "client" and rc.truststore is None and cfg.verify_server:
         try:
             with warnings.catch_warnings():  # the system bundle's own quirks (a CA with a zero serial) are no finding
@@ -179,12 +183,10 @@ def _check_crls(cfg: Config, role: str, crls: list, trust: list | None, found: F
                 now: datetime.datetime) -> None:
     key = f"{_key_name(role, 'crl')} = {cfg.role(role).crl}"
     found.notes.append(f"{_key_name(role, 'crl')}: {len(crls)} CRL(s)")
+    found.expiring += expiry.crls(crls, _key_name(role, "crl"), cfg.role(role).crl, now, cfg.expiry_warning_days)
     for crl in crls:
         issuer = crl.issuer.rfc4514_string()
-        if crl.next_update_utc is not None and now > crl.next_update_utc:
-            found.warnings.append(f"{key}: the CRL of {issuer} expired on {crl.next_update_utc:%Y-%m-%d %H:%M} UTC; "
-                                  "peers it covers are refused until a current one is installed")
-        elif now < crl.last_update_utc:
+        if now < crl.last_update_utc:
             found.warnings.append(f"{key}: the CRL of {issuer} is not valid before "
                                   f"{crl.last_update_utc:%Y-%m-%d %H:%M} UTC; peers it covers are refused until then")
         if trust is not None and not any(ca.subject == crl.issuer and _crl_signed_by(crl, ca) for ca in trust):
@@ -200,8 +202,7 @@ def _crl_signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) ->
 
 
 def _validity(cert: x509.Certificate, now: datetime.datetime) -> str | None:
-    if now > cert.not_valid_after_utc:
-        return f"expired on {cert.not_valid_after_utc:%Y-%m-%d} (peers refuse it)"
+    """Not valid yet (expired and expiring soon: hsd.expiry)."""
     if now < cert.not_valid_before_utc:
         return f"is not valid before {cert.not_valid_before_utc:%Y-%m-%d} (peers refuse it until then)"
     return None
@@ -228,6 +229,7 @@ def _pair(cfg: Config, role: str, cert_attr: str, key_attr: str, found: Findings
         problem = _validity(chain[0], now)
         if problem:
             found.warnings.append(f"{name} = {cert_path}: the certificate {problem}")
+        found.expiring += expiry.chain(chain, name, cert_path, now, cfg.expiry_warning_days)
         if cert_attr == "pq_certificate" and not isinstance(chain[0].public_key(), credentials.MLDSA_PUBLIC_KEYS):
             kind = type(chain[0].public_key()).__name__.removesuffix("PublicKey")
             support = "" if credentials.MLDSA_PUBLIC_KEYS else " (this cryptography has no ML-DSA at all)"

@@ -135,6 +135,10 @@ def preflight(cfg: "config_mod.Config", host: "PluginHost", *, backend_option: b
 
     found = inspect(cfg, host, backend_option=backend_option)
     _print_warnings(found.warnings)
+    from .daemon import is_worker_child, log_expiry
+
+    if not found.errors and not is_worker_child():  # a restarted worker: its parent reports them
+        log_expiry(found.expiring)  # to the log (syslog, and stderr with -s): an operator's alert, not a usage note
     for error in found.errors:
         print(f"hsd: {error}", file=sys.stderr)
     return EXIT_USAGE if found.errors else EXIT_OK

@@ -34,7 +34,7 @@ TLSHD_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 HSD_SECTIONS: dict[str, tuple[str, ...]] = {
     "hsd": ("backend", "max_inflight", "handshake_timeout", "workers", "isolation", "strict_permissions",
-            "enable_plugins", "disable_plugins"),
+            "enable_plugins", "disable_plugins", "expiry_warning_days"),
     "hsd.backends": MODES,
     "hsd.client": ("verify_server",),
     "hsd.server": ("require_client_certificate", "allowed_client_sans"),
@@ -85,6 +85,7 @@ class Config:
     handshake_timeout_ms: int = 10000  # when ACCEPT carries no timeout
     require_client_certificate: bool = False
     strict_permissions: bool = False  # refuse private key files readable by group/others (else warn)
+    expiry_warning_days: int = 14  # warn this many days before a certificate or CRL expires (0: only once expired)
     allowed_client_sans: list[str] = field(default_factory=list)
     verify_server: bool = True
     psk_modes: list[str] = field(default_factory=lambda: ["psk_dhe_ke"])
@@ -225,6 +226,8 @@ def _apply(cfg: Config, section: str, key: str, value: str, where: str) -> bool:
             cfg.disable_plugins = _list(value)
         elif key == "strict_permissions":
             cfg.strict_permissions = _bool(value, where)
+        elif key == "expiry_warning_days":
+            cfg.expiry_warning_days = _int(value, where, 0, 3650)
         else:
             return False
         return True

@@ -96,21 +96,51 @@ def _ensure_process_keyring() -> None:
 EXIT_CONFIG = 2  # hsd(8): a configuration hsd refuses (the same decision as `hsd check`)
 
 
-def refusals(config: config_mod.Config, host: PluginHost) -> list[str]:
-    """What stops start-up or a reload (hsd.check.inspect, as `hsd check` runs it); its warnings are logged once."""
+EXPIRY_INTERVAL = 24 * 3600.0  # seconds between two expiry checks while running (hsd.expiry)
+
+
+def refusals(config: config_mod.Config, host: PluginHost, *, report_expiry: bool = True) -> list[str]:
+    """What stops start-up or a reload (hsd.check.inspect, as `hsd check` runs it); its warnings are logged once,
+    and (report_expiry) the certificates and CRLs expired or expiring soon."""
     from .check import inspect
 
     found = inspect(config, host)
     for warning in found.warnings:
         log.warning("%s", warning)
+    if report_expiry:
+        log_expiry(found.expiring)
     return found.errors
+
+
+def log_expiry(items: list) -> None:
+    """Expired: an error line naming the file; expiring within the window: a warning (hsd.expiry.Expiry)."""
+    for item in items:
+        log.log(logging.ERROR if item.error else logging.WARNING, "%s", item.line())
+
+
+def watch_expiry(get_config: Callable[[], config_mod.Config], stop: threading.Event,
+                 interval: float | None = None) -> threading.Thread:
+    """The daily check while running: every interval, the configured certificates and CRLs judged again."""
+    from . import expiry
+
+    def run() -> None:
+        while not stop.wait(EXPIRY_INTERVAL if interval is None else interval):
+            try:
+                log_expiry(expiry.scan(get_config()))
+            except Exception:  # noqa: BLE001  a failed check must not end the daily checks
+                log.exception("the daily certificate and CRL expiry check failed")
+
+    thread = threading.Thread(target=run, name="hsd-expiry", daemon=True)
+    thread.start()
+    return thread
 
 
 def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
           config_path: str | None, max_inflight: int | None = None, host: PluginHost | None = None,
           stop: threading.Event | None = None, on_ready: Callable[[], None] | None = None,
           drop_capabilities: bool = True, on_signal: Callable[[int], None] | None = None,
-          hardened: bool = False, signals: SignalRelay | None = None, checked: bool = False) -> int:
+          hardened: bool = False, signals: SignalRelay | None = None, checked: bool = False,
+          expiry_checks: bool = True) -> int:
     """Run until a stop signal; returns the process exit code.
 
     The channel is already connected and joined.  First, while this process has
@@ -121,7 +151,9 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
     forward them to their children); signals is the caller's installed
     SignalRelay (serve_workers keeps it past serve()), else serve() makes its own
     when it runs in the main thread.  checked=True: the caller (the command line)
-    already refused what hsd.check.inspect reports; otherwise serve() does, exit 2."""
+    already refused what hsd.check.inspect reports; otherwise serve() does, exit 2.
+    expiry_checks: this process reports expiring certificates and CRLs at reload and
+    daily (the supervising parent does, worker processes do not: one line, not N)."""
     if drop_capabilities and not hardened:
         try:
             privileges.harden_process()
@@ -157,7 +189,7 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
             return
         view = copy.copy(host)  # the installed plugins judged under the fresh configuration
         view.config = fresh
-        errors = refusals(fresh, view)
+        errors = refusals(fresh, view, report_expiry=expiry_checks)
         if errors:
             log.error("reload failed, keeping the running configuration: %s", "; ".join(errors))
             return
@@ -179,6 +211,8 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
         log.info("hsd ready: listening for handshake requests (backend %s, up to %d in flight)",
                  backend or config.backend, dispatcher.max_inflight)
         notify_systemd("READY=1")
+        if expiry_checks:
+            watch_expiry(lambda: dispatcher.config, stop)
         if on_ready:
             on_ready()
 
@@ -359,7 +393,8 @@ def serve_workers(open_channel: Callable[[], Channel], config: config_mod.Config
         return 1
     if workers <= 1:
         return serve(open_channel(), config, backend=backend, config_path=config_path,
-                     max_inflight=max_inflight, host=host, hardened=True, checked=checked, signals=signals)
+                     max_inflight=max_inflight, host=host, hardened=True, checked=checked, signals=signals,
+                     expiry_checks=not is_worker_child())
     pool = WorkerPool(respawn_argv)
 
     def child_main() -> int:
@@ -369,7 +404,7 @@ def serve_workers(open_channel: Callable[[], Channel], config: config_mod.Config
             log.error("worker %d: cannot open the handshake channel: %s", os.getpid(), exc)
             return 1
         return serve(channel, config, backend=backend, config_path=config_path,
-                     max_inflight=max_inflight, host=host, hardened=True, checked=True)
+                     max_inflight=max_inflight, host=host, hardened=True, checked=True, expiry_checks=False)
 
     for _ in range(workers - 1):
         pool.fork_child(child_main)
