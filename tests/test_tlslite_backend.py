@@ -339,3 +339,71 @@ def test_importing_the_backend_warns_nothing_a_user_could_act_on() -> None:
     result = subprocess.run([sys.executable, "-W", "error::DeprecationWarning", "-c", "import hsd_tlslite"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and not result.stderr, result.stderr
+
+
+# --- the library's ciphers and X25519 under tlslite (hsd_tlslite.accel) ---------------------------
+
+def test_library_ciphers_and_x25519_agree_with_tlslites_own() -> None:
+    """Same output as tlslite's pure-Python code on random inputs; a tampered record or a small-order
+    X25519 point fails the way tlslite's own functions fail (None / all zeros, which tlslite rejects)."""
+    from tlslite.recordlayer import RecordLayer
+    from tlslite.utils import cipherfactory, x25519
+
+    from hsd_tlslite import accel
+
+    for make, reference, sizes in ((accel.create_aesgcm, cipherfactory.createAESGCM, (16, 32)),
+                                   (accel.create_aesccm, cipherfactory.createAESCCM, (16, 32)),
+                                   (accel.create_chacha20, cipherfactory.createCHACHA20, (32,))):
+        for size in sizes:
+            key = bytearray(secrets.token_bytes(size))
+            ours, theirs = make(key), reference(key, ["python"])
+            assert (ours.name, ours.tagLength, ours.nonceLength) == (theirs.name, theirs.tagLength, theirs.nonceLength)
+            nonce, text, data = (bytearray(secrets.token_bytes(n)) for n in (12, 300, 5))
+            sealed = ours.seal(nonce, text, data)
+            assert sealed == theirs.seal(nonce, text, data)
+            assert theirs.open(nonce, sealed, data) == text == ours.open(nonce, sealed, data)
+            sealed[7] ^= 1
+            assert ours.open(nonce, sealed, data) is None
+            assert ours.open(nonce, sealed[:15], data) is None
+            with pytest.raises(ValueError):
+                ours.seal(nonce[:8], text, data)
+    for _ in range(10):
+        scalar, point = bytearray(secrets.token_bytes(32)), bytearray(secrets.token_bytes(32))
+        assert accel.x25519(scalar, bytearray(x25519.X25519_G)) == x25519.x25519(scalar, bytearray(x25519.X25519_G))
+        assert accel.x25519(scalar, point) == x25519.x25519(scalar, point)
+    assert accel.x25519(bytearray(secrets.token_bytes(32)), bytearray(32)) == bytearray(32)
+    # what tlslite's record layer and key exchange call now
+    import tlslite.keyexchange
+    assert RecordLayer._getCipherSettings(0x1301)[2] is accel.create_aesgcm
+    assert RecordLayer._getCipherSettings(0x1303)[2] is accel.create_chacha20
+    assert tlslite.keyexchange.x25519 is accel.x25519
+
+
+def test_handshake_records_use_the_library_and_never_hand_it_the_application_keys(plugins, pki,
+                                                                                    monkeypatch) -> None:
+    """The handshake's records go through the library ciphers; the application-traffic keys tlslite
+    derives (kTLS gets its own from the secrets) never reach the library."""
+    from hsd_tlslite import accel
+
+    built: list[bytes] = []
+    created: list[bytearray] = []
+    real_init, real_get = accel.LazyAEAD.__init__, accel.LazyAEAD._get
+
+    def init(self, key, name, factory):
+        created.append(key)
+        real_init(self, key, name, factory)
+
+    def get(self):
+        if self._cipher is None:
+            built.append(bytes(self.key))
+        return real_get(self)
+
+    monkeypatch.setattr(accel.LazyAEAD, "__init__", init)
+    monkeypatch.setattr(accel.LazyAEAD, "_get", get)
+    with reversing_server(pki, suites=["TLS_AES_128_GCM_SHA256"]) as server, server.connect() as sock:
+        session = run_handshake(plugins, sock, "tlslite", "client", "unauth", x509_credentials(pki))
+        tx, rx = session_crypto_info(session)
+        app_keys = {bytes(tx.key), bytes(rx.key)}
+        reversed_line(records_for(sock, session), b"accel")
+    assert len(built) == 2 and len(created) == 4  # handshake read + write keys built; app keys only created
+    assert not app_keys & set(built)

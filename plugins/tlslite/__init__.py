@@ -4,7 +4,9 @@ Registered under the ``hsd.backends`` entry-point group; pluggy registers this
 module, so the hook implementations are the module-level functions below.
 tlslite does no certificate path validation, so hsd.x509verify does it during
 the handshake (see connection.py).  Pure Python: slower than OpenSSL, useful
-as an independent implementation and where OpenSSL is not wanted.
+as an independent implementation and where OpenSSL is not wanted.  Its record
+ciphers and X25519 are computed by `cryptography` (accel.py); the protocol
+itself stays tlslite's.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from hsd.hookspecs import ALL_MODES, BackendInfo, Mode, Role, hookimpl
 from hsd.psk import PskOffer
 from hsd.session import Session
 
+from . import accel
 from .handshake import client_handshake, server_handshake
 from .psk import client_psk_handshake, server_psk_handshake
 
 NAME = "tlslite"
 CERT_MODES = frozenset({Mode("client", "unauth"), Mode("client", "x509"), Mode("server", "x509")})
 PSK_MODES = frozenset({Mode("client", "psk"), Mode("server", "psk")})
+
+accel.install()
 
 
 @hookimpl
