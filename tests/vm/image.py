@@ -1,39 +1,70 @@
-"""Build (or reuse) the guest: a Debian trixie root directory and a tiny initramfs.
+"""Build (or reuse) a guest: a Debian root directory (trixie or forky) and a tiny initramfs.
 
 Why a cache: mmdebstrap takes minutes; the result only changes when its
-inputs do (package list, pinned wheels, this module, the initramfs init).
-The cache key is a hash of exactly those inputs, so editing any of them
-rebuilds, and hsd itself is never baked in (it is installed at every boot).
+inputs do (suite, package list, the tlslite-ng requirement, this module, the
+initramfs init).  The cache key is a hash of exactly those inputs, so editing
+any of them rebuilds, and hsd itself is never baked in: every boot installs
+the .deb built from this checkout with apt (tests/vm/deb.py).
+Why these packages: the guest is what an operator runs, so systemd is PID 1,
+hsd's dependencies are Debian's own python3-* packages (preinstalled here, so
+that `apt-get install ./hsd_*.deb` resolves offline in the guest), and
+tlslite-ng comes from PyPI beside them, as docs/packaging.md tells operators.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 from .initramfs import INIT_SCRIPT, write_initramfs
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
 CACHE = HERE / ".cache"
-GUEST_REQUIREMENTS = HERE / "guest" / "requirements.txt"
-SUITE = "trixie"
-PYTHON_VERSION = "3.13"  # trixie's python3
 PACKAGES = (
-    "python3", "python3-venv", "nfs-kernel-server", "nfs-common", "ktls-utils", "keyutils", "kmod",
+    "python3", "python3-pip", "nfs-kernel-server", "nfs-common", "ktls-utils", "keyutils", "kmod",
     "iproute2", "openssl", "gnutls-bin", "linux-image-amd64", "procps", "nvme-cli", "util-linux",
-    "ca-certificates",
+    "ca-certificates", "systemd", "systemd-sysv",
+    # what hsd's .deb Depends on (${python3:Depends}): Debian's libraries, from the mirror
+    "python3-openssl", "python3-cryptography", "python3-pyroute2", "python3-pluggy", "python3-stevedore",
 )
 # modules the initramfs needs to reach the 9p root and lay a writable overlay over it
 INITRAMFS_MODULES = ("netfs", "9pnet", "9pnet_virtio", "9p", "overlay")
-VENV = "/opt/hsd-venv"  # guest path: hsd's pinned dependencies, hsd itself added per run
 BUILD_TIMEOUT = 1800
+HOST_CA = "/etc/ssl/certs/ca-certificates.crt"
+
+
+@dataclass(frozen=True)
+class Guest:
+    """One Debian suite as a guest: its kernel and its tlshd come from the suite itself."""
+
+    name: str
+    kernel_series: str  # what linux-image-amd64 is in that suite (checked after the build)
+    tlshd_version: str  # ktls-utils in that suite (checked after the build)
+    apt_options: tuple[str, ...] = ()
+
+
+GUESTS = {
+    "trixie": Guest("trixie", "6.12", "1.0.0"),
+    # forky's Release file on the mirror is past its Valid-Until date
+    "forky": Guest("forky", "7.2", "1.4.0", ('Acquire::Check-Valid-Until "false"',)),
+}
+
+
+def tlslite_requirement() -> str:
+    """pyproject's tlslite extra: what docs/packaging.md tells an operator to pip install."""
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (requirement,) = extras["tlslite"]
+    return requirement
 
 
 class BuildError(RuntimeError):
@@ -42,19 +73,31 @@ class BuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class Image:
+    guest: Guest
     root: Path
     kernel: Path
     initramfs: Path
     kernel_release: str
+    build_seconds: float  # spent building it in this call (0.0 when it came from the cache)
+    versions: dict[str, str]  # package -> version inside the root (kernel, ktls-utils, systemd, ...)
 
 
-def cache_key() -> str:
+def cache_key(guest: Guest) -> str:
+    """The root's inputs: suite, packages, the tlslite-ng requirement and the recipe (build_root)."""
     digest = hashlib.sha256()
-    for part in (SUITE, PYTHON_VERSION, " ".join(PACKAGES), " ".join(INITRAMFS_MODULES), INIT_SCRIPT,
-                 GUEST_REQUIREMENTS.read_text(), Path(__file__).read_text(),
-                 (HERE / "initramfs.py").read_text()):
+    for part in (guest.name, *guest.apt_options, " ".join(PACKAGES), tlslite_requirement(),
+                 inspect.getsource(build_root)):
         digest.update(part.encode() + b"\0")
     return digest.hexdigest()[:16]
+
+
+def initramfs_key() -> str:
+    """The initramfs is rebuilt (in seconds) when its init or module list changes; the root is not."""
+    digest = hashlib.sha256()
+    for part in (" ".join(INITRAMFS_MODULES), INIT_SCRIPT, (HERE / "initramfs.py").read_text(),
+                 inspect.getsource(build_initramfs), inspect.getsource(_module_paths)):
+        digest.update(part.encode() + b"\0")
+    return digest.hexdigest()[:12]
 
 
 def host_mirror() -> str:
@@ -103,36 +146,41 @@ def _run(cmd: list[str], log: Path, timeout: float = BUILD_TIMEOUT) -> None:
         raise BuildError(f"{cmd[0]} failed with exit code {proc.returncode}; see {log}\n{tail}")
 
 
-def download_wheels(dest: Path, log: Path) -> None:
-    """hsd's dependencies as wheels for the guest's Python, pinned to what the tests run with."""
-    dest.mkdir(parents=True, exist_ok=True)
-    platforms = ["manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64",
-                 "manylinux2014_x86_64"]
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:",
-           "--python-version", PYTHON_VERSION, "--implementation", "cp", "-d", str(dest),
-           "-r", str(GUEST_REQUIREMENTS)]
-    for platform in platforms:
-        cmd += ["--platform", platform]
-    _run(cmd, log, timeout=600)
-    shutil.copy(GUEST_REQUIREMENTS, dest / "requirements.txt")
+def build_root(guest: Guest, root: Path, log: Path) -> None:
+    """mmdebstrap a minbase root with systemd and the packages, then tlslite-ng from PyPI beside them.
 
-
-def build_root(root: Path, wheels: Path, log: Path) -> None:
-    """mmdebstrap a minbase trixie with the packages, then a venv holding the wheels."""
+    tlshd.service is disabled (an operator switching to hsd does that; hsd.service Conflicts= it,
+    and the scenarios start the reference tlshd themselves); the serial getty is masked (the
+    console carries the harness's markers)."""
+    pip_env = ("env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root PIP_CERT=/tmp/host-ca.crt "
+               "SSL_CERT_FILE=/tmp/host-ca.crt PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1 "
+               "PIP_ROOT_USER_ACTION=ignore")
     hooks = [
-        'mkdir -p "$1"/tmp/wheels',
-        f"sync-in {wheels} /tmp/wheels",
-        f'chroot "$1" python3 -m venv {VENV}',
-        f'chroot "$1" {VENV}/bin/pip install --quiet --no-index --find-links /tmp/wheels '
-        "-r /tmp/wheels/requirements.txt",
-        'rm -rf "$1"/tmp/wheels "$1"/var/cache/apt/archives/*.deb',
+        f'cp {HOST_CA} "$1"/tmp/host-ca.crt',
+        f"chroot \"$1\" {pip_env} pip install --quiet --break-system-packages '{tlslite_requirement()}'",
+        'rm -f "$1"/tmp/host-ca.crt "$1"/var/cache/apt/archives/*.deb',
+        'chroot "$1" systemctl disable tlshd.service',
+        'chroot "$1" systemctl mask serial-getty@ttyS0.service getty@tty1.service',
         'chmod a+r "$1"/boot/vmlinuz-*',
     ]
     cmd = ["mmdebstrap", "--mode=root", "--variant=minbase", f"--include={','.join(PACKAGES)}"]
+    cmd += [f"--aptopt={option}" for option in guest.apt_options]
     for hook in hooks:
         cmd.append(f"--customize-hook={hook}")
-    cmd += [SUITE, str(root), host_mirror()]
+    cmd += [guest.name, str(root), host_mirror()]
     _run(cmd, log)
+    if guest.apt_options:  # apt inside the guest (installing hsd's .deb) needs them too
+        conf = root / "etc/apt/apt.conf.d/99hsd-vm"
+        conf.write_text("".join(f"{option};\n" for option in guest.apt_options))
+
+
+def package_versions(root: Path) -> dict[str, str]:
+    """The versions that matter for reading a run: kernel, reference tlshd, systemd, Python, libraries."""
+    names = ("linux-image-amd64", "ktls-utils", "systemd", "python3", "python3-openssl", "python3-cryptography",
+             "python3-pyroute2", "openssl", "nfs-kernel-server", "nvme-cli")
+    proc = subprocess.run(["dpkg-query", f"--admindir={root}/var/lib/dpkg", "-W", "-f", "${Package} ${Version}\n",
+                           *names], capture_output=True, text=True)
+    return dict(line.split(" ", 1) for line in proc.stdout.splitlines() if " " in line)
 
 
 def kernel_of(root: Path) -> tuple[Path, str]:
@@ -190,11 +238,12 @@ def _has_mounts(path: Path) -> bool:
     return any(line.split()[1].startswith(prefix) for line in Path("/proc/self/mounts").read_text().splitlines())
 
 
-def ensure_image(log_to=sys.stderr) -> Image:
-    """Return the cached guest, building it first when its inputs changed."""
-    key = cache_key()
+def ensure_image(guest: Guest, log_to=sys.stderr) -> Image:
+    """Return the cached guest, building it first when its inputs changed (BuildError if it cannot)."""
+    key = f"{guest.name}-{cache_key(guest)}"
     base = CACHE / key
-    root, initramfs, stamp = base / "root", base / "initramfs.cpio", base / "complete"
+    root, stamp = base / "root", base / "complete"
+    built = 0.0
     if not stamp.exists():
         for tool in ("mmdebstrap", "qemu-system-x86_64", "busybox", "xz"):
             if shutil.which(tool) is None:
@@ -209,16 +258,27 @@ def ensure_image(log_to=sys.stderr) -> Image:
         base.mkdir(parents=True)
         log = base / "build.log"
         started = time.monotonic()
-        print(f"vm: building guest {key} (mmdebstrap {SUITE}, a few minutes); log {log}", file=log_to)
-        download_wheels(base / "wheels", log)
-        build_root(root, base / "wheels", log)
+        print(f"vm: building guest {key} (mmdebstrap {guest.name}, a few minutes); log {log}", file=log_to)
+        build_root(guest, root, log)
+        built = time.monotonic() - started
+        stamp.write_text(f"{built:.1f}\n")
+        print(f"vm: guest {guest.name} built in {built:.0f} s", file=log_to)
+        for old in CACHE.iterdir():  # keep one image per guest: each is ~1 GB
+            if old.is_dir() and re.fullmatch(rf"{guest.name}-[0-9a-f]{{16}}|[0-9a-f]{{16}}", old.name) \
+                    and old.name != key and not _has_mounts(old):
+                shutil.rmtree(old, ignore_errors=True)
+    initramfs = base / f"initramfs-{initramfs_key()}.cpio"
+    if not initramfs.exists():
+        for stale in base.glob("initramfs-*.cpio"):
+            stale.unlink()
         _, release = kernel_of(root)
-        build_initramfs(root, release, initramfs)
-        stamp.write_text(f"{time.monotonic() - started:.1f}\n")
-        print(f"vm: guest built in {time.monotonic() - started:.0f} s", file=log_to)
-        for old in CACHE.iterdir():  # keep one image: each is ~1 GB
-            if old.is_dir() and re.fullmatch(r"[0-9a-f]{16}", old.name) and old.name != key:
-                if not _has_mounts(old):
-                    shutil.rmtree(old, ignore_errors=True)
+        partial = initramfs.with_suffix(".partial")
+        build_initramfs(root, release, partial)
+        partial.rename(initramfs)
     kernel, release = kernel_of(root)
-    return Image(root=root, kernel=kernel, initramfs=initramfs, kernel_release=release)
+    versions = package_versions(root)
+    if not release.startswith(guest.kernel_series + ".") or \
+            not versions.get("ktls-utils", "").startswith(guest.tlshd_version):
+        raise BuildError(f"{guest.name}: expected Linux {guest.kernel_series} and tlshd {guest.tlshd_version}, "
+                         f"the root has {release} and ktls-utils {versions.get('ktls-utils')}")
+    return Image(guest, root, kernel, initramfs, release, built, versions)

@@ -1,8 +1,11 @@
-"""The guest's initramfs: busybox plus the modules that reach the 9p root.
+"""The guest's initramfs: busybox plus the modules that reach the 9p root, then systemd as PID 1.
 
 Why an overlay: the cached root is shared read-only, and every boot writes
 into a tmpfs laid over it, so runs never dirty the cache and can run side by
-side.  The per-run share (hsdrun) carries this checkout's hsd and scenarios.
+side.  The per-run share (hsdrun) carries this checkout's .deb and scenarios;
+its etc/ (the runner's unit, fstab, exports) is copied over the root's /etc
+before systemd starts, so systemd boots with them as if an operator had
+written them.  systemd mounts hsdrun itself again from that fstab.
 """
 
 from __future__ import annotations
@@ -14,16 +17,20 @@ INIT_SCRIPT = r"""#!/bin/busybox sh
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
+# the accelerator probe (boot.py): the kernel ran this far, which is all it asks
+grep -q hsd.probe /proc/cmdline && { echo HSD-VM-PROBE-OK; echo o > /proc/sysrq-trigger; sleep 10; }
 fail() { echo "HSD-VM-INIT-FAILED $*"; echo o > /proc/sysrq-trigger; sleep 10; }
 for m in $(cat /modules.order); do insmod /modules/$m || fail "insmod $m"; done
 mkdir -p /lower /rw /newroot
 mount -t 9p -o ro,trans=virtio,version=9p2000.L,msize=512000,cache=loose hostroot /lower || fail "9p root"
 mount -t tmpfs -o size=1200m,mode=0755 rw /rw && mkdir -p /rw/upper /rw/work
 mount -t overlay -o lowerdir=/lower,upperdir=/rw/upper,workdir=/rw/work overlay /newroot || fail overlay
-mkdir -p /newroot/hsdrun
-mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 hsdrun /newroot/hsdrun || fail "9p hsdrun"
+mkdir -p /run-share
+mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 hsdrun /run-share || fail "9p hsdrun"
+cp -a /run-share/etc/. /newroot/etc/ || fail "copy the run's /etc files"
+umount /run-share
 umount /proc /sys /dev
-exec switch_root /newroot /bin/sh /hsdrun/init.sh
+exec switch_root /newroot /sbin/init
 """
 
 

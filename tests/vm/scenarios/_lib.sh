@@ -3,6 +3,19 @@
 
 PKI=/tmp/pki
 EXPORT=/srv/export
+# the boot-time set (guest/boot-setup.sh): hsd.service reads BOOT_CONF, which names BOOT_PKI's files
+BOOT_PKI=/etc/hsd-vm/pki
+BOOT_CONF=/etc/tlshd/config
+BOOT_CONF_COPY=/etc/hsd-vm/config.boot  # runner.sh puts BOOT_CONF back as shipped after systemd-boot;
+BOOT_CONF_SHIPPED=/etc/hsd-vm/config.shipped  # systemd-service installs the copy again
+BOOT_MOUNT=/mnt/boot-tls
+
+# boot_conf_install / boot_conf_restore: hsd.service's configuration (the boot's) in place / the
+# package's own file back (or none), so that the other scenarios see the guest as shipped
+boot_conf_install() { cp -a "$BOOT_CONF_COPY" "$BOOT_CONF"; }
+boot_conf_restore() {
+    if [ -e "$BOOT_CONF_SHIPPED" ]; then cp -a "$BOOT_CONF_SHIPPED" "$BOOT_CONF"; else rm -f "$BOOT_CONF"; fi
+}
 
 say() { printf '%s %s\n' "$(cut -d' ' -f1 /proc/uptime)" "$*"; }
 die() { say "FAIL: $*"; exit 1; }
@@ -218,12 +231,16 @@ tlshd_stamped() {
     tlshd -s -c "$2" > "$fifo" 2>&1 &
 }
 
+# tlshd's line for a successful handshake: 1.0.0 says "was successful", 1.4.0 "succeeded"
+TLSHD_OK='Handshake with .* (was successful|succeeded)$'
+
 # handshake_ms_tlshd LOG: one figure per successful tlshd handshake, in ms: tlshd forks a child per
-# request, so it is the time from that child's first line to its "was successful" line.
+# request, so it is the time from that child's first line to its success line: "Handshake with ...
+# was successful" (tlshd 1.0.0) or "Handshake with ... succeeded" (1.4.0), see TLSHD_OK.
 handshake_ms_tlshd() {
     awk '{ pid = $2; sub(/^tlshd\[/, "", pid); sub(/\]:$/, "", pid) }
          !(pid in first) { first[pid] = $1 }
-         /was successful/ { printf "%.1f\n", ($1 - first[pid]) * 1000 }' "$1"
+         /Handshake with .* (was successful|succeeded)$/ { printf "%.1f\n", ($1 - first[pid]) * 1000 }' "$1"
 }
 
 # handshake_ms_hsd LOG: the duration hsd logs with every successful handshake, in ms

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import errno
 import os
 import socket
 import subprocess
@@ -125,6 +126,29 @@ def exchange(sock: socket.socket, peer: subprocess.Popen) -> None:
         raise AssertionError("kTLS RX returned something else than the peer sent")
 
 
+SOL_TLS = 282
+TLS_TX_MAX_PAYLOAD_LEN = 5  # linux/tls.h since 6.x (on 7.2, not on 6.12): the largest plaintext per record
+TLS_MAX_PAYLOAD_SIZE = 16384
+tx_max_payload: list[str] = []  # what the first kTLS socket said, printed once by main()
+
+
+def probe_tx_max_payload(sock: socket.socket) -> str:
+    """The kernel's per-record plaintext limit on a kTLS socket, or why there is none.
+
+    Why: tlshd 1.4.0 sets TLS_TX_MAX_PAYLOAD_LEN from a negotiated record_size_limit (RFC 8449).
+    hsd never agrees one (OpenSSL does not implement it; hsd_tlslite turns it off), so the
+    kernel's default, full-size records, must be what every hsd session has where the option
+    exists; where it does not (6.12) there is nothing to set."""
+    try:
+        value = sock.getsockopt(SOL_TLS, TLS_TX_MAX_PAYLOAD_LEN, 2)
+    except OSError as exc:
+        return f"absent ({errno.errorcode.get(exc.errno, exc.errno)})"
+    size = int.from_bytes(value[:2], sys.byteorder)
+    if size != TLS_MAX_PAYLOAD_SIZE:
+        raise AssertionError(f"TLS_TX_MAX_PAYLOAD_LEN is {size} on an hsd session, not {TLS_MAX_PAYLOAD_SIZE}")
+    return str(size)
+
+
 def run_case(suite: str, role: str, backend: str) -> None:
     port = free_port()
     ossl_suite = suite
@@ -155,6 +179,7 @@ def run_case(suite: str, role: str, backend: str) -> None:
                 raise AssertionError(f"negotiated {session.cipher}, wanted {suite}")
             ktls.install_session(ktls.KernelKtls(), sock, session)
             session.wipe()
+            tx_max_payload.append(probe_tx_max_payload(sock))
             exchange(sock, peer)
         trace = ""
         if role == "server":  # s_client exits on the closed connection and flushes its trace
@@ -198,6 +223,8 @@ def main(argv: list[str]) -> int:
             except Exception as exc:  # report every case, then fail
                 failures += 1
                 print(f"FAIL: {suite} hsd-{role} ({backend}): {type(exc).__name__}: {exc}", flush=True)
+    print(f"kernel {os.uname().release}: TLS_TX_MAX_PAYLOAD_LEN on hsd's kTLS sockets: "
+          f"{', '.join(sorted(set(tx_max_payload))) or 'no socket'}", flush=True)
     print(f"ktls-matrix ({backend}): {2 * len(SUITES) - failures}/{2 * len(SUITES)} cases passed", flush=True)
     return 1 if failures else 0
 

@@ -83,7 +83,7 @@ if [ "$AGENT" = hsd ]; then
     check_hsd_log "$LOG" "$CLIENT_BACKEND" "$SERVER_BACKEND"
     times=$(handshake_ms_hsd "$LOG")
 else
-    lines=$(grep -c "was successful" "$LOG" || true)
+    lines=$(grep -cE "$TLSHD_OK" "$LOG" || true)
     [ "$lines" -eq $((tx1 - tx0)) ] || die "tlshd logged $lines successful handshakes for $((tx1 - tx0)) kTLS sockets"
     check "$cur kTLS sockets open, $lines PSK handshakes by tlshd (client and server)"
     times=$(handshake_ms_tlshd "$LOG")

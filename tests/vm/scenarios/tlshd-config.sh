@@ -1,14 +1,16 @@
 #!/bin/bash
-# tlshd-config: `hsd check` accepts the reference agent's own configuration as the trixie package
+# tlshd-config: `hsd check` accepts the reference agent's own configuration as the guest's package
 # ships it (every file ktls-utils installs under /etc, verified unmodified against the package's
 # checksums): exit 0, no warning.  `hsd check` with no -c finds the same file by itself.
+# ktls-utils 1.0.0 (trixie) ships /etc/tlshd.conf, 1.4.0 (forky) /etc/tlshd/config.
 # limit: 120
 set -eu
 . ./_lib.sh
 
 shipped=$(dpkg-query -L ktls-utils | grep '^/etc/' | while read -r f; do [ -f "$f" ] && echo "$f"; done)
 [ -n "$shipped" ] || die "ktls-utils ships no configuration file under /etc"
-echo "$shipped" | grep -qx /etc/tlshd.conf || die "ktls-utils does not ship /etc/tlshd.conf: $shipped"
+echo "$shipped" | grep -qxE '/etc/tlshd\.conf|/etc/tlshd/config' \
+    || die "ktls-utils ships neither /etc/tlshd.conf nor /etc/tlshd/config: $shipped"
 verify=$(dpkg --verify ktls-utils 2>&1 || true)
 [ -z "$verify" ] || die "ktls-utils' files differ from the package: $verify"
 check "ktls-utils ships, unmodified: $(echo $shipped)"
