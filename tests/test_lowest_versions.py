@@ -122,7 +122,11 @@ def test_unit_and_interop_tests_pass_on_the_lowest_versions(tmp_path: Path) -> N
     env.pop("PYTHONPATH", None)
     missing = [name for name in LIBRARY_TESTS if not (tree / name).is_file()]
     assert not missing, f"LIBRARY_TESTS names files that are not in the tree: {missing}"
-    tests = run([python, *PYTEST, *LIBRARY_TESTS], cwd=tree, env=env, timeout=1800)
+    # the directory, minus every other test module: collected this way (not file by file), a module needing a
+    # missing library is left out by tests.debian.select_available instead of failing to import
+    others = sorted(f"--ignore={path.relative_to(tree)}" for path in (tree / "tests").glob("test_*.py")
+                    if str(path.relative_to(tree)) not in LIBRARY_TESTS)
+    tests = run([python, *PYTEST, *others, "tests/"], cwd=tree, env=env, timeout=1800)
     test_seconds = time.monotonic() - started
     counts = ", ".join(f"{n} {k}" for n, k in re.findall(r"(\d+) (passed|failed|errors?|deselected|skipped)",
                                                           tests.stdout))
