@@ -372,8 +372,27 @@ def test_library_ciphers_and_x25519_agree_with_tlslites_own() -> None:
         assert accel.x25519(scalar, bytearray(x25519.X25519_G)) == x25519.x25519(scalar, bytearray(x25519.X25519_G))
         assert accel.x25519(scalar, point) == x25519.x25519(scalar, point)
     assert accel.x25519(bytearray(secrets.token_bytes(32)), bytearray(32)) == bytearray(32)
-    # what tlslite's record layer and key exchange call now
+    # ECDSA: each side verifies the other's signatures; a changed signature or digest does not verify
+    import hashlib
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from tlslite.utils.python_ecdsakey import Python_ECDSAKey
+
+    for curve, name, digest in ((ec.SECP256R1(), "NIST256p", "sha256"), (ec.SECP384R1(), "NIST384p", "sha384")):
+        numbers = ec.generate_private_key(curve).private_numbers()
+        key = Python_ECDSAKey(numbers.public_numbers.x, numbers.public_numbers.y, name, numbers.private_value)
+        hashed = bytearray(getattr(hashlib, digest)(secrets.token_bytes(10)).digest())
+        ours, theirs = key._sign(hashed, digest), accel._python_sign(key, hashed, digest)
+        assert accel._python_verify(key, ours, hashed) and key._verify(theirs, hashed) and key._verify(ours, hashed)
+        bad = bytearray(theirs)
+        bad[-3] ^= 1
+        other = bytearray(hashed)
+        other[0] ^= 1
+        assert not key._verify(bad, hashed) and not key._verify(ours, other)
+        assert not key._verify(bytearray(b"\x30\x00"), hashed)
+    # what tlslite's record layer, key exchange and ECDSA keys call now
     import tlslite.keyexchange
+    assert Python_ECDSAKey._verify is accel.ecdsa_verify and Python_ECDSAKey._sign is accel.ecdsa_sign
     assert RecordLayer._getCipherSettings(0x1301)[2] is accel.create_aesgcm
     assert RecordLayer._getCipherSettings(0x1303)[2] is accel.create_chacha20
     assert tlslite.keyexchange.x25519 is accel.x25519

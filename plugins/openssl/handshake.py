@@ -22,10 +22,9 @@ from hsd.session import Session
 
 from .contexts import context_key, contexts
 from .driver import ErrorTranslator, drive_handshake, ssl_error_text
-from .hello import ServerHelloReader
 from .identity import install_identity
 from .secrets import TrafficSecrets, route_keylog
-from .sessions import build_session
+from .sessions import build_session, group_reader
 from .suites import tls13_context
 from .verification import VerifyOutcome, install_trust, pin_peer_name, routed_verify
 
@@ -82,7 +81,7 @@ def _routed_info(conn: SSL.Connection, _where: int, _ret: int) -> None:
 def _run(ctx: HandshakeContext, context: SSL.Context, outcome: VerifyOutcome, prepare=None) -> Session:
     role = ctx.request.role
     secrets = TrafficSecrets()
-    hello = ServerHelloReader()
+    hello = group_reader()
     conn = SSL.Connection(context, None)
     conn.set_app_data(ConnectionState(secrets, outcome))
     _trace(conn, ctx)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from cryptography.hazmat.primitives.serialization import Encoding
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from OpenSSL._util import ffi, lib
 
 from hsd.errors import HandshakeError
@@ -23,15 +22,24 @@ def negotiated_group(conn: SSL.Connection, hello: ServerHelloReader | None = Non
     return ffi.string(name).decode() if name != ffi.NULL else None
 
 
+def group_reader() -> ServerHelloReader | None:
+    """A ServerHello reader where the bindings cannot name the group, else None (no parsing per record)."""
+    return None if hasattr(lib, "SSL_get0_group_name") else ServerHelloReader()
+
+
 def peer_chain_der(conn: SSL.Connection) -> tuple[bytes, ...]:
-    """The peer's certificates as sent, leaf first (OpenSSL omits the leaf on servers)."""
-    leaf = conn.get_peer_certificate(as_cryptography=True)
+    """The peer's certificates as sent, leaf first (OpenSSL omits the leaf on servers).
+
+    Straight from OpenSSL's X509 to DER: going through cryptography objects
+    encoded and parsed every certificate twice more, per handshake."""
+    leaf = conn.get_peer_certificate()
     if leaf is None:
         return ()
-    chain = list(conn.get_peer_cert_chain(as_cryptography=True) or [])
-    if not chain or chain[0] != leaf:
-        chain.insert(0, leaf)
-    return tuple(cert.public_bytes(Encoding.DER) for cert in chain)
+    leaf_der = crypto.dump_certificate(crypto.FILETYPE_ASN1, leaf)
+    chain = [crypto.dump_certificate(crypto.FILETYPE_ASN1, cert) for cert in conn.get_peer_cert_chain() or ()]
+    if not chain or chain[0] != leaf_der:
+        chain.insert(0, leaf_der)
+    return tuple(chain)
 
 
 def build_session(conn: SSL.Connection, secrets: TrafficSecrets, role: str,

@@ -4,8 +4,10 @@ Without M2Crypto or PyCrypto, tlslite-ng 0.8 encrypts every handshake record
 with a pure-Python AES/GHASH and does X25519 with Python integers: about half
 of a tlslite handshake's CPU (docs/performance.md, "Per-handshake cost").
 `cryptography` is already one of hsd's dependencies, so the backend swaps the
-two factories tlslite's record layer calls and the X25519 function its key
-exchange calls; the protocol logic, parsing and state machine stay tlslite's.
+two factories tlslite's record layer calls, the X25519 function its key
+exchange calls and the two methods that sign and verify with ECDSA keys
+(python-ecdsa's point arithmetic); the protocol logic, parsing and state
+machine stay tlslite's.
 
 Secrets: the AEAD object keeps tlslite's own key bytearray (`.key`, zeroed by
 ObservedConnection.wipe_secrets) and builds the library cipher only on first
@@ -18,7 +20,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from cryptography.exceptions import InvalidTag
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESCCM, AESGCM, ChaCha20Poly1305
 
@@ -89,10 +95,51 @@ def x25519(scalar: bytearray, u: bytearray) -> bytearray:
         return bytearray(32)
 
 
+_DIGESTS = {32: hashes.SHA256, 48: hashes.SHA384, 64: hashes.SHA512}
+
+
+def _curve(key: Any) -> ec.EllipticCurve:
+    oid = ".".join(str(part) for part in key.public_key.curve.oid)
+    return ec.get_curve_for_oid(x509.ObjectIdentifier(oid))()
+
+
+def ecdsa_verify(self: Any, signature: bytearray, hash_bytes: bytearray) -> bool:
+    """Python_ECDSAKey._verify: a DER signature over a digest, False when it does not verify."""
+    digest = _DIGESTS.get(len(hash_bytes))
+    if digest is None:  # not a digest length TLS 1.3 uses: python-ecdsa's own (slow) check
+        return _python_verify(self, signature, hash_bytes)
+    point = self.public_key.pubkey.point
+    try:
+        public = ec.EllipticCurvePublicNumbers(point.x(), point.y(), _curve(self)).public_key()
+        public.verify(bytes(signature), bytes(hash_bytes), ec.ECDSA(Prehashed(digest())))
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def ecdsa_sign(self: Any, data: bytearray, hAlg: str) -> bytearray:  # noqa: N803  tlslite's signature
+    """Python_ECDSAKey._sign: a DER ECDSA signature over a digest (random nonce, from OpenSSL)."""
+    digest = getattr(hashes, hAlg.upper(), None)
+    if digest is None or digest.digest_size != len(data):
+        return _python_sign(self, data, hAlg)
+    private = ec.derive_private_key(self.private_key.privkey.secret_multiplier, _curve(self))
+    return bytearray(private.sign(bytes(data), ec.ECDSA(Prehashed(digest()))))
+
+
+_python_verify: Callable[..., bool]
+_python_sign: Callable[..., bytearray]
+
+
 def install() -> None:
     """Point tlslite's record layer and key exchange at the functions above (idempotent)."""
+    global _python_verify, _python_sign
     from tlslite import keyexchange, recordlayer
+    from tlslite.utils.python_ecdsakey import Python_ECDSAKey
 
+    if Python_ECDSAKey._verify is not ecdsa_verify:
+        _python_verify, _python_sign = Python_ECDSAKey._verify, Python_ECDSAKey._sign
+    Python_ECDSAKey._verify = ecdsa_verify
+    Python_ECDSAKey._sign = ecdsa_sign
     recordlayer.createAESGCM = create_aesgcm
     recordlayer.createAESCCM = create_aesccm
     recordlayer.createCHACHA20 = create_chacha20
