@@ -16,7 +16,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from .boot import describe_scenarios, run_scenarios
+from .boot import FIRST, describe_scenarios, run_scenarios, split_scenario, unknown_scenarios
 from .deb import ensure_deb
 from .image import GUESTS, BuildError, ensure_image
 
@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     names = list(GUESTS) if args.guest == "all" else [args.guest]
     if args.command == "build":
         return build_all(names)
+    unknown = unknown_scenarios(args.scenarios)  # before minutes of building
+    misplaced = [spec for spec in args.scenarios[1:] if split_scenario(spec)[0] in FIRST]
+    if unknown or misplaced:
+        print(f"vm: unknown scenario(s) {' '.join(unknown)}; have:\n" + "\n".join(describe_scenarios())
+              if unknown else f"vm: {' '.join(misplaced)} reads what the boot did: list it first", file=sys.stderr)
+        return 2
     worst = 0
     for name in names:
         started = time.monotonic()

@@ -98,8 +98,9 @@ say "--- systemctl stop with handshakes in flight: every one gets its DONE"
 # three handshakes from two consumers towards silent peers: an NVMe/TCP connect (one at a time:
 # the fabrics driver connects controllers one after the other) and two NFS mounts whose RPC
 # STARTTLS probe is answered; stop hsd once all three ClientHellos arrived
+# nvme-tcp first: it brings the kernel's .nvme keyring the PSK goes into
+for m in tls nvme-tcp nvme-fabrics; do modprobe "$m" || die "modprobe $m"; done
 nvme_psk_insert
-for m in tls nvme-tcp nvme-fabrics; do modprobe "$m"; done
 # the kernel's NVMe handshake timeout (hsd's deadline) from 10 to 20 s: room under emulation,
 # and still below TimeoutStopSec=30s with hsd's grace
 timeout_param=/sys/module/nvme_tcp/parameters/tls_handshake_timeout
