@@ -4,6 +4,7 @@
     hsd --simulator SOCKET ...                    serve a kernel simulator instead
     hsd check [-c FILE] [--strict]                load and cross-check the config, print effective settings
     hsd plugins [-c FILE]                         installed plugins, their modes, who wins
+    hsd status [-c FILE] [--json]                 the running daemon: counters, latency, config, expiry
     hsd demo                                      watch hsd serve simulated requests against real peers
     hsd bench [--quick]                           handshakes/s and latency: hsd vs bare library vs C
     hsd bench startup [--runs N]                  start to join, first handshake and ready (median)
@@ -58,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     plugins = sub.add_parser("plugins", help="list installed plugins, the modes they serve and which one wins")
     plugins.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
                          help="config file whose plugin settings apply (same as hsd -c FILE plugins)")
+    status = sub.add_parser("status", help="what the running daemon has done: counters, latency, config, expiry")
+    status.add_argument("-c", "--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="config file naming [hsd] control_socket (same as hsd -c FILE status)")
+    status.add_argument("--socket", metavar="PATH", help="the control socket (default: [hsd] control_socket, "
+                        "else /run/hsd/control)")
+    status.add_argument("--json", action="store_true", help="the raw document")
     demo = sub.add_parser("demo", help="serve simulated kernel requests against real openssl/gnutls peers")
     demo.add_argument("--rounds", type=int, default=1, help="how many times to run the scenario list")
     # listed for --help only: `hsd bench ...` is routed in main() so the daemon never imports the benchmark
@@ -95,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 
         _print_warnings(cfg.warnings)
         return print_plugins(cfg)
+    if args.command == "status":
+        return print_status(cfg, args)
     if args.command == "demo":
         from .demo import run_demo
 
@@ -122,6 +131,39 @@ def configure(args: argparse.Namespace) -> "config_mod.Config | int":
             return EXIT_USAGE
         cfg.workers = args.workers
     return cfg
+
+
+def control_path(cfg: "config_mod.Config", *, serving_simulator: bool = False) -> str | None:
+    """[hsd] control_socket; unset: the default path when serving the kernel, none for a simulator (tests)."""
+    if cfg.control_socket is not None:
+        return cfg.control_socket or None
+    if serving_simulator:
+        return None
+    from .status import DEFAULT_SOCKET
+
+    return DEFAULT_SOCKET
+
+
+def print_status(cfg: "config_mod.Config", args: argparse.Namespace) -> int:
+    """`hsd status`: what the running daemon reports on its control socket."""
+    import json
+
+    from .status import DEFAULT_SOCKET, query, render
+
+    path = args.socket or control_path(cfg) or DEFAULT_SOCKET
+    try:
+        doc = query(path)
+    except PermissionError:
+        print(f"hsd: only root can read hsd's status ({path})", file=sys.stderr)
+        return EXIT_FAILURE
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(f"hsd: hsd is not running here: nothing answers at {path}", file=sys.stderr)
+        return EXIT_FAILURE
+    except (OSError, ValueError) as exc:
+        print(f"hsd: cannot read hsd's status at {path}: {getattr(exc, 'strerror', None) or exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(json.dumps(doc, indent=2) if args.json else "\n".join(render(doc)))
+    return EXIT_OK
 
 
 def _print_warnings(warnings: list[str]) -> None:
@@ -218,7 +260,7 @@ def _load_and_serve(args: argparse.Namespace, cfg: "config_mod.Config", argv: li
     try:
         return serve_workers(open_channel, cfg, workers=workers, respawn_argv=argv, backend=cfg.backend,
                              config_path=args.config, max_inflight=args.max_inflight, host=host, checked=True,
-                             signals=signals)
+                             signals=signals, control_socket=control_path(cfg, serving_simulator=bool(args.simulator)))
     except OSError as exc:
         return _channel_failure(args, exc)
     except RuntimeError as exc:

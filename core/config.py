@@ -34,7 +34,7 @@ TLSHD_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 HSD_SECTIONS: dict[str, tuple[str, ...]] = {
     "hsd": ("backend", "max_inflight", "handshake_timeout", "workers", "isolation", "strict_permissions",
-            "enable_plugins", "disable_plugins", "expiry_warning_days"),
+            "enable_plugins", "disable_plugins", "expiry_warning_days", "control_socket"),
     "hsd.backends": MODES,
     "hsd.client": ("verify_server",),
     "hsd.server": ("require_client_certificate", "allowed_client_sans"),
@@ -86,6 +86,7 @@ class Config:
     require_client_certificate: bool = False
     strict_permissions: bool = False  # refuse private key files readable by group/others (else warn)
     expiry_warning_days: int = 14  # warn this many days before a certificate or CRL expires (0: only once expired)
+    control_socket: str | None = None  # `hsd status`'s socket; None: /run/hsd/control serving the kernel; "": off
     allowed_client_sans: list[str] = field(default_factory=list)
     verify_server: bool = True
     psk_modes: list[str] = field(default_factory=lambda: ["psk_dhe_ke"])
@@ -228,6 +229,10 @@ def _apply(cfg: Config, section: str, key: str, value: str, where: str) -> bool:
             cfg.strict_permissions = _bool(value, where)
         elif key == "expiry_warning_days":
             cfg.expiry_warning_days = _int(value, where, 0, 3650)
+        elif key == "control_socket":
+            if value != "none" and not value.startswith("/"):
+                raise ConfigError(f"{where}: control_socket must be an absolute path or 'none', got {value!r}")
+            cfg.control_socket = "" if value == "none" else value
         else:
             return False
         return True

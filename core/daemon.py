@@ -118,6 +118,21 @@ def log_expiry(items: list) -> None:
         log.log(logging.ERROR if item.error else logging.WARNING, "%s", item.line())
 
 
+def open_control(status, control_socket: str | None, get_config: Callable[[], config_mod.Config]):
+    """The control socket `hsd status` reads (when configured); one that cannot be made is one warning line,
+    not a reason to stop serving.  Returns the ControlServer or None."""
+    from .status import ControlServer
+
+    if not control_socket:
+        return None
+    try:
+        return ControlServer(control_socket, lambda: status.snapshot(get_config()))
+    except OSError as exc:
+        log.warning("no control socket at %s (hsd status cannot read this instance): %s", control_socket,
+                    exc.strerror or exc)
+        return None
+
+
 def watch_expiry(get_config: Callable[[], config_mod.Config], stop: threading.Event,
                  interval: float | None = None) -> threading.Thread:
     """The daily check while running: every interval, the configured certificates and CRLs judged again."""
@@ -140,7 +155,7 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
           stop: threading.Event | None = None, on_ready: Callable[[], None] | None = None,
           drop_capabilities: bool = True, on_signal: Callable[[int], None] | None = None,
           hardened: bool = False, signals: SignalRelay | None = None, checked: bool = False,
-          expiry_checks: bool = True) -> int:
+          expiry_checks: bool = True, control_socket: str | None = None) -> int:
     """Run until a stop signal; returns the process exit code.
 
     The channel is already connected and joined.  First, while this process has
@@ -153,7 +168,9 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
     when it runs in the main thread.  checked=True: the caller (the command line)
     already refused what hsd.check.inspect reports; otherwise serve() does, exit 2.
     expiry_checks: this process reports expiring certificates and CRLs at reload and
-    daily (the supervising parent does, worker processes do not: one line, not N)."""
+    daily (the supervising parent does, worker processes do not: one line, not N);
+    the same process sends sd_notify STATUS= and, given control_socket, answers
+    `hsd status` there (hsd.status)."""
     if drop_capabilities and not hardened:
         try:
             privileges.harden_process()
@@ -171,7 +188,13 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
             return EXIT_CONFIG
     stop = stop or threading.Event()
     _ensure_process_keyring()
-    dispatcher = Dispatcher(channel, host, config, backend=backend, max_inflight=max_inflight)
+    from .status import Status, notify_loop
+
+    status = Status()
+    dispatcher = Dispatcher(channel, host, config, backend=backend, max_inflight=max_inflight,
+                            on_outcome=status.record)
+    status.inflight = dispatcher.inflight
+    control = None
 
     def on_stop(signum: int) -> None:
         log.info("received %s: finishing in-flight handshakes and stopping", signal.Signals(signum).name)
@@ -208,11 +231,16 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
         signals.start(act)  # the first thread serve() starts: after the capability drop
 
     def ready() -> None:
+        nonlocal control
         log.info("hsd ready: listening for handshake requests (backend %s, up to %d in flight)",
                  backend or config.backend, dispatcher.max_inflight)
+        if expiry_checks:  # `hsd status` answers once systemd hears READY=1
+            control = open_control(status, control_socket, lambda: dispatcher.config)
         notify_systemd("READY=1")
         if expiry_checks:
             watch_expiry(lambda: dispatcher.config, stop)
+            if os.environ.get("NOTIFY_SOCKET"):
+                notify_loop(status, stop, notify_systemd)
         if on_ready:
             on_ready()
 
@@ -225,6 +253,8 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
         return 1
     finally:
         notify_systemd("STOPPING=1")
+        if control is not None:
+            control.close()
         channel.close()
         if own_signals is not None:
             own_signals.close()
@@ -364,7 +394,7 @@ class WorkerPool:
 def serve_workers(open_channel: Callable[[], Channel], config: config_mod.Config, *, workers: int,
                   respawn_argv: list[str], backend: str | None, config_path: str | None,
                   max_inflight: int | None = None, host: PluginHost | None = None, checked: bool = False,
-                  signals: SignalRelay | None = None) -> int:
+                  signals: SignalRelay | None = None, control_socket: str | None = None) -> int:
     """serve() in `workers` processes; the channel is opened in each process after the fork.
 
     signals: the caller's installed SignalRelay (the command line installs one
@@ -394,7 +424,7 @@ def serve_workers(open_channel: Callable[[], Channel], config: config_mod.Config
     if workers <= 1:
         return serve(open_channel(), config, backend=backend, config_path=config_path,
                      max_inflight=max_inflight, host=host, hardened=True, checked=checked, signals=signals,
-                     expiry_checks=not is_worker_child())
+                     expiry_checks=not is_worker_child(), control_socket=control_socket)
     pool = WorkerPool(respawn_argv)
 
     def child_main() -> int:
@@ -418,7 +448,7 @@ def serve_workers(open_channel: Callable[[], Channel], config: config_mod.Config
     try:
         code = serve(open_channel(), config, backend=backend, config_path=config_path,
                      max_inflight=max_inflight, host=host, on_signal=pool.signal_all, hardened=True,
-                     signals=signals, checked=checked)
+                     signals=signals, checked=checked, control_socket=control_socket)
     finally:
         pool.stop()
         pool.wait()

@@ -100,9 +100,12 @@ _JUDGES = (("truststore", trust_store, "certificates"), ("crl", crls, "crls"), (
            ("pq_certificate", chain, "certificates"))
 
 
-def scan(cfg, now: datetime.datetime | None = None) -> list[Expiry]:  # cfg: hsd.config.Config
-    """Every configured certificate, chain, trust store and CRL judged now; unreadable files are skipped
-    (start-up and reload report those, in hsd.check's words)."""
+EVERYTHING = 10 ** 6  # days: a window that takes in every file (hsd status lists them all)
+
+
+def scan(cfg, now: datetime.datetime | None = None, *, every_file: bool = False) -> list[Expiry]:
+    """Every configured certificate, chain, trust store and CRL judged now (every_file: listed whatever its date);
+    unreadable files are skipped (start-up and reload report those, in hsd.check's words).  cfg: hsd.config.Config"""
     from . import credentials
     from .errors import CredentialError
 
@@ -120,7 +123,8 @@ def scan(cfg, now: datetime.datetime | None = None) -> list[Expiry]:  # cfg: hsd
                 parsed = (credentials.parse_crls if kind == "crls" else credentials.parse_certificates)(data, path)
             except (OSError, CredentialError):
                 continue
-            found += judge(parsed, key_name(role, attr), path, now, cfg.expiry_warning_days)
+            found += judge(parsed, key_name(role, attr), path, now,
+                           EVERYTHING if every_file else cfg.expiry_warning_days)
     return found
 
 

@@ -34,6 +34,7 @@ def print_config(cfg: Config, *, strict: bool = False, backend_option: bool = Fa
           f"handshake_timeout={cfg.handshake_timeout_ms}ms workers={cfg.workers} isolation={cfg.isolation}")
     print(f"[hsd] strict_permissions={str(cfg.strict_permissions).lower()} "
           f"expiry_warning_days={cfg.expiry_warning_days} "
+          f"control_socket={(cfg.control_socket or 'none') if cfg.control_socket is not None else '/run/hsd/control'} "
           f"enable_plugins={';'.join(cfg.enable_plugins) or '(all installed)'} "
           f"disable_plugins={';'.join(cfg.disable_plugins) or '(none)'}")
     for mode, backend in sorted(cfg.backends.items()):

@@ -40,6 +40,26 @@ class Start:
     first: float
     ready: float
     status: int
+    cpu_joined: float  # seconds of CPU the process had used when the join was seen (all its threads)
+    cpu_first: float
+    waited_first: float  # seconds its threads spent runnable but waiting for a CPU (the machine's load)
+
+
+def cpu_of(pid: int) -> tuple[float, float]:
+    """(on-CPU, waiting-to-run) seconds of every thread of pid, from /proc/PID/task/*/schedstat (ns)."""
+    ran = waited = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0.0, 0.0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as handle:
+                fields = handle.read().split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        ran, waited = ran + int(fields[0]), waited + int(fields[1])
+    return ran / 1e9, waited / 1e9
 
 
 def _hsd_command() -> list[str]:
@@ -67,10 +87,12 @@ def one_start(sim, server, config: str, notify_path: str, backend: str, env: dic
                 raise RuntimeError(f"hsd exited or never joined (status {proc.poll()})")
             time.sleep(0.0002)
         joined = time.monotonic()
+        cpu_joined, _ = cpu_of(proc.pid)
         sock = server.connect()
         req = sim.client_hello_anon(sock, peername="localhost", timeout_ms=20000)
         status, _ = req.wait(30)
         first = time.monotonic()
+        cpu_first, waited_first = cpu_of(proc.pid)
         sock.close()
         notify.settimeout(30)
         while notify.recv(4096) != b"READY=1":
@@ -80,7 +102,7 @@ def one_start(sim, server, config: str, notify_path: str, backend: str, env: dic
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
         notify.close()
-    return Start(joined - started, first - started, ready - started, status)
+    return Start(joined - started, first - started, ready - started, status, cpu_joined, cpu_first, waited_first)
 
 
 def _median_ms(values: list[float]) -> str:
@@ -122,10 +144,12 @@ def run(runs: int, backend: str, bytecode_cache: bool = True) -> int:
           f"{'cached' if bytecode_cache else 'compiled at every start'} (load average {os.getloadavg()[0]:.2f}, "
           f"{os.cpu_count()} CPUs)")
     print("                     median     min     max  (ms after the process was spawned)")
-    for name in ("joined", "first", "ready"):
+    for name in ("joined", "first", "ready", "cpu_joined", "cpu_first", "waited_first"):
         values = [getattr(s, name) for s in starts]
         print(f"  {name:<16} {_median_ms(values)}  {min(values) * 1000:6.1f}  {max(values) * 1000:6.1f}")
-    print("  joined: the tlshd group joined; first: DONE of a handshake queued at the join; ready: READY=1")
+    print("  joined: the tlshd group joined; first: DONE of a handshake queued at the join; ready: READY=1;\n"
+          "  cpu_*: CPU hsd had used by then (all threads; the figure load does not inflate); waited_first: time\n"
+          "  its threads were runnable but another process had the CPU")
     if failed:
         print(f"hsd bench startup: {len(failed)} first handshake(s) failed: statuses {failed}", file=sys.stderr)
         return 1
