@@ -122,7 +122,7 @@ def notify_loop(status: Status, stop: threading.Event, notify: Callable[[str], N
     def run() -> None:
         notify(f"STATUS={status.summary()}")
         while not stop.is_set():
-            if status.changed.wait(0.5):
+            if status.changed.wait(0.5) and not stop.is_set():  # none after STOPPING=1
                 status.changed.clear()
                 notify(f"STATUS={status.summary()}")
                 stop.wait(NOTIFY_INTERVAL)
