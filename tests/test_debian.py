@@ -65,7 +65,7 @@ STEPS: tuple[tuple[str, str], ...] = (
                 "echo '--- ktls-utils conffiles'; dpkg-query -W -f='${Conffiles}\\n' ktls-utils | awk 'NF {print $1}'\n"
                 "echo '--- enabled'; systemctl is-enabled hsd.service || true\n"
                 "echo '--- execstart'; sed -n 's/^ExecStart=//p' " + UNIT + "\n"
-                "echo '--- running'; pgrep -x hsd || echo none\n"
+                "echo '--- running'; for p in $(pgrep -x hsd); do [ /proc/$p/root -ef / ] && echo $p; done | grep . || echo none\n"
                 "echo '--- check'; hsd check 2>/dev/null | head -1\n"
                 "echo '--- versions'; dpkg-query -W -f='${Package} ${Version}\\n' " + " ".join(DEBIAN_VERSIONS)),
     ("without-tlslite", "rc=0; hsd plugins || rc=$?; echo \"plugins rc=$rc\"\n"

@@ -186,7 +186,7 @@ def test_hsd_check_accepts_the_shipped_tlshd_config(vm_run: VmRun) -> None:
     log = vm_run.log("tlshd-config")
     assert f"ok: hsd check -c {SHIPPED_CONFIG[vm_run.guest]}: exit 0, no warning" in log
     assert f"ok: hsd check (no -c) reads {SHIPPED_CONFIG[vm_run.guest]}: exit 0, no warning" in log
-    assert not re.search(r"(?i)warning", log.replace("no warning", "")), log
+    assert not re.search(r"(?i)warning:", log), log  # hsd prints "hsd: warning: ..."; a setting may be named expiry_warning_days
 
 
 def test_nvme_psk_scenario_passes_with_the_reference_tlshd(vm_run: VmRun) -> None:

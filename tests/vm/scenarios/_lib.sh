@@ -31,13 +31,13 @@ make_pki() {
     mkdir -p "$PKI" && cd "$PKI"
     local ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
     for ca in ca rogue-ca; do
-        openssl req -x509 "${ec[@]}" -keyout $ca.key -out $ca.pem -days 2 -subj "/CN=hsd vm $ca" \
+        openssl req -x509 "${ec[@]}" -keyout $ca.key -out $ca.pem -days 30 -subj "/CN=hsd vm $ca" \
             -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
     done
     issue() {  # issue NAME CA SUBJECT EXTENSIONS
         openssl req "${ec[@]}" -keyout "$1.key" -out "$1.csr" -subj "$3" 2>/dev/null
         printf '%s\n' "$4" > "$1.ext"
-        openssl x509 -req -in "$1.csr" -CA "$2.pem" -CAkey "$2.key" -CAcreateserial -days 2 \
+        openssl x509 -req -in "$1.csr" -CA "$2.pem" -CAkey "$2.key" -CAcreateserial -days 30 \
             -extfile "$1.ext" -out "$1.pem" 2>/dev/null
     }
     local server_ext='subjectAltName=DNS:localhost,IP:127.0.0.1,IP:127.0.0.2,IP:127.0.0.3,IP:127.0.0.4,IP:127.0.0.5

@@ -65,7 +65,7 @@ if [ -f /hsdrun/results/tlshd-nfs.conf ]; then  # tlshd-nfs ran earlier in this 
     check "$CONF is byte for byte the file tlshd-nfs gave tlshd"
 fi
 hsd check -c "$CONF" > /tmp/hsd-check.out 2>&1 || { cat /tmp/hsd-check.out; die "hsd check -c $CONF failed"; }
-if grep -qi warn /tmp/hsd-check.out; then cat /tmp/hsd-check.out; die "hsd check -c $CONF warned"; fi
+if grep -q "warning:" /tmp/hsd-check.out; then cat /tmp/hsd-check.out; die "hsd check -c $CONF warned"; fi
 check "hsd check -c $CONF: exit 0, no warning"
 nfs_server_start
 start_hsd

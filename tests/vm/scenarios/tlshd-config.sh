@@ -21,7 +21,7 @@ check_clean() {
     hsd "$@" > /tmp/check.out 2> /tmp/check.err || rc=$?
     sed 's/^/  /' /tmp/check.out /tmp/check.err
     [ "$rc" -eq 0 ] || die "$label: hsd $* exited $rc"
-    if grep -qi "warn" /tmp/check.out /tmp/check.err; then die "$label: hsd $* warned"; fi
+    if grep -q "warning:" /tmp/check.out /tmp/check.err; then die "$label: hsd $* warned"; fi
     [ ! -s /tmp/check.err ] || die "$label: hsd $* wrote to stderr"
     grep -q "configuration OK" /tmp/check.out || die "$label: hsd $* did not say 'configuration OK'"
 }
