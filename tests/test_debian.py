@@ -255,6 +255,14 @@ def test_without_tlslite_hsd_reports_it_unavailable_and_refuses_to_start_on_it(s
     assert len(start_errors) == 1 and "'tlslite' is unavailable" in start_errors[0], output
 
 
+def _failures(output: str, limit: int = 12000) -> str:
+    """pytest's FAILURES section (what went wrong), then the summary: the tail alone is statistics."""
+    start = output.find("= FAILURES =")
+    end = output.find("= Hypothesis Statistics =")
+    body = output[output.rfind("\n", 0, start) + 1:end if end > start else None] if start >= 0 else ""
+    return body[:limit] + "\n[...]\n" + output[-2000:]
+
+
 def _pytest_summary(suite_run: SuiteRun, name: str) -> tuple[str, dict[str, str]]:
     step = suite_run.step(name)
     output = step.output
@@ -264,7 +272,7 @@ def _pytest_summary(suite_run: SuiteRun, name: str) -> tuple[str, dict[str, str]
           + (selection.group(1) if selection else "(no selection line)"))
     for line in re.findall(r"^(?:tlslite-ng|ML-DSA).*$", output, re.M):
         print(f"  {line}")
-    assert step.rc == 0, f"{suite_run.suite}: {name} exited {step.rc}:\n{output[-8000:]}"
+    assert step.rc == 0, f"{suite_run.suite}: {name} exited {step.rc}:\n{_failures(output)}"
     assert selection, output[-3000:]
     return selection.group(1), counts
 
