@@ -34,7 +34,8 @@ TLSHD_SECTIONS: dict[str, tuple[str, ...]] = {
 }
 HSD_SECTIONS: dict[str, tuple[str, ...]] = {
     "hsd": ("backend", "max_inflight", "handshake_timeout", "workers", "isolation", "strict_permissions",
-            "enable_plugins", "disable_plugins", "expiry_warning_days", "control_socket"),
+            "enable_plugins", "disable_plugins", "expiry_warning_days", "control_socket", "metrics_file",
+            "metrics_interval"),
     "hsd.backends": MODES,
     "hsd.client": ("verify_server",),
     "hsd.server": ("require_client_certificate", "allowed_client_sans"),
@@ -87,6 +88,8 @@ class Config:
     strict_permissions: bool = False  # refuse private key files readable by group/others (else warn)
     expiry_warning_days: int = 14  # warn this many days before a certificate or CRL expires (0: only once expired)
     control_socket: str | None = None  # `hsd status`'s socket; None: /run/hsd/control serving the kernel; "": off
+    metrics_file: str | None = None  # OpenMetrics text file for node_exporter's textfile collector; None: off
+    metrics_interval: int = 15  # seconds between two rewrites of metrics_file
     allowed_client_sans: list[str] = field(default_factory=list)
     verify_server: bool = True
     psk_modes: list[str] = field(default_factory=lambda: ["psk_dhe_ke"])
@@ -233,6 +236,12 @@ def _apply(cfg: Config, section: str, key: str, value: str, where: str) -> bool:
             if value != "none" and not value.startswith("/"):
                 raise ConfigError(f"{where}: control_socket must be an absolute path or 'none', got {value!r}")
             cfg.control_socket = "" if value == "none" else value
+        elif key == "metrics_file":
+            if value != "none" and not value.startswith("/"):
+                raise ConfigError(f"{where}: metrics_file must be an absolute path or 'none', got {value!r}")
+            cfg.metrics_file = None if value == "none" else value
+        elif key == "metrics_interval":
+            cfg.metrics_interval = _int(value, where, 1, 86400)
         else:
             return False
         return True
