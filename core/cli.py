@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, metavar="N",
                         help="daemon processes serving the queue (default: [hsd] workers, 1)")
     parser.add_argument("--simulator", metavar="SOCKET", help="serve the kernel simulator at SOCKET (hsd-sim)")
+    parser.add_argument("--control-socket", metavar="PATH",
+                        help="the control socket `hsd status` reads, or 'none' (overrides [hsd] control_socket; "
+                             "hsd@.service gives each network namespace its own)")
     parser.add_argument("--debug", action="store_true", help="debug logging (like [debug] loglevel=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     check = sub.add_parser("check", help="load and cross-check the config, print the effective settings")
@@ -125,6 +128,12 @@ def configure(args: argparse.Namespace) -> "config_mod.Config | int":
         cfg.backend = args.backend
     if args.max_inflight is not None:  # the effective settings, as `hsd check` prints them
         cfg.max_inflight = args.max_inflight
+    if args.control_socket is not None:
+        if args.control_socket != "none" and not args.control_socket.startswith("/"):
+            print(f"hsd: --control-socket must be an absolute path or 'none', got {args.control_socket!r}",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        cfg.control_socket = "" if args.control_socket == "none" else args.control_socket
     if args.workers is not None:
         if args.workers < 1:
             print("hsd: --workers must be at least 1", file=sys.stderr)

@@ -134,3 +134,41 @@ def test_control_socket_must_be_absolute_or_none(tmp_path: Path) -> None:
                                      "got 'run/control'")
     config.write_text("[hsd]\ncontrol_socket=none\n")
     assert "control_socket=none" in hsd("check", "-c", str(config)).stdout
+
+
+def test_control_socket_option_overrides_the_config(tmp_path: Path, hsd_pki: TestPki) -> None:
+    """hsd@.service gives each namespace's instance its own socket with --control-socket, whatever its
+    config file says: the socket the config names stays unmade, the option's answers for this pid."""
+    named, given = tmp_path / "named" / "control", tmp_path / "given" / "control"
+    given.parent.mkdir(mode=0o700)
+    config = tmp_path / "hsd.conf"
+    config.write_text(f"[authenticate.client]\nx509.truststore={hsd_pki.ca}\n[hsd]\ncontrol_socket={named}\n")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(30)
+    log = tmp_path / "hsd.log"
+    with Simulator() as sim, open(log, "wb") as handle:
+        proc = subprocess.Popen([sys.executable, "-m", "hsd.cli", "-c", str(config), "--control-socket", str(given),
+                                 "--simulator", sim.address, "-s"], stdin=subprocess.DEVNULL, stdout=handle,
+                                stderr=subprocess.STDOUT, env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")})
+        try:
+            assert notify.recv(4096) == b"READY=1", log.read_text()
+            result = hsd("status", "--socket", str(given), "--json")
+            assert result.returncode == 0, result.stderr + log.read_text()
+            assert json.loads(result.stdout)["pid"] == proc.pid
+            assert not named.exists() and not named.parent.exists()
+            assert hsd("status", "--socket", str(named)).returncode == 1
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0, log.read_text()
+            notify.close()
+    assert not given.exists()
+
+
+@pytest.mark.parametrize("value", ["run/control", ""])
+def test_control_socket_option_must_be_absolute_or_none(tmp_path: Path, value: str) -> None:
+    config = tmp_path / "hsd.conf"
+    config.write_text("[hsd]\ncontrol_socket=none\n")
+    result = hsd("--control-socket", value, "check", "-c", str(config))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"hsd: --control-socket must be an absolute path or 'none', got {value!r}"

@@ -27,6 +27,7 @@ tls_stat() { awk -v f="$1" '$1 == f { print $2 }' /proc/net/tls_stat 2>/dev/null
 # A CA, a server certificate for localhost and 127.0.0.1-5 (one NFS client per address: parallel
 # mounts each get their own connection and handshakes), a client certificate, and a second,
 # untrusted CA with its own localhost server certificate.  EC P-256: fast under emulation.
+# SERVER_EXTRA_SAN (",IP:..."), when set, adds names to both server certificates (netns-nfs).
 make_pki() {
     mkdir -p "$PKI" && cd "$PKI"
     local ec=(-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes)
@@ -40,7 +41,7 @@ make_pki() {
         openssl x509 -req -in "$1.csr" -CA "$2.pem" -CAkey "$2.key" -CAcreateserial -days 30 \
             -extfile "$1.ext" -out "$1.pem" 2>/dev/null
     }
-    local server_ext='subjectAltName=DNS:localhost,IP:127.0.0.1,IP:127.0.0.2,IP:127.0.0.3,IP:127.0.0.4,IP:127.0.0.5
+    local server_ext='subjectAltName=DNS:localhost,IP:127.0.0.1,IP:127.0.0.2,IP:127.0.0.3,IP:127.0.0.4,IP:127.0.0.5${SERVER_EXTRA_SAN:-}
 extendedKeyUsage=serverAuth
 basicConstraints=CA:FALSE'
     issue server ca "/CN=localhost" "$server_ext"
