@@ -1,7 +1,7 @@
 """The edge between the dispatcher and the kernel: one small interface, two implementations.
 
 `hsd.netlink_channel.NetlinkChannel` talks to the real `handshake` family;
-`hsd.simulator.SimChannel` talks to the kernel simulator.  The dispatcher
+`hsd.sim_channel.SimChannel` talks to the kernel simulator.  The dispatcher
 cannot tell them apart.  A channel may be used from several threads: accept()
 from the dispatcher loop, done() from handshake workers.
 """

@@ -45,7 +45,7 @@ CTRL_CMD_GETFAMILY = 3
 CTRL_ATTR_FAMILY_ID, CTRL_ATTR_FAMILY_NAME, CTRL_ATTR_VERSION, CTRL_ATTR_MCAST_GROUPS = 1, 2, 3, 7
 CTRL_ATTR_MCAST_GRP_NAME, CTRL_ATTR_MCAST_GRP_ID = 1, 2
 FAMILY_NAME, GROUP_NAME = "handshake", "tlshd"
-# the simulator's stand-in for setsockopt(NETLINK_ADD_MEMBERSHIP) (hsd.simulator.SIMCALL_*)
+# the simulator's stand-in for setsockopt(NETLINK_ADD_MEMBERSHIP) (hsd.sim_channel.SIMCALL_*)
 SIMCALL_TYPE, SIMCALL_ADD_MEMBERSHIP, SIMCALL_ATTR_GROUP = 0x0F, 1, 1
 REPLY_TIMEOUT = 5.0
 
@@ -230,7 +230,7 @@ class EarlyJoin:
             return None
         try:
             if self.simulator is not None:
-                from .simulator import SimChannel
+                from .sim_channel import SimChannel
 
                 return SimChannel.connect(self.simulator)  # joins before ours leaves
             from .netlink_channel import NetlinkChannel

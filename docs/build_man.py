@@ -34,7 +34,7 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent
 PAGES = {"hsd.8.md": "man/hsd.8", "hsd.conf.5.md": "man/hsd.conf.5", "hsd-sim.1.md": "man/hsd-sim.1"}
 # The program whose parser a page documents: its source, relative to the repository root.
-PROGRAMS = {"hsd.8.md": "core/cli.py", "hsd-sim.1.md": "core/simulator.py"}
+PROGRAMS = {"hsd.8.md": "core/cli.py", "hsd-sim.1.md": "kit/simulator.py"}
 REQUIRED = ("NAME", "SYNOPSIS", "DESCRIPTION", "SEE ALSO")
 _OPTION = re.compile(r"\*\*(-{1,2}[A-Za-z][A-Za-z0-9-]*)\*\*")
 

@@ -1,10 +1,19 @@
-"""Fixtures shared by this project's own tests (the plugin-author kit is hsd.testing)."""
+"""Fixtures shared by this project's own tests (the plugin-author kit is hsd_kit)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """This suite's tests start simulators and dispatchers themselves: the process keyring is
+    made now, in the main thread before any other, so all of them share it (see
+    hsd_kit.harness.ensure_process_keyring)."""
+    from hsd_kit.harness import ensure_process_keyring
+
+    ensure_process_keyring()
 
 
 @pytest.fixture

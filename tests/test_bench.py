@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 
-from hsd import bench
+from hsd_kit import bench
 
 
 def open_fds() -> int:

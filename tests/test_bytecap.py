@@ -31,7 +31,7 @@ import pytest
 
 import hsd.wire
 from hsd.errors import HandshakeTooLarge, PeerRejected
-from hsd.soak import tcp_pair
+from hsd_kit.soak import tcp_pair
 
 from test_hostile_peers import BACKENDS, WAIT, daemon, pki  # noqa: F401 (pki is a fixture)
 

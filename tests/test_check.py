@@ -23,8 +23,8 @@ from hsd.config import Config
 from hsd.credentials import load_x509
 from hsd.errors import CredentialError
 from hsd.protocol import AuthMode, HandshakeRequest, MessageType
-from hsd.simulator import Simulator
-from hsd.testing.pki import TestPki
+from hsd_kit.simulator import Simulator
+from hsd_kit.pki import TestPki
 
 from test_config import TLSHD_SHIPPED
 

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from hsd.simulator import Simulator
-from hsd.testing import peers
-from hsd.testing.pki import TestPki
+from hsd_kit.simulator import Simulator
+from hsd_kit import peers
+from hsd_kit.pki import TestPki
 
 
 def write_config(path: Path, truststore: str) -> str:

@@ -24,7 +24,7 @@ from hsd.errors import PeerRejected
 from hsd.hookspecs import BackendInfo, Mode, hookimpl
 from hsd.plugins import PluginHost
 from hsd.session import Session
-from hsd.simulator import Simulator
+from hsd_kit.simulator import Simulator
 
 
 class ScriptedBackend:

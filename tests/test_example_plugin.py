@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from hsd.testing import peers
+from hsd_kit import peers
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "hsd-stdlib-ssl"

@@ -27,7 +27,7 @@ from hsd import config as config_mod
 from hsd import daemon, expiry
 from hsd.check import inspect
 from hsd.plugins import PluginHost
-from hsd.simulator import Simulator
+from hsd_kit.simulator import Simulator
 
 NOW = datetime.datetime.now(datetime.timezone.utc)
 

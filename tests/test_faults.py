@@ -34,11 +34,11 @@ from hsd.errors import HandshakeTimeout, PeerClosed
 from hsd.hookspecs import BackendInfo, Mode, hookimpl
 from hsd.ktls import tls13_crypto_info
 from hsd.session import Session
-from hsd.simulator import Simulator
-from hsd.soak import (FAST, DaemonProcess, FastBackend, RunningDaemon, open_fds, soak_config_text,
+from hsd_kit.simulator import Simulator
+from hsd_kit.soak import (FAST, DaemonProcess, FastBackend, RunningDaemon, open_fds, soak_config_text,
                       submit_retrying, tcp_pair)
-from hsd.testing.peers import PeerOptions, openssl_client, openssl_server, silent_peer
-from hsd.testing.pki import TestPki, make_pki
+from hsd_kit.peers import PeerOptions, openssl_client, openssl_server, silent_peer
+from hsd_kit.pki import TestPki, make_pki
 
 from flightproxy import FlightProxy
 

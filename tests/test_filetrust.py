@@ -22,10 +22,10 @@ import pytest
 from hsd import config as config_mod
 from hsd import filetrust
 from hsd.config import Config
-from hsd.simulator import Simulator
-from hsd.testing import peers
-from hsd.testing.harness import DaemonHarness
-from hsd.testing.pki import TestPki
+from hsd_kit.simulator import Simulator
+from hsd_kit import peers
+from hsd_kit.harness import DaemonHarness
+from hsd_kit.pki import TestPki
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="chown to another uid needs root (CI runs as root)")
 

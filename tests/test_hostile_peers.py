@@ -22,11 +22,11 @@ import hsd_psk
 import hsd_tlslite
 from hsd.config import Config
 from hsd.errors import HandshakeTimeout, PeerRejected
-from hsd.simulator import Simulator
-from hsd.soak import RunningDaemon, tcp_pair
-from hsd.testing.peers import (LOOPBACK, PeerOptions, PeerProcess, ServerPeer, free_port, openssl_client,
+from hsd_kit.simulator import Simulator
+from hsd_kit.soak import RunningDaemon, tcp_pair
+from hsd_kit.peers import (LOOPBACK, PeerOptions, PeerProcess, ServerPeer, free_port, openssl_client,
                                openssl_server)
-from hsd.testing.pki import TestPki, make_pki
+from hsd_kit.pki import TestPki, make_pki
 
 from flightproxy import FlightProxy
 

@@ -27,9 +27,9 @@ from hsd.hookspecs import BackendInfo, hookimpl
 from hsd.identity import SERVER_X509_SENTINEL, remote_auth_for
 from hsd.protocol import AuthMode, HandshakeRequest, MessageType
 from hsd.session import Session
-from hsd.testing.harness import DaemonHarness
-from hsd.testing.peers import PeerOptions, openssl_server
-from hsd.testing.pki import TestPki
+from hsd_kit.harness import DaemonHarness
+from hsd_kit.peers import PeerOptions, openssl_server
+from hsd_kit.pki import TestPki
 
 
 def ders(path: str) -> tuple[bytes, ...]:

@@ -3,7 +3,7 @@
 kernel simulator -> READY -> ACCEPT (fd over SCM_RIGHTS) -> dispatcher ->
 backend -> simulated kTLS -> DONE, against real openssl and gnutls peers,
 scripted broken peers, and hsd itself on the other backend.  The cases are
-data (hsd.testing.matrix), the same list a plugin author runs.
+data (hsd_kit.matrix), the same list a plugin author runs.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 
 from hsd.hookspecs import ALL_MODES
-from hsd.testing import matrix, peers
-from hsd.testing.harness import DaemonHarness
-from hsd.testing.keyrings import keyrings_usable
-from hsd.testing.pki import TestPki
+from hsd_kit import matrix, peers
+from hsd_kit.harness import DaemonHarness
+from hsd_kit.keyrings import keyrings_usable
+from hsd_kit.pki import TestPki
 
 pytestmark = pytest.mark.skipif(not (peers.tool_available("openssl") and peers.tool_available("gnutls-serv")),
                                 reason="needs the openssl and gnutls-bin command-line tools")

@@ -31,9 +31,9 @@ from hsd.errors import HandshakeError, HandshakeTimeout, PeerRejected, UnknownPs
 from hsd.hookspecs import BackendInfo, Mode, hookimpl
 from hsd.isolation import _fork_with_request_keyrings
 from hsd.session import Session
-from hsd.testing import peers
-from hsd.testing.harness import DaemonHarness, assert_ktls_pair, assert_ktls_roundtrip
-from hsd.testing.matrix import MATRIX, run_case
+from hsd_kit import peers
+from hsd_kit.harness import DaemonHarness, assert_ktls_pair, assert_ktls_roundtrip
+from hsd_kit.matrix import MATRIX, run_case
 
 CRASHER = "crasher"
 

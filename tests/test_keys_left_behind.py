@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from hsd import keyring
-from hsd.simulator import Simulator
-from hsd.testing import peers
-from hsd.testing.harness import DaemonHarness
-from hsd.testing.pki import TestPki
+from hsd_kit.simulator import Simulator
+from hsd_kit import peers
+from hsd_kit.harness import DaemonHarness
+from hsd_kit.pki import TestPki
 
 PEER_KEYS = ("TLS x509 localhost", "TLS x509 127.0.0.1")
 
@@ -97,7 +97,7 @@ def test_hsd_serving_hsd_sim_leaves_nothing_in_the_user_keyring(tmp_path: Path, 
     config.write_text(f"[authenticate.client]\nx509.truststore={hsd_pki.ca}\n")
     socket_path = str(tmp_path / "sim.sock")
     with peers.openssl_server(peers.PeerOptions(cert=hsd_pki.server.cert, key=hsd_pki.server.key)) as server:
-        sim = subprocess.Popen([sys.executable, "-m", "hsd.simulator", "--socket", socket_path, "--once",
+        sim = subprocess.Popen([sys.executable, "-m", "hsd_kit.simulator", "--socket", socket_path, "--once",
                                 "--client-anon", f"127.0.0.1:{server.port}", "--peername", "localhost"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:

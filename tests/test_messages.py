@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 
 from hsd.config import Config
-from hsd.testing import peers
-from hsd.testing.harness import DaemonHarness
-from hsd.testing.pki import TestPki
+from hsd_kit import peers
+from hsd_kit.harness import DaemonHarness
+from hsd_kit.pki import TestPki
 
 BACKENDS = ["openssl", "tlslite"]
 

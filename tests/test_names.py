@@ -38,10 +38,10 @@ from hsd.config import Config, ConfigError, parse
 from hsd.credentials import X509Credentials, load_x509
 from hsd.errors import PeerRejected
 from hsd.identity import SERVER_X509_SENTINEL
-from hsd.testing import peers
-from hsd.testing.handshakes import expect_handshake_error, handshake_context, plugin_manager, run_handshake
-from hsd.testing.harness import DaemonHarness, Finished, assert_ktls_roundtrip
-from hsd.testing.pki import certificate_der, load_certificates
+from hsd_kit import peers
+from hsd_kit.handshakes import expect_handshake_error, handshake_context, plugin_manager, run_handshake
+from hsd_kit.harness import DaemonHarness, Finished, assert_ktls_roundtrip
+from hsd_kit.pki import certificate_der, load_certificates
 
 BACKENDS = ("openssl", "tlslite")
 TIMEOUT_MS = 5000

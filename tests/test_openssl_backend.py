@@ -1,7 +1,7 @@
 """The OpenSSL backend against real, independent peers (openssl and gnutls tools on loopback).
 
 Every successful handshake is followed by application data in both directions
-through hsd.testing.records, keyed only by the crypto_info hsd would install:
+through hsd_kit.records, keyed only by the crypto_info hsd would install:
 that is the proof the kTLS keys and sequence numbers are right.  Negative
 cases check the typed error, its DONE status and that the reason is readable.
 """
@@ -23,11 +23,11 @@ from hsd.errors import CredentialError, HandshakeError, HandshakeTimeout, PeerCl
 from hsd.hookspecs import Mode
 from hsd.protocol import AuthMode, HandshakeRequest, MessageType
 from hsd.session import Session
-from hsd.testing import peers
-from hsd.testing.handshakes import expect_handshake_error, handshake_context, plugin_manager, run_handshake
-from hsd.testing.harness import assert_records_roundtrip
-from hsd.testing.pki import TestPki, certificate_der, load_certificates, make_pki, x509_credentials
-from hsd.testing.records import NEW_SESSION_TICKET, KtlsRecordChecker, TlsAlert, session_records
+from hsd_kit import peers
+from hsd_kit.handshakes import expect_handshake_error, handshake_context, plugin_manager, run_handshake
+from hsd_kit.harness import assert_records_roundtrip
+from hsd_kit.pki import TestPki, certificate_der, load_certificates, make_pki, x509_credentials
+from hsd_kit.records import NEW_SESSION_TICKET, KtlsRecordChecker, TlsAlert, session_records
 
 SUITES = ["TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256",
           "TLS_AES_128_CCM_SHA256"]

@@ -21,11 +21,11 @@ from hsd.config import Config
 from hsd.credentials import load_x509
 from hsd.ktls import session_crypto_info
 from hsd.session import Session
-from hsd.testing import peers
-from hsd.testing.handshakes import handshake_context, plugin_manager, run_handshake
-from hsd.testing.harness import assert_records_roundtrip
-from hsd.testing.pki import TestPki, x509_credentials
-from hsd.testing.records import RecordError, RecordProtection, session_records
+from hsd_kit import peers
+from hsd_kit.handshakes import handshake_context, plugin_manager, run_handshake
+from hsd_kit.harness import assert_records_roundtrip
+from hsd_kit.pki import TestPki, x509_credentials
+from hsd_kit.records import RecordError, RecordProtection, session_records
 from hsd_openssl.contexts import ContextCache, context_key, contexts
 from hsd_openssl.handshake import _server_context
 

@@ -434,8 +434,8 @@ def test_hsd_starts_and_serves_under_the_units_syscall_filter_and_capability_bou
     import signal
     import time
 
-    from hsd.simulator import Simulator
-    from hsd.testing import peers
+    from hsd_kit.simulator import Simulator
+    from hsd_kit import peers
 
     pki = hsd_pki
     config = tmp_path / "hsd.conf"

@@ -18,8 +18,8 @@ from hypothesis import given, strategies as st
 
 import hsd.psk
 from hsd.peerlog import ELLIPSIS, PeerRateLimiter, peer_of, truncate, truncate_list
-from hsd.testing.harness import DaemonHarness
-from hsd.testing.keyrings import ThrowawayKeyring
+from hsd_kit.harness import DaemonHarness
+from hsd_kit.keyrings import ThrowawayKeyring
 
 LIMIT = 64
 SUFFIX_MAX = len(f"{ELLIPSIS} (18446744073709551616 characters in all)")

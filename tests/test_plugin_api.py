@@ -28,7 +28,7 @@ from hsd.plugins import PluginHost
 from hsd.protocol import AuthMode, MessageType
 from hsd.psk import PskKey, PskOffer
 from hsd.session import Session
-from hsd.testing.harness import DaemonHarness
+from hsd_kit.harness import DaemonHarness
 
 UNAUTH = frozenset({Mode("client", "unauth")})
 

@@ -3,7 +3,7 @@
 hsd (OpenSSL backend, bundled OpenSSL 4.0) against hsd over loopback TCP gets
 the ML-DSA certificate with its own intermediate; the system's OpenSSL 3.0 and
 GnuTLS 3.7 tools, which know no ML-DSA, get the classic P-256 one from the very
-same configuration.  Application data through hsd.testing.records (keyed only
+same configuration.  Application data through hsd_kit.records (keyed only
 by the crypto_info hsd would install) proves the kTLS keys of each handshake.
 """
 
@@ -37,11 +37,11 @@ from hsd.dispatcher import settings_of
 from hsd.plugins import PluginHost
 from hsd.protocol import AuthMode, HandshakeRequest, MessageType
 from hsd.session import Session
-from hsd.simulator import Simulator
-from hsd.testing import peers
-from hsd.testing.handshakes import plugin_host, run_handshake
-from hsd.testing.pki_pq import PqPki, make_pq_pki
-from hsd.testing.records import session_records
+from hsd_kit.simulator import Simulator
+from hsd_kit import peers
+from hsd_kit.handshakes import plugin_host, run_handshake
+from hsd_kit.pki_pq import PqPki, make_pq_pki
+from hsd_kit.records import session_records
 
 CLASSIC_LEAF = r"O ?= ?hsd test, CN ?= ?localhost"  # openssl 3.0 prints "O = x, CN = y", 3.5+ "O=x, CN=y"
 

@@ -33,10 +33,10 @@ from hsd.context import HandshakeContext
 from hsd.errors import HandshakeError
 from hsd.protocol import AuthMode, HandshakeRequest, MessageType
 from hsd.session import Session
-from hsd.testing.handshakes import handshake_context, plugin_manager, run_handshake
-from hsd.testing.harness import assert_ktls_roundtrip, assert_records_roundtrip
-from hsd.testing.keyrings import ThrowawayKeyring
-from hsd.testing.peers import (
+from hsd_kit.handshakes import handshake_context, plugin_manager, run_handshake
+from hsd_kit.harness import assert_ktls_roundtrip, assert_records_roundtrip
+from hsd_kit.keyrings import ThrowawayKeyring
+from hsd_kit.peers import (
     LOOPBACK,
     Listener,
     PeerProcess,
@@ -47,7 +47,7 @@ from hsd.testing.peers import (
     openssl_psk_client,
     openssl_psk_server,
 )
-from hsd.testing.records import KtlsRecordChecker, session_records
+from hsd_kit.records import KtlsRecordChecker, session_records
 
 # No ':' in these NQNs: gnutls' PSK password file splits "identity:key" at the first colon.
 HOST = "nqn.2024-01.org.example.host-8ae2b12c"
@@ -475,7 +475,7 @@ def test_the_policy_only_offers_keys_and_is_asked_only_for_psk(plugins, ring: Th
 def test_nvme_host_request_through_the_dispatcher(ring: ThrowawayKeyring) -> None:
     from hsd.dispatcher import Dispatcher
     from hsd.plugins import PluginHost
-    from hsd.simulator import Simulator
+    from hsd_kit.simulator import Simulator
 
     psk = psk_for("sha384")
     serial = ring.add(psk.identity, psk.secret)

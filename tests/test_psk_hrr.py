@@ -34,9 +34,9 @@ from tlslite.messages import ClientHello, ServerHello
 
 from hsd.errors import PeerRejected
 from hsd.psk import PskKey, PskSelection, selected_identity
-from hsd.soak import tcp_pair
-from hsd.testing.harness import DaemonHarness, Finished, checker_for
-from hsd.testing.keyrings import ThrowawayKeyring
+from hsd_kit.soak import tcp_pair
+from hsd_kit.harness import DaemonHarness, Finished, checker_for
+from hsd_kit.keyrings import ThrowawayKeyring
 
 BACKENDS = ["openssl", "tlslite"]
 WAIT = 20.0

@@ -27,8 +27,8 @@ from OpenSSL import SSL
 from tlslite import TLSConnection
 
 from hsd.errors import HandshakeTimeout, PeerRejected
-from hsd.soak import tcp_pair
-from hsd.testing.pki import TestPki, x509_credentials
+from hsd_kit.soak import tcp_pair
+from hsd_kit.pki import TestPki, x509_credentials
 from hsd_openssl.suites import tls13_context
 from hsd_tlslite.identity import tlslite_identity
 from hsd_tlslite.settings import tls13_settings

@@ -14,7 +14,7 @@ from typing import Iterator
 import pytest
 
 from hsd.ktls import CIPHERS, tls13_crypto_info
-from hsd.testing.records import (
+from hsd_kit.records import (
     APPLICATION_DATA,
     HANDSHAKE,
     NEW_SESSION_TICKET,

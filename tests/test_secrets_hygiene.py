@@ -43,11 +43,11 @@ from hsd.daemon import serve
 from hsd.ktls import tls13_crypto_info
 from hsd.secret import Secret, wipe
 from hsd.session import Session
-from hsd.simulator import Simulator
-from hsd.soak import DaemonProcess, RunningDaemon, soak_config_text
-from hsd.testing.keyrings import ThrowawayKeyring
-from hsd.testing.peers import PeerOptions, openssl_client, openssl_server
-from hsd.testing.pki import TestPki, make_pki
+from hsd_kit.simulator import Simulator
+from hsd_kit.soak import DaemonProcess, RunningDaemon, soak_config_text
+from hsd_kit.keyrings import ThrowawayKeyring
+from hsd_kit.peers import PeerOptions, openssl_client, openssl_server
+from hsd_kit.pki import TestPki, make_pki
 
 WAIT = 20.0
 
@@ -261,7 +261,7 @@ def test_serving_daemon_runs_with_cap_net_admin_only(tmp_path):
             while not sim.listeners():
                 assert daemon.proc.poll() is None and time.monotonic() < end, log_path.read_text()
                 time.sleep(0.02)
-            from hsd.soak import tcp_pair
+            from hsd_kit.soak import tcp_pair
 
             pairs = [tcp_pair() for _ in range(3)]
             reqs = [sim.client_hello_anon(a, peername="ok.test", timeout_ms=5000) for a, _ in pairs]
@@ -293,7 +293,7 @@ MEMORY_DAEMON = textwrap.dedent("""
     from hsd.dispatcher import Dispatcher
     from hsd.plugins import PluginHost
     from hsd.secret import fromhex_into, wipe
-    from hsd.simulator import SimChannel
+    from hsd.sim_channel import SimChannel
 
     args = json.loads(sys.argv[2])
     canary = fromhex_into(args["canary"].encode())  # kept alive: proves the dump sees live heap data

@@ -26,8 +26,8 @@ from hsd import protocol as p
 from hsd.channel import OVERRUN
 from hsd.errors import KtlsError
 from hsd.ktls import SOL_TLS, TCP_ULP, TLS_RX, TLS_TX, CryptoInfo, tls13_crypto_info
-from hsd.simulator import (SIMCALL_ADD_MEMBERSHIP, SIMCALL_ATTR_GROUP, SimChannel, Simulator,
-                           simcall)
+from hsd.sim_channel import SIMCALL_ADD_MEMBERSHIP, SIMCALL_ATTR_GROUP, SimChannel, simcall
+from hsd_kit.simulator import Simulator
 
 # ---------------------------------------------------------------- helpers
 
@@ -658,7 +658,7 @@ def test_channel_sees_the_simulator_go_away(tcp_pair):
 
 def test_cli_serves_until_sigterm(tmp_path):
     path = str(tmp_path / "handshake.sock")
-    proc = subprocess.Popen([sys.executable, "-m", "hsd.simulator", "--socket", path, "--pending-max", "7"],
+    proc = subprocess.Popen([sys.executable, "-m", "hsd_kit.simulator", "--socket", path, "--pending-max", "7"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = proc.stdout.readline()
@@ -683,7 +683,7 @@ def test_cli_plays_the_consumer_and_exits_with_the_outcome(tmp_path):
     path = str(tmp_path / "handshake.sock")
     with socket.create_server(("127.0.0.1", 0)) as target:
         port = target.getsockname()[1]
-        proc = subprocess.Popen([sys.executable, "-m", "hsd.simulator", "--socket", path, "--once",
+        proc = subprocess.Popen([sys.executable, "-m", "hsd_kit.simulator", "--socket", path, "--once",
                                  "--client-anon", f"127.0.0.1:{port}", "--peername", "server.example"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
@@ -713,7 +713,7 @@ def test_cli_plays_the_consumer_and_exits_with_the_outcome(tmp_path):
 
 def test_cli_failure_is_one_clear_line(tmp_path):
     path = str(tmp_path / "missing-dir" / "handshake.sock")
-    proc = subprocess.run([sys.executable, "-m", "hsd.simulator", "--socket", path],
+    proc = subprocess.run([sys.executable, "-m", "hsd_kit.simulator", "--socket", path],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr

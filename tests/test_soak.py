@@ -1,6 +1,6 @@
 """Soak (CI variant): 10,000 mixed requests through the simulator to a daemon process.
 
-The mix is hsd.soak.MIX (successes, lost READYs, rejections, plugin bugs,
+The mix is hsd_kit.soak.MIX (successes, lost READYs, rejections, plugin bugs,
 peers that closed, kTLS refusals, consumer cancels, watchdog timeouts) on a
 fast in-test backend, plus one real TLS 1.3 handshake (OpenSSL backend against
 `openssl s_server`) every 100 requests.  Lost and duplicated DONEs must be 0;
@@ -10,7 +10,7 @@ keep growing.  Figures are printed (-s) and recorded in docs/reliability.md.
 
 from __future__ import annotations
 
-from hsd.soak import run_soak
+from hsd_kit.soak import run_soak
 
 REQUESTS = 10_000
 RSS_GROWTH_LIMIT_KIB = 16 * 1024  # after warm-up; a per-request leak of ~2 KiB would already exceed it

@@ -22,15 +22,15 @@ from pathlib import Path
 import pytest
 
 from hsd import protocol as p
-from hsd import simulator as sim_mod
+from hsd import sim_channel as sim_mod
 from hsd import startup
-from hsd.simulator import Simulator
-from hsd.testing import peers
-from hsd.testing.pki import TestPki
+from hsd_kit.simulator import Simulator
+from hsd_kit import peers
+from hsd_kit.pki import TestPki
 
 # imported before the join, none of these may be: TLS libraries, pyroute2, the plugin machinery, the dispatcher
 HEAVY = ("OpenSSL", "tlslite", "cryptography", "pyroute2", "stevedore", "pluggy", "hsd.plugins", "hsd.dispatcher",
-         "hsd.daemon", "hsd.config", "hsd.credentials", "hsd.simulator", "hsd.ktls", "logging", "dataclasses")
+         "hsd.daemon", "hsd.config", "hsd.credentials", "hsd_kit.simulator", "hsd.ktls", "logging", "dataclasses")
 
 SPY = textwrap.dedent("""
     import json, sys

@@ -1,6 +1,6 @@
 """The test kit itself: its checks must be able to fail, its fixtures must work from a plugin's tests.
 
-hsd.testing is what plugin authors trust; a checker that never fails proves
+hsd_kit is what plugin authors trust; a checker that never fails proves
 nothing, so each check is shown catching the fault it exists for.
 """
 
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from hsd.hookspecs import ALL_MODES
-from hsd.testing import matrix, peers
-from hsd.testing.harness import DaemonHarness, HarnessError, assert_ktls_roundtrip
-from hsd.testing.pki import TestPki
-from hsd.testing.records import RecordError
+from hsd_kit import matrix, peers
+from hsd_kit.harness import DaemonHarness, HarnessError, assert_ktls_roundtrip
+from hsd_kit.pki import TestPki
+from hsd_kit.records import RecordError
 
 pytestmark = pytest.mark.skipif(not (peers.tool_available("openssl") and peers.tool_available("gnutls-serv")),
                                 reason="needs the openssl and gnutls-bin command-line tools")

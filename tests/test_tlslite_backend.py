@@ -27,11 +27,11 @@ from hsd.config import Config
 from hsd.credentials import X509Credentials
 from hsd.ktls import session_crypto_info
 from hsd.session import Session
-from hsd.testing.handshakes import expect_handshake_error, handshake_context, plugin_manager
-from hsd.testing.handshakes import run_handshake as run_hooks
-from hsd.testing.harness import assert_records_pair, assert_records_roundtrip
-from hsd.testing.keyrings import ThrowawayKeyring
-from hsd.testing.peers import (
+from hsd_kit.handshakes import expect_handshake_error, handshake_context, plugin_manager
+from hsd_kit.handshakes import run_handshake as run_hooks
+from hsd_kit.harness import assert_records_pair, assert_records_roundtrip
+from hsd_kit.keyrings import ThrowawayKeyring
+from hsd_kit.peers import (
     Listener,
     PeerOptions,
     PskSecret,
@@ -46,8 +46,8 @@ from hsd.testing.peers import (
     openssl_server,
     silent_peer,
 )
-from hsd.testing.pki import TestPki, certificate_der, load_crls, x509_credentials
-from hsd.testing.records import KtlsRecordChecker, session_records
+from hsd_kit.pki import TestPki, certificate_der, load_crls, x509_credentials
+from hsd_kit.records import KtlsRecordChecker, session_records
 
 TIMEOUT = 20.0
 BACKENDS = ("tlslite", "openssl")

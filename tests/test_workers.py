@@ -23,9 +23,9 @@ from pathlib import Path
 import pytest
 
 from hsd import privileges
-from hsd.simulator import Simulator
-from hsd.testing import peers
-from hsd.testing.pki import TestPki
+from hsd_kit.simulator import Simulator
+from hsd_kit import peers
+from hsd_kit.pki import TestPki
 
 WORKERS = 2
 WAVE = 6  # requests in flight at once (one openssl s_client each)

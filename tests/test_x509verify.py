@@ -13,8 +13,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hsd import x509verify
 from hsd.credentials import X509Credentials
 from hsd.errors import CredentialError, PeerRejected
-from hsd.testing.handshakes import expect_handshake_error
-from hsd.testing.pki import TestPki, load_certificates as load, load_crls, x509_credentials as trusting
+from hsd_kit.handshakes import expect_handshake_error
+from hsd_kit.pki import TestPki, load_certificates as load, load_crls, x509_credentials as trusting
 
 
 @pytest.fixture(name="pki")

@@ -43,7 +43,7 @@ class Optional:
 OPTIONALS = (
     Optional("tlslite-ng", "tlslite", frozenset({"tlslite", "hsd_tlslite"}), backend="tlslite"),
     Optional("ML-DSA in cryptography (47+)", "cryptography.hazmat.primitives.asymmetric.mldsa",
-             frozenset({"cryptography.hazmat.primitives.asymmetric.mldsa", "hsd.testing.pki_pq"})),
+             frozenset({"cryptography.hazmat.primitives.asymmetric.mldsa", "hsd_kit.pki_pq"})),
 )
 
 

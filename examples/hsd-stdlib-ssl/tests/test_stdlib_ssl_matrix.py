@@ -44,7 +44,7 @@ sys.addaudithook(_audit)
 def test_secrets_only_ever_go_through_a_pipe(hsd_daemon, hsd_pki) -> None:
     """Every file opened for writing during 3 handshakes is the keylog pipe, once per handshake."""
     global ARMED
-    from hsd.testing import matrix
+    from hsd_kit import matrix
 
     case = next(c for c in matrix.MATRIX if c.name == "client-unauth-gnutls-aes-128-gcm-sha256")
     fds_before = len(os.listdir("/proc/self/fd"))

@@ -12,8 +12,10 @@ matrix for the selected backend's modes, so a plugin's whole interop suite is::
     def test_interop(hsd_case, hsd_run_case):
         hsd_run_case(hsd_case)
 
-run as ``pytest --hsd-backend mybackend``.  Imports are lazy: this module is
-loaded by every pytest run in an environment where hsd is installed.
+run as ``pytest --hsd-backend mybackend``.  The plugin is inert until a test uses one of
+its fixtures: pytest loads it in every run of an environment where hsd is installed, so
+loading it imports nothing of hsd and touches no keyring (only ``--hsd-backend`` and the
+``hsd_backend`` marker are registered).
 """
 
 from __future__ import annotations
@@ -39,12 +41,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "hsd_backend(name): the backend hsd_case/hsd_daemon use in this test")
-    # The process keyring lives in each thread's credentials: create it now, in the main
-    # thread before any test starts a thread, so every thread (simulator, dispatcher,
-    # test) shares the one the kernel links request keyrings into - as hsd's daemon does.
-    from hsd.testing.harness import _ensure_process_keyring
 
-    _ensure_process_keyring()
+
+def _process_keyring() -> None:
+    """The process keyring lives in each thread's credentials: a fixture creates it in the test's
+    thread before it starts any (simulator, dispatcher), so they all share the one the kernel
+    links request keyrings into - as hsd's daemon does."""
+    from .harness import ensure_process_keyring
+
+    ensure_process_keyring()
 
 
 def _selected_backend(config: pytest.Config, node: Any = None) -> str:
@@ -87,9 +92,10 @@ def hsd_pki(tmp_path_factory: pytest.TempPathFactory) -> "TestPki":
 
 @pytest.fixture
 def hsd_simulator() -> Iterator[Any]:
-    """The kernel's handshake family and kTLS, simulated (hsd.simulator.Simulator, started)."""
-    from hsd.simulator import Simulator
+    """The kernel's handshake family and kTLS, simulated (hsd_kit.simulator.Simulator, started)."""
+    from .simulator import Simulator
 
+    _process_keyring()
     with Simulator() as sim:
         yield sim
 
@@ -102,6 +108,7 @@ def hsd_keyring() -> Iterator["ThrowawayKeyring"]:
     reason = keyrings_usable()
     if reason:
         pytest.fail(reason)
+    _process_keyring()
     with ThrowawayKeyring() as ring:
         yield ring
 

@@ -14,8 +14,8 @@ import sys
 import tempfile
 import time
 
-from .config import Config
-from .hookspecs import Mode
+from hsd.config import Config
+from hsd.hookspecs import Mode
 
 SCENARIOS = (
     "client-unauth-openssl-aes-128-gcm-sha256",  # client unauth vs openssl s_server
@@ -29,10 +29,10 @@ TOOLS = ("openssl", "gnutls-serv", "gnutls-cli")
 
 
 def run_demo(cfg: Config, rounds: int = 1) -> int:
-    from .testing import matrix, peers
-    from .testing.harness import DaemonHarness, HarnessError
-    from .testing.keyrings import keyrings_usable
-    from .testing.pki import make_pki
+    from . import matrix, peers
+    from .harness import DaemonHarness, HarnessError
+    from .keyrings import keyrings_usable
+    from .pki import make_pki
 
     missing = [tool for tool in TOOLS if not peers.tool_available(tool)]
     if missing:

@@ -25,7 +25,8 @@ from hsd.config import Config
 from hsd.dispatcher import Dispatcher, Outcome, address_of
 from hsd.plugins import PluginHost
 from hsd.protocol import errno_name
-from hsd.simulator import SimChannel, SimRequest, Simulator
+from hsd.sim_channel import SimChannel
+from hsd_kit.simulator import SimRequest, Simulator
 
 from .peers import PeerError, PeerProcess
 from .records import KtlsRecordChecker
@@ -45,7 +46,7 @@ def _ends_of(sock: socket.socket) -> tuple[str, str]:
     return address_of(sock.getsockname), address_of(sock.getpeername)
 
 
-def _ensure_process_keyring() -> None:
+def ensure_process_keyring() -> None:
     """Create the process keyring before any dispatcher thread exists.
 
     Threads started before the process keyring exists do not share the one
@@ -91,7 +92,7 @@ class DaemonHarness:
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> "DaemonHarness":
-        _ensure_process_keyring()
+        ensure_process_keyring()
         self.sim = Simulator().start()
         try:
             self.host = PluginHost.discover(self.config) if self.discover else PluginHost(self.config)

@@ -15,7 +15,7 @@ Peers are separate processes so they never share a GIL with what is measured:
 for hsd-as-client a pool of pyOpenSSL server threads (bundled OpenSSL, so it
 speaks X25519MLKEM768), or `openssl s_server -psk` processes for PSK; for
 hsd-as-server a pool of pyOpenSSL client threads.  The same module is the
-entry point of those helper processes (`python -m hsd.bench _peer|_bare`).
+entry point of those helper processes (`python -m hsd_kit.bench _peer|_bare`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from .hookspecs import BackendInfo, Mode, hookimpl
+from hsd.hookspecs import BackendInfo, Mode, hookimpl
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 WORKLOADS = ("client-unauth", "client-x509", "server-x509", "client-psk")
@@ -316,8 +316,8 @@ class _Recorder:
 
 
 def _helper_main(argv: list[str]) -> int:
-    """`python -m hsd.bench _peer|_bare ...`: a peer pool, or the bare library under test."""
-    parser = argparse.ArgumentParser(prog="hsd.bench helper")
+    """`python -m hsd_kit.bench _peer|_bare ...`: a peer pool, or the bare library under test."""
+    parser = argparse.ArgumentParser(prog="hsd_kit.bench helper")
     parser.add_argument("kind", choices=("_peer", "_bare"))
     parser.add_argument("--role", choices=("client", "server"), required=True)
     parser.add_argument("--pki", required=True)
@@ -429,7 +429,7 @@ class NullBackend:
 
     @hookimpl
     def hsd_handshake(self, ctx: Any) -> Any:
-        from .session import Session
+        from hsd.session import Session
 
         if ctx.backend != self.name:
             return None
@@ -438,15 +438,15 @@ class NullBackend:
 
 
 def _floor_main(argv: list[str]) -> int:
-    """`python -m hsd.bench _floor -c CONF --simulator SOCK --max-inflight N -s`: hsd with NullBackend only."""
+    """`python -m hsd_kit.bench _floor -c CONF --simulator SOCK --max-inflight N -s`: hsd with NullBackend only."""
     import logging
 
-    from . import config as config_mod
-    from .daemon import serve, setup_logging
-    from .plugins import PluginHost
-    from .simulator import SimChannel
+    from hsd import config as config_mod
+    from hsd.daemon import serve, setup_logging
+    from hsd.plugins import PluginHost
+    from hsd.sim_channel import SimChannel
 
-    parser = argparse.ArgumentParser(prog="hsd.bench _floor")
+    parser = argparse.ArgumentParser(prog="hsd_kit.bench _floor")
     parser.add_argument("-c", dest="config")
     parser.add_argument("--simulator", required=True)
     parser.add_argument("--max-inflight", type=int, default=64)
@@ -490,7 +490,7 @@ class Helper:
     """One helper process (peer pool or bare library); JSON lines on its stdout."""
 
     def __init__(self, argv: list[str], stdin_line: bytes = b"") -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "hsd.bench", *argv], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "hsd_kit.bench", *argv], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_helper_env(argv))
         assert self.proc.stdin is not None
         if stdin_line:
@@ -626,8 +626,8 @@ class Setup:
 
 @contextlib.contextmanager
 def setup(key_types: tuple[str, ...]) -> Iterator[Setup]:
-    from . import keyring
-    from .testing.pki import make_pki
+    from hsd import keyring
+    from .pki import make_pki
 
     workdir = tempfile.mkdtemp(prefix="hsd-bench-")
     # the process keyring, not the session keyring: adding to a missing session keyring would
@@ -1114,7 +1114,7 @@ def measure_floor(sim: Any, st: Setup, plan: Plan, say: Callable[[str], None]) -
     out: dict[int, RunFigures] = {}
     mute = MuteListener()
     daemon = Daemon(sim, st.config_path(plan.key_types[0], plan.max_inflight), plan.max_inflight,
-                    module="hsd.bench _floor")
+                    module="hsd_kit.bench _floor")
     try:
         run_hsd_client(sim, st, "client-unauth", mute, 1, 3, daemon)  # type: ignore[arg-type]
         for conc, count in plan.counts.items():

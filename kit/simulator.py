@@ -12,6 +12,8 @@ one netlink socket and gets a netlink port id.  Everything that crosses it is
 the real family's wire format, built and parsed by `hsd.protocol`
 (CTRL_CMD_GETFAMILY, ACCEPT, DONE, READY, NLMSG_ERROR with the echoed request).
 
+The agent's edge (SimChannel) and the wire's private framing live in the daemon
+package, hsd.sim_channel, because `hsd --simulator` serves through them.
 Three things are syscalls in the real world, not netlink messages; here they are
 netlink-framed messages of a private type, SIMCALL_TYPE (0x0f, inside the range
 netlink reserves for control messages, so it can never collide with a family id),
@@ -39,11 +41,10 @@ Not modelled: CAP_NET_ADMIN on ACCEPT (EPERM), network namespaces, and keyring
 linking, done by the agent edge (see SimChannel._link_keyring).
 """
 
+
 from __future__ import annotations
 
 import argparse
-import array
-import dataclasses
 import errno
 import logging
 import os
@@ -59,30 +60,19 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import keyring as keyrings
-from . import protocol as p
-from .channel import OVERRUN
-from .ktls import SOL_TLS, TCP_ULP, TLS_RX, TLS_TX, CryptoInfo, install_via
-from .secret import wipe
+from hsd import protocol as p
+from hsd.ktls import SOL_TLS, TCP_ULP, TLS_RX, TLS_TX, CryptoInfo
+from hsd.sim_channel import (MAX_DATAGRAM, MAX_FDS, REPLY_TIMEOUT, SIM_FAMILY_ID, SIM_GROUPS,
+                             SIMCALL_ADD_MEMBERSHIP, SIMCALL_ATTR_GROUP, SIMCALL_ATTR_LEVEL,
+                             SIMCALL_ATTR_OPTNAME, SIMCALL_ATTR_OPTVAL, SIMCALL_DROP_MEMBERSHIP,
+                             SIMCALL_SETSOCKOPT, SIMCALL_TYPE, SimChannel, close_all, fds_from_ancdata,
+                             scm_rights)
+
 
 log = logging.getLogger(__name__)
 
-SIM_FAMILY_ID = 0x1E  # dynamic in the kernel; agents must resolve it with GETFAMILY
-SIM_GROUPS = {p.MCGRP_NONE: 0x0B, p.MCGRP_TLSHD: 0x0C}
-SIMCALL_TYPE = 0x0F
-SIMCALL_ADD_MEMBERSHIP = 1
-SIMCALL_DROP_MEMBERSHIP = 2
-SIMCALL_SETSOCKOPT = 3
-SIMCALL_ATTR_GROUP = 1
-SIMCALL_ATTR_LEVEL = 1
-SIMCALL_ATTR_OPTNAME = 2
-SIMCALL_ATTR_OPTVAL = 3
-
 HANDLER_CLASS_MAX = 2  # NLA_POLICY_MAX of the handler-class attribute
-MAX_DATAGRAM = 65536
-MAX_FDS = 8
 TCP_ESTABLISHED = 1
-REPLY_TIMEOUT = 10.0  # an agent edge waits this long for the "kernel" before giving up
 
 SockKey = tuple[int, int]  # (st_dev, st_ino): which socket, whatever fd names it
 DoneCallback = Callable[[int, int], None]
@@ -100,29 +90,6 @@ def _sock_key(fd: int) -> SockKey:
     return (st.st_dev, st.st_ino)
 
 
-def _fds_from_ancdata(ancdata: list) -> list[int]:
-    fds: list[int] = []
-    for level, kind, data in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(data[: len(data) - len(data) % arr.itemsize])
-            fds.extend(arr)
-    return fds
-
-
-def _scm_rights(fd: int | None) -> list:
-    """Ancillary data passing one fd (the way both sides name a socket to each other)."""
-    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd is not None else []
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
 def _raw_messages(buf: bytes) -> list[bytes]:
     """Split one datagram into its netlink messages, raw (the kernel echoes them on error).
 
@@ -136,16 +103,6 @@ def _raw_messages(buf: bytes) -> list[bytes]:
         out.append(bytes(buf[pos : pos + length]))
         pos += (length + 3) & ~3
     return out
-
-
-def simcall(cmd: int, seq: int, attrs: bytes) -> bytes:
-    """A private syscall-emulation message (see the module docstring)."""
-    return p.GenlMessage(SIMCALL_TYPE, p.NLM_F_REQUEST | p.NLM_F_ACK, seq, 0, cmd, 1, attrs).encode()
-
-
-def encode_setsockopt(seq: int, level: int, optname: int, optval: bytes) -> bytes:
-    return simcall(SIMCALL_SETSOCKOPT, seq, p.attr_u32(SIMCALL_ATTR_LEVEL, level)
-                   + p.attr_u32(SIMCALL_ATTR_OPTNAME, optname) + p.attr(SIMCALL_ATTR_OPTVAL, optval))
 
 
 # ---------------------------------------------------------------- consumer side
@@ -514,7 +471,7 @@ class Simulator:
         except OSError:
             self._drop_conn(conn)
             return
-        fds = _fds_from_ancdata(ancdata)
+        fds = fds_from_ancdata(ancdata)
         replies: list[bytes] = []
         try:
             if not data:
@@ -527,7 +484,7 @@ class Simulator:
         finally:
             # the kernel only looks a DONE's fd up for the call (sockfd_lookup/fput): by the time the
             # agent reads the ACK, the "kernel" holds no copy of it
-            _close_all(fds)
+            close_all(fds)
         for reply in replies:
             self._reply(conn, reply)
 
@@ -535,7 +492,7 @@ class Simulator:
         """Send a unicast reply, waiting briefly if the agent's buffer is full."""
         while True:
             try:
-                conn.sock.sendmsg([data], _scm_rights(fd))
+                conn.sock.sendmsg([data], scm_rights(fd))
                 return
             except BlockingIOError:
                 if not select.select([], [conn.sock], [], REPLY_TIMEOUT)[1]:
@@ -756,224 +713,6 @@ def _remove_stale_socket(path: str) -> None:
     finally:
         probe.close()
     raise OSError(errno.EADDRINUSE, f"another simulator is serving {path}")
-
-
-# ---------------------------------------------------------------- agent side
-
-
-class _Endpoint:
-    """One agent connection (a simulated netlink socket) with request/reply matched by seq."""
-
-    def __init__(self, address: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        self.sock.connect(address)
-        self.lock = threading.Lock()
-        self.seq = 0
-        self.port = 0
-
-    def next_seq(self) -> int:
-        self.seq += 1
-        return self.seq
-
-    def send(self, data: bytes, fd: int | None = None) -> None:
-        self.sock.sendmsg([data], _scm_rights(fd))
-
-    def recv(self, timeout: float | None = REPLY_TIMEOUT) -> tuple[bytes, list[int]]:
-        self.sock.settimeout(timeout)
-        try:
-            data, ancdata, _, _ = self.sock.recvmsg(MAX_DATAGRAM, socket.CMSG_SPACE(MAX_FDS * 4),
-                                                    socket.MSG_CMSG_CLOEXEC)
-        finally:
-            self.sock.settimeout(None)
-        if not data:
-            raise ConnectionError("the simulator closed the connection")
-        return data, _fds_from_ancdata(ancdata)
-
-    def transact(self, data: bytes, fd: int | None = None) -> tuple[list[p.Message], list[int], bytes]:
-        """Send one request and collect its answer: (messages, fds, raw bytes); caller holds the lock.
-
-        Replies to earlier requests (whose caller gave up) are discarded."""
-        seq = p.NLMSG_HDR.unpack_from(data)[3]
-        self.send(data, fd)
-        while True:
-            try:
-                raw, fds = self.recv()
-            except socket.timeout:
-                raise TimeoutError("the simulator did not answer") from None
-            try:
-                msgs = p.split_messages(raw)
-            except p.ProtocolError:
-                return [], fds, raw  # let the caller decide (a mangled reply)
-            if not msgs or any(m.seq == seq for m in msgs):
-                return msgs, fds, raw
-            _close_all(fds)
-
-    def call(self, data: bytes, fd: int | None = None) -> int:
-        """A request answered by NLMSG_ERROR only: the errno (0 = ACK)."""
-        msgs, fds, _ = self.transact(data, fd)
-        _close_all(fds)
-        for m in msgs:
-            if isinstance(m, p.NetlinkError):
-                return m.error
-        raise p.ProtocolError("expected an ACK")
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-class SimChannel:
-    """The agent's edge to the simulator: hsd.channel.Channel over two simulated netlink sockets.
-
-    `_ready` joined the tlshd group and only ever receives READY; `_req`
-    carries ACCEPT, DONE and setsockopt, one exchange at a time."""
-
-    def __init__(self, ready: _Endpoint, req: _Endpoint, family: p.FamilyInfo) -> None:
-        self._ready = ready
-        self._req = req
-        self.family = family
-        self.ktls = SimKtls(self)
-
-    @classmethod
-    def connect(cls, address: str) -> "SimChannel":
-        """Join the simulator at address.  From now on this process keeps peer-certificate keys in its own
-        keyring: an agent serving a simulator must leave nothing in root's real user keyring."""
-        from .identity import keep_peer_keys_private
-
-        keep_peer_keys_private()
-        req = _Endpoint(address)
-        ready = _Endpoint(address)
-        try:
-            family = cls._resolve(req)
-            cls._resolve(ready)  # learns this connection's port id too
-            group = family.groups.get(p.MCGRP_TLSHD)
-            if group is None:
-                raise p.ProtocolError("the handshake family has no tlshd group")
-            err = ready.call(simcall(SIMCALL_ADD_MEMBERSHIP, ready.next_seq(), p.attr_u32(SIMCALL_ATTR_GROUP, group)))
-            if err:
-                raise OSError(err, f"cannot join the tlshd group: {os.strerror(err)}")
-        except BaseException:
-            req.close()
-            ready.close()
-            raise
-        return cls(ready, req, family)
-
-    @staticmethod
-    def _resolve(ep: _Endpoint) -> p.FamilyInfo:
-        msgs, fds, _ = ep.transact(p.encode_getfamily(p.FAMILY_NAME, ep.next_seq()))
-        _close_all(fds)
-        for m in msgs:
-            if isinstance(m, p.NetlinkError) and m.error:
-                raise OSError(m.error, f"handshake family not found: {os.strerror(m.error)}")
-            if isinstance(m, p.GenlMessage):
-                ep.port = m.pid
-                return p.decode_newfamily(m)
-        raise p.ProtocolError("no answer to CTRL_CMD_GETFAMILY")
-
-    def fileno(self) -> int:
-        return self._ready.sock.fileno()
-
-    def wait_ready(self, timeout: float | None) -> int:
-        """READY count, 0 on timeout, OVERRUN if the simulator reported lost notifications."""
-        if not select.select([self._ready.sock], [], [], timeout)[0]:
-            return 0
-        count, overrun = 0, False
-        while True:
-            try:
-                raw, fds = self._ready.recv(0.0) if count or overrun else self._ready.recv(None)
-            except (socket.timeout, BlockingIOError):
-                break
-            _close_all(fds)
-            for m in p.split_messages(raw):
-                if isinstance(m, p.NetlinkError) and m.error == errno.ENOBUFS:
-                    overrun = True
-                elif p.is_ready(m, self.family.id):
-                    count += 1
-        return OVERRUN if overrun else count
-
-    def accept(self) -> p.HandshakeRequest | None:
-        """ACCEPT; the handed-over socket is installed O_CLOEXEC and its number replaces the reply's sockfd."""
-        with self._req.lock:
-            msgs, fds, raw = self._req.transact(p.encode_accept(self.family.id, self._req.next_seq()))
-        fd = fds[0] if fds else None
-        _close_all(fds[1:])
-        for m in msgs:
-            if isinstance(m, p.NetlinkError):
-                _close_all(fds[:1])
-                if m.error == errno.EAGAIN:
-                    return None
-                raise OSError(m.error, f"ACCEPT failed: {os.strerror(m.error)}")
-        try:
-            if len(msgs) != 1 or not isinstance(msgs[0], p.GenlMessage):
-                raise p.ProtocolError(f"malformed ACCEPT reply ({len(raw)} bytes)")
-            req = p.decode_accept_reply(msgs[0])
-            if fd is None:
-                raise p.ProtocolError("ACCEPT reply carried no socket")
-        except p.ProtocolError as exc:
-            raise p.ProtocolError(str(exc), fd) from None
-        if req.keyring:
-            self._link_keyring(req.keyring, fd)
-        return dataclasses.replace(req, sockfd=fd)
-
-    def _link_keyring(self, ring: int, fd: int) -> None:
-        """The kernel links ta_keyring into the caller's process keyring (tls_handshake_private_keyring).
-
-        That must happen in the agent's own context, so the edge does it.  On
-        failure the kernel fails the ACCEPT and completes the request with EIO:
-        so does the edge (DONE EIO, fd closed, the errno raised)."""
-        try:
-            keyrings.link(ring, keyrings.keyring_id(keyrings.KEY_SPEC_PROCESS_KEYRING, create=True))
-        except OSError as exc:
-            self.done(p.Done(fd, errno.EIO))
-            os.close(fd)
-            raise OSError(exc.errno, f"ACCEPT failed: cannot link keyring {ring}: {os.strerror(exc.errno)}") from None
-
-    def done(self, done: p.Done) -> int:
-        """DONE with the named fd attached (the kernel's fd lookup); EBADF if it is not open here."""
-        with self._req.lock:
-            if self._req.sock.fileno() < 0:
-                raise ConnectionError("the channel is closed")
-            data = p.encode_done(self.family.id, self._req.next_seq(), done)
-            try:
-                return self._req.call(data, done.sockfd)
-            except OSError as exc:
-                if exc.errno == errno.EBADF:
-                    return errno.EBADF  # sendmsg could not attach it: no such fd in this process
-                raise
-
-    def setsockopt(self, fd: int, level: int, optname: int, value: bytes) -> int:
-        """The setsockopt emulation: 0 or the errno the kernel would set.
-
-        The value (a crypto_info holds keys) is spliced into a bytearray that is
-        zeroed once sent: like the real syscall, the agent keeps no copy of it."""
-        with self._req.lock:
-            message = bytearray(encode_setsockopt(self._req.next_seq(), level, optname, bytes(len(value))))
-            end = len(message) - (-len(value) % 4)  # the value is the last attribute, then its padding
-            message[end - len(value):end] = value
-            try:
-                return self._req.call(message, fd)
-            finally:
-                wipe(message)
-
-    def close(self) -> None:
-        self._ready.close()
-        self._req.close()
-
-
-class SimKtls:
-    """hsd.ktls.KtlsInstaller for the simulated kernel: the same three setsockopt calls as KernelKtls."""
-
-    def __init__(self, channel: SimChannel) -> None:
-        self._channel = channel
-
-    def setsockopt(self, sock: socket.socket, level: int, optname: int, value: bytes) -> None:
-        """One emulated setsockopt; raises OSError like the syscall."""
-        err = self._channel.setsockopt(sock.fileno(), level, optname, value)
-        if err:
-            raise OSError(err, os.strerror(err))
-
-    def install(self, sock: socket.socket, tx: CryptoInfo, rx: CryptoInfo) -> None:
-        install_via(lambda level, optname, value: self.setsockopt(sock, level, optname, value), tx, rx,
-                    no_ulp="kernel TLS is not available (tls ULP unknown)")
 
 
 # ---------------------------------------------------------------- CLI

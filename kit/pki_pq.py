@@ -1,4 +1,4 @@
-"""A throwaway ML-DSA test PKI next to the classic one (hsd.testing.pki), for x509.pq.* tests.
+"""A throwaway ML-DSA test PKI next to the classic one (hsd_kit.pki), for x509.pq.* tests.
 
 ML-DSA-65 root -> ML-DSA-65 intermediate -> server and client leaves, so a
 handshake shows whether the ML-DSA leaf travels with its own intermediate.

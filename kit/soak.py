@@ -8,7 +8,7 @@ Lost DONEs (a request that should have been answered but never was) and
 duplicated DONEs (the kernel saw more than one) must both be zero; RSS, open
 fds and threads are sampled so a leak shows as a slope.
 
-    python3 -m hsd.soak --requests 10000
+    python3 -m hsd_kit.soak --requests 10000
 
 The same module holds the in-process daemon harness the reliability tests use.
 """
@@ -30,14 +30,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from .config import Config
-from .dispatcher import Dispatcher, Outcome
-from .errors import PeerRejected
-from .hookspecs import BackendInfo, Mode, hookimpl
-from .plugins import PluginHost
-from .session import Session
+from hsd.config import Config
+from hsd.dispatcher import Dispatcher, Outcome
+from hsd.errors import PeerRejected
+from hsd.hookspecs import BackendInfo, Mode, hookimpl
+from hsd.plugins import PluginHost
+from hsd.session import Session
 from .simulator import SimRequest, Simulator
-from .wire import RecordSocket
+from hsd.wire import RecordSocket
 
 FAST = "fast"
 FAST_MODES = frozenset({Mode("client", "unauth"), Mode("server", "x509")})
@@ -202,7 +202,7 @@ class _RealPeer:
     """One long-lived `openssl s_server` that the sampled real handshakes connect to."""
 
     def __init__(self, directory: str) -> None:
-        from .testing.pki import make_pki
+        from .pki import make_pki
 
         self.pki = make_pki(directory)
         with socket.socket() as probe:
@@ -257,7 +257,7 @@ class DaemonProcess:
     def __init__(self, sim_address: str, config_path: str, log_path: str, verbose: bool = False) -> None:
         self.log_path = log_path
         with open(log_path, "ab") as log_file:
-            self.proc = subprocess.Popen([sys.executable, "-m", "hsd.soak", "--serve", sim_address,
+            self.proc = subprocess.Popen([sys.executable, "-m", "hsd_kit.soak", "--serve", sim_address,
                                           "--config", config_path] + ["--verbose"] * verbose,
                                          stdin=subprocess.DEVNULL,
                                          stdout=log_file, stderr=log_file)
@@ -289,9 +289,9 @@ def _serve_for_soak(sim_address: str, config_path: str, verbose: bool) -> int:
 
     import hsd_openssl
 
-    from . import config as config_mod
-    from .daemon import serve, setup_logging
-    from .simulator import SimChannel
+    from hsd import config as config_mod
+    from hsd.daemon import serve, setup_logging
+    from hsd.sim_channel import SimChannel
 
     faulthandler.register(signal.SIGUSR2, all_threads=True)  # a stuck daemon can be asked where it is
     setup_logging(True, logging.INFO if verbose else logging.CRITICAL, syslog=False)
@@ -410,7 +410,7 @@ def format_result(result: SoakResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m hsd.soak", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python3 -m hsd_kit.soak", description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10000)
     parser.add_argument("--real-every", type=int, default=100,
                         help="every Nth request is a real TLS handshake (0: none)")

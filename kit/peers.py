@@ -207,7 +207,7 @@ class PeerProcess:
 
 @dataclass
 class PeerOptions:
-    """What a peer presents and checks; paths are PEM files (see hsd.testing.pki)."""
+    """What a peer presents and checks; paths are PEM files (see hsd_kit.pki)."""
 
     cert: str | None = None  # our certificate (chain) file
     key: str | None = None

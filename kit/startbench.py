@@ -13,7 +13,7 @@ records, from just before the process is spawned:
   joined, so it waits in the queue while hsd loads (status must be 0);
 * ready  - READY=1 on a NOTIFY_SOCKET of ours (systemd's readiness).
 
-The simulator path imports hsd.simulator before its join, which the kernel
+The simulator path imports hsd_kit.simulator before its join, which the kernel
 path does not (hsd.startup resolves the family with hsd.protocol alone), so its
 "joined" is an upper bound of the kernel path's.
 """
@@ -121,8 +121,8 @@ def child_environment(pycache: str | None) -> dict[str, str]:
 
 def run(runs: int, backend: str, bytecode_cache: bool = True) -> int:
     from .simulator import Simulator
-    from .testing import peers
-    from .testing.pki import make_pki
+    from . import peers
+    from .pki import make_pki
 
     with tempfile.TemporaryDirectory(prefix="hsd-startbench-") as tmp, Simulator() as sim:
         pki = make_pki(os.path.join(tmp, "pki"))
