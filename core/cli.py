@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 
@@ -78,13 +78,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:2] == ["bench", "startup"]:
-        from .startbench import main as startbench_main
-
-        return startbench_main(argv[2:])
+        return _kit("startbench").main(argv[2:])
     if argv[:1] == ["bench"]:
-        from .bench import main as bench_main
-
-        return bench_main(argv[1:])
+        return _kit("bench").main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command is None:
         return _serve(args, argv)  # joins the group first, then reads the configuration
@@ -108,11 +104,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         return print_status(cfg, args)
     if args.command == "demo":
-        from .demo import run_demo
-
+        demo = _kit("demo")
         _print_warnings(cfg.warnings)
-        return run_demo(cfg, rounds=args.rounds)
+        return demo.run_demo(cfg, rounds=args.rounds)
     raise AssertionError(f"unhandled command {args.command!r}")
+
+
+def _kit(module: str) -> Any:
+    """A module of hsd_kit (the test kit, benchmark and demo), imported only for the command that needs it.
+
+    The daemon never imports the kit; a packager may ship it apart, so its absence is one clear line."""
+    from importlib import import_module
+
+    try:
+        return import_module(f"hsd_kit.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("hsd_kit", f"hsd_kit.{module}"):
+            raise
+        print(f"hsd: this command needs hsd's kit (the Python package hsd_kit), which is not installed",
+              file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def configure(args: argparse.Namespace) -> "config_mod.Config | int":
@@ -259,7 +270,7 @@ def _load_and_serve(args: argparse.Namespace, cfg: "config_mod.Config", argv: li
         if joined is not None:
             return joined
         if args.simulator:
-            from .simulator import SimChannel
+            from .sim_channel import SimChannel
 
             return SimChannel.connect(args.simulator)
         from .netlink_channel import NetlinkChannel
