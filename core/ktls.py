@@ -1,7 +1,9 @@
 """Kernel TLS: turn a Session into crypto_info structs and hand them to the socket.
 
 Layouts from include/uapi/linux/tls.h.  TCP_ULP "tls" first, then TLS_TX, then
-TLS_RX, like the reference daemon.  Keys are derived here from the traffic
+TLS_RX, like the reference daemon; then, when the peer announced a smaller RFC 8449
+record_size_limit, TLS_TX_MAX_PAYLOAD_LEN (Linux 7.2; a kernel without it is
+named once in the log, see limit_tx_records).  Keys are derived here from the traffic
 secrets (RFC 8446 7.3) so every backend gets identical, tested kTLS code.
 
 Every key, IV and packed struct is a bytearray (hsd.secret): HKDF writes into
@@ -15,6 +17,7 @@ import errno
 import logging
 import socket
 import struct
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -33,6 +36,9 @@ TLS_TX = 1
 TLS_RX = 2
 TLS_1_2_VERSION = 0x0303
 TLS_1_3_VERSION = 0x0304
+TLS_TX_MAX_PAYLOAD_LEN = 5  # SOL_TLS, Linux 7.2 (not 6.12): the largest plaintext the kernel puts in a TX record
+TLS_MAX_PAYLOAD_SIZE = 16384  # 2^14: the protocol's ceiling and the kernel's default for that option
+RECORD_SIZE_LIMIT_MIN = 64  # RFC 8449 section 4: a smaller record_size_limit is illegal
 
 
 @dataclass(frozen=True)
@@ -189,15 +195,68 @@ def session_crypto_info(session: Session) -> tuple[CryptoInfo, CryptoInfo]:
             tls13_crypto_info(session.cipher, session.rx_secret, session.rx_seq))
 
 
+def tx_max_payload(session: Session) -> int | None:
+    """The TLS_TX_MAX_PAYLOAD_LEN the peer's record_size_limit asks for; None when full-size records are fine.
+
+    Why the minus one: in TLS 1.3 the limit counts the inner content type byte
+    (RFC 8449 section 4) and the kernel's value does not (its tls.rst; tlshd
+    1.4.0 subtracts 1 too).  A limit at or above the protocol's ceiling asks
+    for nothing, so no setsockopt is made (and no kernel is blamed for lacking it)."""
+    limit = session.peer_record_size_limit
+    if limit is None:
+        return None
+    payload = limit - 1 if session.version == TLS_1_3_VERSION else limit
+    return payload if payload < TLS_MAX_PAYLOAD_SIZE else None
+
+
+_no_tx_limit_lock = threading.Lock()
+_no_tx_limit_logged = False  # once per process: every later session would say the same
+
+
+def _kernel_cannot_limit(payload: int) -> None:
+    global _no_tx_limit_logged
+    with _no_tx_limit_lock:
+        first, _no_tx_limit_logged = not _no_tx_limit_logged, True
+    if first:
+        log.warning("this kernel cannot limit kTLS record sizes (no SOL_TLS TLS_TX_MAX_PAYLOAD_LEN; Linux 7.2 "
+                    "has it): a peer that announces an RFC 8449 record_size_limit still gets records of up to "
+                    "16 KiB and may fail with record_overflow (first seen: %d-byte payload limit)", payload)
+    else:
+        log.debug("peer's record size limit (%d-byte payload) not enforced: no TLS_TX_MAX_PAYLOAD_LEN", payload)
+
+
+def limit_tx_records(setsockopt: Callable[[int, int, Any], None], payload: int) -> bool:
+    """TLS_TX_MAX_PAYLOAD_LEN = payload (a u16, as the kernel reads it); False if the kernel has no such option.
+
+    Why not fail the handshake there: the keys are installed and the peer
+    may never send a record that large; the kernel's lack is logged once
+    (ENOPROTOOPT, Linux 6.12).  Any other refusal is a KtlsError."""
+    try:
+        setsockopt(SOL_TLS, TLS_TX_MAX_PAYLOAD_LEN, struct.pack("=H", payload))
+    except OSError as exc:
+        if exc.errno == errno.ENOPROTOOPT:
+            _kernel_cannot_limit(payload)
+            return False
+        raise KtlsError(f"kernel refused TLS_TX_MAX_PAYLOAD_LEN {payload}: {exc.strerror}") from None
+    return True
+
+
 class KtlsInstaller(Protocol):
     """Where session keys go: the kernel, or the simulator standing in for it."""
 
-    def install(self, sock: socket.socket, tx: CryptoInfo, rx: CryptoInfo) -> None: ...
+    def install(self, sock: socket.socket, tx: CryptoInfo, rx: CryptoInfo,
+                tx_max_payload: int | None = None) -> None: ...
 
 
 def install_via(setsockopt: Callable[[int, int, Any], None], tx: CryptoInfo, rx: CryptoInfo,
-                no_ulp: str = "kernel TLS is not available (tls module missing: CONFIG_TLS)") -> None:
-    """TCP_ULP "tls", then TLS_TX, then TLS_RX through setsockopt(level, optname, value).
+                no_ulp: str = "kernel TLS is not available (tls module missing: CONFIG_TLS)",
+                tx_max_payload: int | None = None) -> None:
+    """TCP_ULP "tls", then TLS_TX, then TLS_RX through setsockopt(level, optname, value),
+    then TLS_TX_MAX_PAYLOAD_LEN when tx_max_payload is given.
+
+    The limit comes after TLS_TX because the kernel checks its range against
+    the installed version (63 is legal only once it knows it is TLS 1.3), and
+    before any data is sent (with an open record it answers EBUSY).
 
     One sequence and one error translation for the kernel and for the simulator
     standing in for it; `no_ulp` says what ENOENT on the ULP means there.
@@ -219,13 +278,16 @@ def install_via(setsockopt: Callable[[int, int, Any], None], tx: CryptoInfo, rx:
             raise KtlsError(f"kernel refused {name} ({info.spec.name}): {exc.strerror}") from None
         finally:
             wipe(packed)
+    if tx_max_payload is not None:
+        limit_tx_records(setsockopt, tx_max_payload)
 
 
 class KernelKtls:
     """The real thing: setsockopt on the handed-over TCP socket."""
 
-    def install(self, sock: socket.socket, tx: CryptoInfo, rx: CryptoInfo) -> None:
-        install_via(sock.setsockopt, tx, rx)
+    def install(self, sock: socket.socket, tx: CryptoInfo, rx: CryptoInfo,
+                tx_max_payload: int | None = None) -> None:
+        install_via(sock.setsockopt, tx, rx, tx_max_payload=tx_max_payload)
 
 
 def install_session(installer: KtlsInstaller, sock: socket.socket, session: Session) -> None:
@@ -233,9 +295,15 @@ def install_session(installer: KtlsInstaller, sock: socket.socket, session: Sess
 
     The session's traffic secrets are left for the caller to wipe (it owns them)."""
     tx, rx = session_crypto_info(session)
+    payload = tx_max_payload(session)
     try:
-        installer.install(sock, tx, rx)
-        log.debug("kTLS installed on fd %d: TX %r, RX %r (%s)", sock.fileno(), tx, rx, session.cipher)
+        if payload is None:  # the installers written before the option keep working
+            installer.install(sock, tx, rx)
+        else:
+            installer.install(sock, tx, rx, tx_max_payload=payload)
+        log.debug("kTLS installed on fd %d: TX %r, RX %r (%s)%s", sock.fileno(), tx, rx, session.cipher,
+                  f", TX payload limit {payload} asked (peer's record_size_limit "
+                  f"{session.peer_record_size_limit})" if payload is not None else "")
     finally:
         tx.wipe()
         rx.wipe()

@@ -2,8 +2,9 @@
 
 A backend reports facts from its library - the suite, the traffic secrets,
 the record counters, what the peer presented (certificates, or the PSK
-identity it finished with) - and the core decides the rest: it installs kTLS
-from the secrets and counters, and it alone turns the facts into the identity
+identity it finished with), the record size limit the peer announced - and
+the core decides the rest: it installs kTLS from the secrets and counters
+(capping TX records to that limit), and it alone turns the facts into the identity
 DONE reports (remote_auth).  Secrets are kept in bytearrays so
 they can be overwritten as soon as the kernel has them.
 """
@@ -26,6 +27,9 @@ class Session:
     group: str | None = None  # key-exchange group, for logging (None: psk_ke, or the library cannot tell)
     peer_certificates: tuple[bytes, ...] = ()  # DER, leaf first, as the peer sent them (x509 modes)
     psk_identity: bytes | None = None  # PSK modes: the identity the library finished the handshake with
+    # RFC 8449: the record_size_limit the peer announced in a negotiated extension (in TLS 1.3 it
+    # counts the inner content type byte); the core limits kTLS TX records to it.  None: not agreed.
+    peer_record_size_limit: int | None = None
     details: dict[str, str] = field(default_factory=dict)  # extra, loggable facts (never secrets)
     remote_auth: tuple[int, ...] = ()  # set by the core, never by a backend: the serials DONE reports
 

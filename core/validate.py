@@ -14,13 +14,14 @@ import logging
 from typing import Iterator
 
 from .errors import HandshakeError, KtlsError
-from .ktls import cipher_spec
+from .ktls import RECORD_SIZE_LIMIT_MIN, cipher_spec
 from .secret import wipe_all
 from .session import Session
 
 log = logging.getLogger("hsd")
 
 MAX_SECRET = 64  # bytes; no TLS 1.3 hash is longer (SHA-512)
+U16_MAX = 0xFFFF  # the extension's value is a uint16
 U32_MAX = 0xFFFFFFFF
 U64_MAX = 0xFFFFFFFFFFFFFFFF
 
@@ -81,6 +82,9 @@ def _problems(result: object) -> Iterator[str]:
         yield "peer_certificates is not a tuple of non-empty DER bytes"
     if result.psk_identity is not None and not isinstance(result.psk_identity, (bytes, bytearray)):
         yield f"psk_identity is {type(result.psk_identity).__name__}, not bytes or None"
+    limit = result.peer_record_size_limit
+    if limit is not None and (not _is_int(limit) or not RECORD_SIZE_LIMIT_MIN <= limit <= U16_MAX):
+        yield f"peer_record_size_limit is not None or an RFC 8449 limit (an int in {RECORD_SIZE_LIMIT_MIN}..{U16_MAX})"
     if not isinstance(result.details, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in result.details.items()):
         yield "details is not a dict of str to str"

@@ -40,7 +40,8 @@ from typing import Any, Callable, Iterator
 
 from hsd.hookspecs import BackendInfo, Mode, hookimpl
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+from .processes import DaemonProcesses
+
 WORKLOADS = ("client-unauth", "client-x509", "server-x509", "client-psk")
 KEY_TYPES = ("p256", "rsa")
 GROUPS = {"x25519": "X25519", "hybrid": "X25519MLKEM768"}
@@ -431,8 +432,6 @@ class NullBackend:
     def hsd_handshake(self, ctx: Any) -> Any:
         from hsd.session import Session
 
-        if ctx.backend != self.name:
-            return None
         return Session(cipher="TLS_AES_128_GCM_SHA256", tx_secret=bytearray(32 * b"\1"),
                        rx_secret=bytearray(32 * b"\2"), group="none")
 
@@ -533,72 +532,13 @@ def _wait_readable(fd: int, timeout: float) -> bool:
     return bool(select.select([fd], [], [], timeout)[0])
 
 
-class Daemon:
-    """The real hsd (`hsd -c CONF --simulator SOCK`), one or more processes, read through /proc.
+def hsd_processes(sim: Any, config_path: str, max_inflight: int, processes: int = 1,
+                  module: str = "hsd.cli") -> DaemonProcesses:
+    """The real hsd (`hsd -c CONF --simulator SOCK`) in `processes` processes, joined.
 
-    Several processes all join the group; each READY reaches all of them and
-    the kernel hands every request to exactly one ACCEPT: a process pool with
-    the socket passed by the kernel (SCM_RIGHTS in the simulator)."""
-
-    def __init__(self, sim: Any, config_path: str, max_inflight: int, processes: int = 1,
-                 module: str = "hsd.cli") -> None:
-        started = time.perf_counter()
-        before = sim.listeners()
-        self.procs = [subprocess.Popen([sys.executable, "-m", *module.split(), "-c", config_path, "--simulator",
-                                        sim.address, "--max-inflight", str(max_inflight), "-s"],
-                                       stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                       stderr=self._log()) for _ in range(processes)]
-        while sim.listeners() < before + processes:
-            if any(proc.poll() is not None for proc in self.procs):
-                self.stop()
-                raise RuntimeError("hsd exited before joining the group")
-            if time.perf_counter() - started > 30:
-                self.stop()
-                raise RuntimeError("hsd did not join the group in 30 s")
-            time.sleep(0.001)
-        self.start_to_ready = time.perf_counter() - started
-
-    @staticmethod
-    def _log() -> Any:
-        """The daemon's log (one line per handshake, as in production) goes to /dev/null or $HSD_BENCH_LOG."""
-        path = os.environ.get("HSD_BENCH_LOG")
-        return open(path, "a") if path else subprocess.DEVNULL  # noqa: SIM115  (owned by the child)
-
-    def cpu(self) -> float:
-        total = 0.0
-        for proc in self.procs:
-            with open(f"/proc/{proc.pid}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
-        return total
-
-    def status_mb(self, key: str) -> float:
-        """A /proc/PID/status figure (VmRSS, VmHWM) in MiB, summed over the processes."""
-        total = 0.0
-        for proc in self.procs:
-            with open(f"/proc/{proc.pid}/status") as handle:
-                total += next(int(line.split()[1]) for line in handle if line.startswith(key + ":")) / 1024
-        return total
-
-    def fds(self) -> int:
-        return sum(len(os.listdir(f"/proc/{proc.pid}/fd")) for proc in self.procs)
-
-    def __enter__(self) -> "Daemon":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    Its log (one line per handshake, as in production) goes to /dev/null or $HSD_BENCH_LOG."""
+    return DaemonProcesses(sim, [*module.split(), "-c", config_path, "--max-inflight", str(max_inflight), "-s"],
+                           processes=processes, log_path=os.environ.get("HSD_BENCH_LOG") or None)
 
 
 @dataclass
@@ -783,7 +723,7 @@ class _Completion:
 
 
 def run_hsd_client(sim: Any, st: Setup, workload: str, peers: PeerServers, concurrency: int, count: int,
-                   daemon: Daemon) -> RunFigures:
+                   daemon: DaemonProcesses) -> RunFigures:
     """concurrency consumer threads, each: connect to a peer, submit, wait for DONE, close."""
     completion = _Completion(count)
     budget = _Budget(count)
@@ -812,7 +752,7 @@ def _own_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _timed(daemon: Daemon, completion: _Completion, workers: list[Callable[[], None]]) -> RunFigures:
+def _timed(daemon: DaemonProcesses, completion: _Completion, workers: list[Callable[[], None]]) -> RunFigures:
     cpu0, own0 = daemon.cpu(), _own_cpu()
     start = time.perf_counter()
     threads = [threading.Thread(target=w, daemon=True) for w in workers]
@@ -829,7 +769,7 @@ def _timed(daemon: Daemon, completion: _Completion, workers: list[Callable[[], N
 
 
 def run_hsd_burst(sim: Any, st: Setup, workload: str, key_type: str, group: str, peers: PeerServers | None,
-                  count: int, daemon: Daemon) -> RunFigures:
+                  count: int, daemon: DaemonProcesses) -> RunFigures:
     """count connections made first, then all requests submitted at once (queued in the simulator)."""
     completion = _Completion(count)
     rss0 = daemon.status_mb("VmRSS")
@@ -863,7 +803,7 @@ def run_hsd_burst(sim: Any, st: Setup, workload: str, key_type: str, group: str,
 
 
 def run_hsd_server(sim: Any, st: Setup, key_type: str, group: str, concurrency: int, count: int,
-                   daemon: Daemon) -> tuple[RunFigures, str]:
+                   daemon: DaemonProcesses) -> tuple[RunFigures, str]:
     """hsd as the server: a pool of concurrency pyOpenSSL clients connects; each accepted socket is submitted."""
     completion = _Completion(count)
     listener = socket.create_server(("127.0.0.1", 0), backlog=4096)
@@ -888,7 +828,7 @@ def run_hsd_server(sim: Any, st: Setup, key_type: str, group: str, concurrency: 
     return figures, peer_group
 
 
-def run_silent(sim: Any, st: Setup, peers: PeerServers, count: int, daemon: Daemon,
+def run_silent(sim: Any, st: Setup, peers: PeerServers, count: int, daemon: DaemonProcesses,
                silent: int = 50) -> tuple[float, float]:
     """p50 at concurrency 1 without and with `silent` requests stuck on peers that never answer.
 
@@ -1066,7 +1006,7 @@ def measure_row(sim: Any, st: Setup, plan: Plan, workload: str, key_type: str, g
             except RuntimeError as exc:
                 reason = re.search(r"tlslite cannot: (.*)", str(exc))
                 row.tlslite_note = f"n/a ({reason.group(1).strip()[:50] if reason else str(exc)[-50:]})"
-        daemon = Daemon(sim, st.config_path(key_type, plan.max_inflight), plan.max_inflight)
+        daemon = hsd_processes(sim, st.config_path(key_type, plan.max_inflight), plan.max_inflight)
         row.start_to_ready = daemon.start_to_ready
         try:
             _hsd_runs(sim, st, plan, row, peers, daemon, say)
@@ -1079,7 +1019,7 @@ def measure_row(sim: Any, st: Setup, plan: Plan, workload: str, key_type: str, g
     return row
 
 
-def _hsd_runs(sim: Any, st: Setup, plan: Plan, row: Row, peers: PeerServers | None, daemon: Daemon,
+def _hsd_runs(sim: Any, st: Setup, plan: Plan, row: Row, peers: PeerServers | None, daemon: DaemonProcesses,
               say: Callable[[str], None]) -> None:
     workload, key_type, group = row.workload, row.key_type, row.group
 
@@ -1113,7 +1053,7 @@ def measure_floor(sim: Any, st: Setup, plan: Plan, say: Callable[[str], None]) -
     """READY -> DONE with a backend that does no TLS: the simulator + dispatcher + kTLS-install cost."""
     out: dict[int, RunFigures] = {}
     mute = MuteListener()
-    daemon = Daemon(sim, st.config_path(plan.key_types[0], plan.max_inflight), plan.max_inflight,
+    daemon = hsd_processes(sim, st.config_path(plan.key_types[0], plan.max_inflight), plan.max_inflight,
                     module="hsd_kit.bench _floor")
     try:
         run_hsd_client(sim, st, "client-unauth", mute, 1, 3, daemon)  # type: ignore[arg-type]
@@ -1137,7 +1077,7 @@ def measure_models(sim: Any, st: Setup, plan: Plan, say: Callable[[str], None]) 
             ("process per worker", 8, 1, 8),
         ):
             say(f"model {name}: {processes} x max_inflight {inflight}, concurrency {conc}")
-            with Daemon(sim, st.config_path(key_type, inflight), inflight, processes) as daemon:
+            with hsd_processes(sim, st.config_path(key_type, inflight), inflight, processes) as daemon:
                 run_hsd_client(sim, st, "client-unauth", peers, processes, 3 * processes, daemon)
                 figures = run_hsd_client(sim, st, "client-unauth", peers, conc, plan.counts.get(conc, 400), daemon)
                 out.append(ModelFigures(name, processes, inflight, conc, figures, daemon.status_mb("VmHWM"),
@@ -1159,7 +1099,7 @@ def measure_backends(sim: Any, st: Setup, plan: Plan, say: Callable[[str], None]
     out: list[BackendFigures] = []
     with contextlib.closing(PeerServers(st, "client-unauth", key_type, group)) as peers:
         for backend in plan.backends:
-            with Daemon(sim, st.config_path(key_type, plan.max_inflight, backend), plan.max_inflight) as daemon:
+            with hsd_processes(sim, st.config_path(key_type, plan.max_inflight, backend), plan.max_inflight) as daemon:
                 for conc, count in plan.backend_counts.items():
                     say(f"backend {backend}: client-unauth and server-x509 at concurrency {conc}")
                     out.append(BackendFigures(backend, "client-unauth", conc,

@@ -66,11 +66,14 @@ class DaemonHarness:
     config.backends like [hsd.backends] in hsd.conf.  extra_plugins: name ->
     plugin object registered as if it came from an entry point (for in-test
     plugins).  discover=False skips entry-point discovery (then extra_plugins
-    is all there is)."""
+    is all there is).  sim: serve this running simulator instead of a new one
+    (it is not stopped with the harness).  The one in-process daemon runner:
+    `thread` runs Dispatcher.run until `stopping` is set; an exception it ends
+    with is kept in `error`."""
 
     def __init__(self, backend: str | None = "openssl", config: Config | None = None, *,
                  extra_plugins: dict[str, Any] | None = None, discover: bool = True,
-                 max_inflight: int | None = None) -> None:
+                 max_inflight: int | None = None, sim: Simulator | None = None) -> None:
         self.config = copy.deepcopy(config) if config is not None else Config()
         if backend:
             self.config.backend = backend
@@ -82,18 +85,21 @@ class DaemonHarness:
         self._claimed: set[int] = set()  # indexes into _arrivals already handed to a finish()
         self._fences: dict[int, int] = {}  # id(request) -> len(_arrivals) when it was queued
         self._outcomes_changed = threading.Condition()
-        self.sim: Simulator | None = None
+        self.sim: Simulator | None = sim
+        self._own_sim = sim is None
+        self.error: BaseException | None = None
         self.host: PluginHost | None = None
         self.channel: SimChannel | None = None
         self.dispatcher: Dispatcher | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.stopping = threading.Event()
+        self.thread: threading.Thread | None = None
 
     # ------------------------------------------------------------ lifecycle
 
     def start(self) -> "DaemonHarness":
         ensure_process_keyring()
-        self.sim = Simulator().start()
+        if self.sim is None:
+            self.sim = Simulator().start()
         try:
             self.host = PluginHost.discover(self.config) if self.discover else PluginHost(self.config)
             for name, plugin in self.extra_plugins.items():
@@ -102,9 +108,8 @@ class DaemonHarness:
             self.dispatcher = Dispatcher(self.channel, self.host, self.config, max_inflight=self.max_inflight,
                                          on_outcome=self._record)
             ready = threading.Event()
-            self._thread = threading.Thread(target=self.dispatcher.run, args=(self._stop, ready.set),
-                                            name="hsd-harness", daemon=True)
-            self._thread.start()
+            self.thread = threading.Thread(target=self._run, args=(ready,), name="hsd-harness", daemon=True)
+            self.thread.start()
             if not ready.wait(10):
                 raise HarnessError("the dispatcher did not start")
         except BaseException:
@@ -112,18 +117,25 @@ class DaemonHarness:
             raise
         return self
 
+    def _run(self, ready: threading.Event) -> None:
+        assert self.dispatcher is not None
+        try:
+            self.dispatcher.run(self.stopping, ready.set)
+        except BaseException as exc:  # kept for the test to inspect
+            self.error = exc
+
     def stop(self) -> None:
         """Stop accepting; in-flight handshakes finish first (each still gets its DONE)."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(30)
-            if self._thread.is_alive():
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(30)
+            if self.thread.is_alive():
                 raise HarnessError("the dispatcher did not stop within 30 s")
-            self._thread = None
+            self.thread = None
         if self.channel is not None:
             self.channel.close()
             self.channel = None
-        if self.sim is not None:
+        if self.sim is not None and self._own_sim:
             self.sim.stop()
             self.sim = None
 

@@ -30,12 +30,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from hsd.config import Config
-from hsd.dispatcher import Dispatcher, Outcome
 from hsd.errors import PeerRejected
 from hsd.hookspecs import BackendInfo, Mode, hookimpl
 from hsd.plugins import PluginHost
 from hsd.session import Session
+from .processes import DaemonProcesses
 from .simulator import SimRequest, Simulator
 from hsd.wire import RecordSocket
 
@@ -75,49 +74,6 @@ def abort(sock: socket.socket) -> None:
     sock.close()
 
 
-class RunningDaemon:
-    """A Dispatcher serving a simulator from a thread, with every Outcome recorded."""
-
-    def __init__(self, sim: Simulator, config: Config, plugins: dict[str, object], *,
-                 backend: str | None = None, max_inflight: int | None = None) -> None:
-        self.sim = sim
-        self.config = config
-        self.host = PluginHost(config)
-        for name, plugin in plugins.items():
-            if self.host.add(name, plugin) is None:
-                raise RuntimeError(f"plugin {name} refused: {self.host.problems}")
-        self.outcomes: list[Outcome] = []
-        self.channel = sim.channel()
-        self.dispatcher = Dispatcher(self.channel, self.host, config, backend=backend,
-                                     max_inflight=max_inflight, on_outcome=self.outcomes.append)
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(ready,), name="hsd-test-daemon", daemon=True)
-        self.thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("the dispatcher never became ready")
-
-    def _run(self, ready: threading.Event) -> None:
-        try:
-            self.dispatcher.run(self.stop, ready=ready.set)
-        except BaseException as exc:  # recorded for the test to inspect
-            self.error = exc
-
-    def close(self, timeout: float = 20) -> None:
-        self.stop.set()
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            raise RuntimeError("the dispatcher did not stop")
-        self.channel.close()
-
-    def __enter__(self) -> "RunningDaemon":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 def submit_retrying(submit: Callable[[], SimRequest], timeout: float = 30) -> SimRequest:
     """Consumers retry EAGAIN (the kernel's pending cap) - so does every load generator here."""
     end = time.monotonic() + timeout
@@ -151,8 +107,6 @@ class FastBackend:
 
     @hookimpl
     def hsd_handshake(self, ctx) -> Session | None:
-        if ctx.backend != FAST:
-            return None
         behaviour = (ctx.peername or "ok.soak").split(".", 1)[0]
         if behaviour == "reject":
             raise PeerRejected("scripted rejection")
@@ -248,41 +202,15 @@ def soak_config_text(pki_dir: str | None) -> str:
     return text
 
 
-class DaemonProcess:
-    """The daemon under soak as its own process (serve() with the fast and OpenSSL backends).
-
-    Why a process: its RSS, fds and threads are then the daemon's alone, not
-    the simulator's or the load generator's."""
-
-    def __init__(self, sim_address: str, config_path: str, log_path: str, verbose: bool = False) -> None:
-        self.log_path = log_path
-        with open(log_path, "ab") as log_file:
-            self.proc = subprocess.Popen([sys.executable, "-m", "hsd_kit.soak", "--serve", sim_address,
-                                          "--config", config_path] + ["--verbose"] * verbose,
-                                         stdin=subprocess.DEVNULL,
-                                         stdout=log_file, stderr=log_file)
-
-    def status(self) -> dict[str, str]:
-        with open(f"/proc/{self.proc.pid}/status") as handle:
-            return dict(line.rstrip("\n").split(":\t", 1) for line in handle if ":\t" in line)
-
-    def sample(self) -> tuple[int, int, int]:
-        """(RSS KiB, open fds, threads) of the daemon."""
-        st = self.status()
-        return int(st["VmRSS"].split()[0]), len(os.listdir(f"/proc/{self.proc.pid}/fd")), int(st["Threads"])
-
-    def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+def soak_daemon(sim: Simulator, config_path: str, log_path: str, verbose: bool = False,
+                wait: bool = False) -> DaemonProcesses:
+    """The daemon under soak as its own process: serve() with the fast and OpenSSL backends."""
+    return DaemonProcesses(sim, ["hsd_kit.soak", "--serve", "--config", config_path] + ["--verbose"] * verbose,
+                           log_path=log_path, wait=wait)
 
 
 def _serve_for_soak(sim_address: str, config_path: str, verbose: bool) -> int:
-    """Child side of DaemonProcess: the real serve() loop over a SimChannel."""
+    """Child side of soak_daemon: the real serve() loop over a SimChannel."""
     import faulthandler
     import logging
     import signal
@@ -302,7 +230,7 @@ def _serve_for_soak(sim_address: str, config_path: str, verbose: bool) -> int:
     return serve(SimChannel.connect(sim_address), config, backend=None, config_path=config_path, host=host)
 
 
-def _wait_for_listener(sim: Simulator, daemon: DaemonProcess, timeout: float = 30) -> None:
+def _wait_for_listener(sim: Simulator, daemon: DaemonProcesses, timeout: float = 30) -> None:
     end = time.monotonic() + timeout
     while not sim.listeners():
         if daemon.proc.poll() is not None or time.monotonic() > end:
@@ -319,7 +247,7 @@ def run_soak(requests: int, *, real_every: int = 100, window: int = 32, seed: in
         config_path = os.path.join(tmp, "hsd.conf")
         with open(config_path, "w") as handle:
             handle.write(soak_config_text(tmp if peer else None))
-        daemon = DaemonProcess(sim.address, config_path, os.path.join(tmp, "daemon.log"))
+        daemon = soak_daemon(sim, config_path, os.path.join(tmp, "daemon.log"))
         outstanding: list[tuple[str, SimRequest, socket.socket, socket.socket | None]] = []
         every: list[tuple[str, SimRequest]] = []
         sample_every = max(1, requests // samples)
@@ -416,12 +344,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="every Nth request is a real TLS handshake (0: none)")
     parser.add_argument("--window", type=int, default=32, help="requests outstanding at once")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--serve", metavar="SOCKET", help=argparse.SUPPRESS)  # the daemon child
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # the daemon child
+    parser.add_argument("--simulator", metavar="SOCKET", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        return _serve_for_soak(args.serve, args.config, args.verbose)
+        return _serve_for_soak(args.simulator, args.config, args.verbose)
     result = run_soak(args.requests, real_every=args.real_every, window=args.window, seed=args.seed)
     return 1 if result.lost or result.duplicated or result.wrong_status or result.problems else 0
 

@@ -35,7 +35,9 @@ from hsd.hookspecs import BackendInfo, Mode, hookimpl
 from hsd.ktls import tls13_crypto_info
 from hsd.session import Session
 from hsd_kit.simulator import Simulator
-from hsd_kit.soak import (FAST, DaemonProcess, FastBackend, RunningDaemon, open_fds, soak_config_text,
+from hsd_kit.harness import DaemonHarness
+from hsd_kit.processes import DaemonProcesses
+from hsd_kit.soak import (FAST, FastBackend, open_fds, soak_config_text, soak_daemon,
                       submit_retrying, tcp_pair)
 from hsd_kit.peers import PeerOptions, openssl_client, openssl_server, silent_peer
 from hsd_kit.pki import TestPki, make_pki
@@ -85,17 +87,18 @@ def no_leaks() -> Iterator[None]:
 
 
 @contextmanager
-def daemon(config: Config, plugins: dict[str, object] | None = None, **kw) -> Iterator[tuple[Simulator, RunningDaemon]]:
+def daemon(config: Config, plugins: dict[str, object] | None = None, **kw) -> Iterator[tuple[Simulator, DaemonHarness]]:
     with Simulator() as sim:
-        running = RunningDaemon(sim, config, plugins or {"openssl": hsd_openssl}, **kw)
+        running = DaemonHarness(None, config, sim=sim, extra_plugins=plugins or {"openssl": hsd_openssl},
+                                discover=False, **kw).start()
         try:
             yield sim, running
         finally:
-            running.close()
+            running.stop()
         assert running.error is None, running.error
 
 
-def outcomes(running: RunningDaemon, count: int) -> list:
+def outcomes(running: DaemonHarness, count: int) -> list:
     """The first `count` outcomes (on_outcome runs just after DONE, so wait for it)."""
     end = time.monotonic() + WAIT
     while len(running.outcomes) < count and time.monotonic() < end:
@@ -147,7 +150,8 @@ def test_ready_overrun_from_a_full_socket_buffer_is_drained(no_leaks):
     """A daemon too busy to read READYs overflows its socket; ENOBUFS -> ACCEPT until EAGAIN."""
     backend = GateBackend()
     with Simulator(pending_max=2000) as sim:
-        running = RunningDaemon(sim, Config(backend=FAST), {FAST: backend}, max_inflight=1)
+        running = DaemonHarness(None, Config(backend=FAST), sim=sim, extra_plugins={FAST: backend}, discover=False,
+                                max_inflight=1).start()
         pairs = []
         try:
             first = tcp_pair()
@@ -166,7 +170,7 @@ def test_ready_overrun_from_a_full_socket_buffer_is_drained(no_leaks):
             print(f"\noverrun: {len(reqs)} requests, {sim.stats.ready_lost} READYs lost, all served")
         finally:
             backend.gate.set()
-            running.close()
+            running.stop()
             for a, b in pairs:
                 a.close(); b.close()
 
@@ -179,7 +183,7 @@ def test_restarted_daemon_serves_requests_left_pending(tmp_path, no_leaks):
     config_path = tmp_path / "hsd.conf"
     config_path.write_text(soak_config_text(None).replace("max_inflight=64", "max_inflight=1"))
     with Simulator() as sim:
-        first = DaemonProcess(sim.address, str(config_path), str(tmp_path / "first.log"))
+        first = soak_daemon(sim, str(config_path), str(tmp_path / "first.log"))
         try:
             _wait_listening(sim, first)
             pairs = [tcp_pair() for _ in range(4)]
@@ -193,7 +197,7 @@ def test_restarted_daemon_serves_requests_left_pending(tmp_path, no_leaks):
             first.proc.wait(10)
         finally:
             first.stop()
-        second = DaemonProcess(sim.address, str(config_path), str(tmp_path / "second.log"))
+        second = soak_daemon(sim, str(config_path), str(tmp_path / "second.log"))
         try:
             _wait_listening(sim, second)
             assert [r.wait(WAIT)[0] for r in queued] == [0, 0, 0]
@@ -206,7 +210,7 @@ def test_restarted_daemon_serves_requests_left_pending(tmp_path, no_leaks):
                 a.close(); b.close()
 
 
-def _wait_listening(sim: Simulator, proc: DaemonProcess) -> None:
+def _wait_listening(sim: Simulator, proc: DaemonProcesses) -> None:
     end = time.monotonic() + WAIT
     while not sim.listeners():
         assert proc.proc.poll() is None, open(proc.log_path).read()
@@ -406,7 +410,8 @@ def test_simulator_stopped_under_the_daemon_in_process(pki, no_leaks, caplog):
     (their DONEs fail and are logged); no thread (watchdog, pool) stays behind."""
     sim = Simulator().start()
     with silent_peer() as peer:
-        running = RunningDaemon(sim, Config(backend="openssl", handshake_timeout_ms=800), {"openssl": hsd_openssl})
+        running = DaemonHarness(None, Config(backend="openssl", handshake_timeout_ms=800), sim=sim,
+                                extra_plugins={"openssl": hsd_openssl}, discover=False).start()
         mine = socket.create_connection(peer.address)
         req = sim.client_hello_anon(mine, peername="localhost", timeout_ms=800)
         while not req.accepted:
@@ -427,7 +432,7 @@ def test_simulator_stopped_under_the_daemon_process_exits_with_failure(tmp_path,
     config_path = tmp_path / "hsd.conf"
     config_path.write_text(soak_config_text(None))
     sim = Simulator().start()
-    proc = DaemonProcess(sim.address, str(config_path), str(tmp_path / "daemon.log"), verbose=True)
+    proc = soak_daemon(sim, str(config_path), str(tmp_path / "daemon.log"), verbose=True)
     try:
         _wait_listening(sim, proc)
         sim.stop()
@@ -681,7 +686,7 @@ def test_stopping_is_bounded_when_a_plugin_thread_never_returns(no_leaks, caplog
             req = sim.client_hello_anon(mine, peername="never-returns.test", timeout_ms=300)
             while not req.accepted:
                 time.sleep(0.01)
-            running.stop.set()  # the same as SIGTERM in serve()
+            running.stopping.set()  # the same as SIGTERM in serve()
             running.thread.join(WAIT)
             assert not running.thread.is_alive(), "run() waited for a plugin thread that never returns"
             assert req.wait(0)[0] == errno.ETIMEDOUT and req.done_calls == 1

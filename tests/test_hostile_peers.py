@@ -23,7 +23,8 @@ import hsd_tlslite
 from hsd.config import Config
 from hsd.errors import HandshakeTimeout, PeerRejected
 from hsd_kit.simulator import Simulator
-from hsd_kit.soak import RunningDaemon, tcp_pair
+from hsd_kit.harness import DaemonHarness
+from hsd_kit.soak import tcp_pair
 from hsd_kit.peers import (LOOPBACK, PeerOptions, PeerProcess, ServerPeer, free_port, openssl_client,
                                openssl_server)
 from hsd_kit.pki import TestPki, make_pki
@@ -104,7 +105,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
 
 
 @contextmanager
-def daemon(pki: TestPki, backend: str, *, psk: bool = False) -> Iterator[tuple[Simulator, RunningDaemon]]:
+def daemon(pki: TestPki, backend: str, *, psk: bool = False) -> Iterator[tuple[Simulator, DaemonHarness]]:
     """The in-process daemon on a simulator, both backends loaded (and the PSK policy if psk)."""
     config = Config(backend=backend, handshake_timeout_ms=3000)
     config.client.truststore = pki.ca
@@ -112,12 +113,12 @@ def daemon(pki: TestPki, backend: str, *, psk: bool = False) -> Iterator[tuple[S
     config.server.certificate, config.server.private_key = pki.server.chain, pki.server.key
     with Simulator() as sim:
         plugins = {"openssl": hsd_openssl, "tlslite": hsd_tlslite} | ({"psk": hsd_psk} if psk else {})
-        running = RunningDaemon(sim, config, plugins)
+        running = DaemonHarness(None, config, sim=sim, extra_plugins=plugins, discover=False).start()
         try:
             yield sim, running
             still_serves(sim, pki)
         finally:
-            running.close()
+            running.stop()
         assert running.error is None
 
 

@@ -44,7 +44,8 @@ from hsd.ktls import tls13_crypto_info
 from hsd.secret import Secret, wipe
 from hsd.session import Session
 from hsd_kit.simulator import Simulator
-from hsd_kit.soak import DaemonProcess, RunningDaemon, soak_config_text
+from hsd_kit.harness import DaemonHarness
+from hsd_kit.soak import soak_config_text, soak_daemon
 from hsd_kit.keyrings import ThrowawayKeyring
 from hsd_kit.peers import PeerOptions, openssl_client, openssl_server
 from hsd_kit.pki import TestPki, make_pki
@@ -117,7 +118,8 @@ def test_no_key_material_in_debug_logs(pki, monkeypatch):
     try:
         config = loud_config(pki, backends={"server.x509": "tlslite"})
         with Simulator() as sim:
-            running = RunningDaemon(sim, config, {"openssl": hsd_openssl, "tlslite": hsd_tlslite})
+            running = DaemonHarness(None, config, sim=sim, extra_plugins={"openssl": hsd_openssl, "tlslite": hsd_tlslite},
+                                    discover=False).start()
             try:
                 requests = []
                 # client unauth and mutual TLS (OpenSSL backend) against s_server
@@ -142,7 +144,7 @@ def test_no_key_material_in_debug_logs(pki, monkeypatch):
                     requests.append(req)
                     conn.close()
             finally:
-                running.close()
+                running.stop()
         for req in requests:
             for info in (req.ktls_tx, req.ktls_rx):
                 assert info is not None
@@ -171,7 +173,7 @@ def test_group_readable_key_warns_and_strict_mode_refuses(pki, tmp_path, caplog)
         config = loud_config(pki, strict_permissions=strict)
         config.server.private_key = str(key)
         with Simulator() as sim:
-            running = RunningDaemon(sim, config, {"openssl": hsd_openssl})
+            running = DaemonHarness(None, config, sim=sim, extra_plugins={"openssl": hsd_openssl}, discover=False).start()
             try:
                 with socket.create_server(("127.0.0.1", 0)) as listener, \
                         openssl_client(PeerOptions(ca=pki.ca), listener.getsockname()[1]).start():
@@ -180,7 +182,7 @@ def test_group_readable_key_warns_and_strict_mode_refuses(pki, tmp_path, caplog)
                     status = sim.server_hello_x509(conn, timeout_ms=10000).wait(WAIT)[0]
                     conn.close()
             finally:
-                running.close()
+                running.stop()
         if strict:
             assert status == errno.EIO
             assert str(key) in running.outcomes[0].reason and "strict_permissions" in running.outcomes[0].reason
@@ -255,7 +257,7 @@ def test_serving_daemon_runs_with_cap_net_admin_only(tmp_path):
     config_path.write_text(soak_config_text(None))
     log_path = tmp_path / "daemon.log"
     with Simulator() as sim:
-        daemon = DaemonProcess(sim.address, str(config_path), str(log_path), verbose=True)
+        daemon = soak_daemon(sim, str(config_path), str(log_path), verbose=True)
         try:
             end = time.monotonic() + WAIT
             while not sim.listeners():

@@ -9,6 +9,10 @@ a fatal alert, before our Finished is sent - the same moment OpenSSL's own
 verification would fail.  Pinned to tlslite-ng 0.8's private method names; the
 tests fail loudly if they change (a bad certificate would then be accepted).
 
+It also notes the record_size_limit (RFC 8449) the peer announced, in its
+ClientHello or EncryptedExtensions, for Session.peer_record_size_limit:
+tlslite keeps only its own clamped send limit, under a private name.
+
 wipe_secrets() zeroes the bytearrays in which tlslite keeps this connection's
 secrets, once hsd has its own copies (sessions.build_session) and, as a
 backstop for failed handshakes, when the connection is dropped.
@@ -19,7 +23,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from tlslite.constants import ExtensionType
-from tlslite.messages import Alert, CertificateRequest
+from tlslite.messages import Alert, CertificateRequest, ClientHello, EncryptedExtensions
 from tlslite.tlsconnection import TLSConnection
 
 from hsd.errors import HandshakeError
@@ -55,6 +59,7 @@ class ObservedConnection(TLSConnection):
         self.observer = observer
         self.rejection: Rejection | None = None
         self.hook_calls = 0
+        self.peer_record_size_limit: int | None = None  # as the peer announced it (None: it did not)
 
     def _getMsg(self, expectedType, secondaryType=None, constructorType=None):
         for result in super()._getMsg(expectedType, secondaryType, constructorType):
@@ -62,6 +67,9 @@ class ObservedConnection(TLSConnection):
                 yield result
                 continue
             self.hook_calls += 1
+            if isinstance(result, (ClientHello, EncryptedExtensions)):  # the last hello counts (after a HRR)
+                ext = result.getExtension(ExtensionType.record_size_limit)
+                self.peer_record_size_limit = ext.record_size_limit if ext is not None else None
             try:
                 self.observer.received(result)
             except Rejection as rejection:

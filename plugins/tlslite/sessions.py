@@ -49,5 +49,6 @@ def _extract(conn: ObservedConnection, role: str) -> Session:
         rx_seq=read.seqnum,
         group=group,
         peer_certificates=chain_der(peer),
+        peer_record_size_limit=conn.peer_record_size_limit,
         details={"backend": "tlslite"},
     )

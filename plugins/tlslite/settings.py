@@ -3,9 +3,10 @@
 Only suites the kernel can take over, in the OpenSSL backend's order; only
 TLS 1.3 groups (tlslite's default list has the TLS 1.2 brainpool curves); no
 session tickets, no certificate compression (OpenSSL peers and kTLS do not
-need it, and it broke mTLS against OpenSSL), no heartbeat, no
-record_size_limit (kTLS always sends full-size records, so we must not agree
-to a smaller limit).
+need it, and it broke mTLS against OpenSSL), no heartbeat.  record_size_limit
+(RFC 8449) is agreed: we announce the protocol's ceiling, 2^14+1 (kTLS RX reads
+any record size), and the peer's own limit travels in Session.peer_record_size_limit
+to the core, which caps the kernel's TX records (TLS_TX_MAX_PAYLOAD_LEN) to it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ KTLS_SUITES = {
 }
 BY_IANA = {iana: name for name, iana in KTLS_SUITES.items()}
 KEY_SHARES = ("x25519", "secp256r1")
+RECORD_SIZE_LIMIT_TLS13 = 2**14 + 1  # full-size records and their content type byte: we read any size
 
 
 def tls13_settings(suites: tuple[str, ...] | None = None) -> HandshakeSettings:
@@ -39,7 +41,7 @@ def tls13_settings(suites: tuple[str, ...] | None = None) -> HandshakeSettings:
     settings.certificate_compression_send = []
     settings.certificate_compression_receive = []
     settings.use_heartbeat_extension = False
-    settings.record_size_limit = None
+    settings.record_size_limit = RECORD_SIZE_LIMIT_TLS13  # announced; the peer's: connection.py
     settings.pskConfigs = []
     return settings
 

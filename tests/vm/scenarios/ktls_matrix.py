@@ -135,10 +135,11 @@ tx_max_payload: list[str] = []  # what the first kTLS socket said, printed once 
 def probe_tx_max_payload(sock: socket.socket) -> str:
     """The kernel's per-record plaintext limit on a kTLS socket, or why there is none.
 
-    Why: tlshd 1.4.0 sets TLS_TX_MAX_PAYLOAD_LEN from a negotiated record_size_limit (RFC 8449).
-    hsd never agrees one (OpenSSL does not implement it; hsd_tlslite turns it off), so the
-    kernel's default, full-size records, must be what every hsd session has where the option
-    exists; where it does not (6.12) there is nothing to set."""
+    Why: hsd, like tlshd 1.4.0, sets TLS_TX_MAX_PAYLOAD_LEN from a negotiated record_size_limit
+    (RFC 8449) below full size.  OpenSSL implements no such extension, so s_server and s_client
+    never announce one, and the kernel's default, full-size records, must be what every hsd
+    session has here where the option exists; where it does not (6.12) there is nothing to set.
+    Smaller limits are the record-limit scenario's (GnuTLS peers)."""
     try:
         value = sock.getsockopt(SOL_TLS, TLS_TX_MAX_PAYLOAD_LEN, 2)
     except OSError as exc:
