@@ -41,9 +41,9 @@ make_pki() {
         openssl x509 -req -in "$1.csr" -CA "$2.pem" -CAkey "$2.key" -CAcreateserial -days 30 \
             -extfile "$1.ext" -out "$1.pem" 2>/dev/null
     }
-    local server_ext='subjectAltName=DNS:localhost,IP:127.0.0.1,IP:127.0.0.2,IP:127.0.0.3,IP:127.0.0.4,IP:127.0.0.5${SERVER_EXTRA_SAN:-}
+    local server_ext="subjectAltName=DNS:localhost,IP:127.0.0.1,IP:127.0.0.2,IP:127.0.0.3,IP:127.0.0.4,IP:127.0.0.5${SERVER_EXTRA_SAN:-}
 extendedKeyUsage=serverAuth
-basicConstraints=CA:FALSE'
+basicConstraints=CA:FALSE"
     issue server ca "/CN=localhost" "$server_ext"
     issue rogue-server rogue-ca "/CN=localhost" "$server_ext"
     issue client ca "/CN=hsd-vm-client" 'subjectAltName=DNS:hsd-vm-client
