@@ -10,6 +10,7 @@ MessageType and AuthMode, so a mode is never a string compared by hand.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import socket
 import time
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 from .credentials import X509Credentials
 from .errors import Unsupported
 from .protocol import AuthMode, HandshakeRequest, MessageType
+from .tlstrace import TlsTrace, trace_for
 from .wire import RecordSocket
 from .x509verify import PeerName, client_peer_name
 
@@ -101,7 +103,7 @@ ALL_MODES = (
 class Settings:
     """The few configuration values a plugin may need (not the whole Config)."""
 
-    tls_debug: int = 0  # [debug] tls: > 0 asks a backend to trace its library's state machine
+    tls_debug: int = 0  # [debug] tls: > 0 gives HandshakeContext a tls_trace its backend feeds (hsd.tlstrace)
     psk_modes: tuple[str, ...] = ("psk_dhe_ke",)  # [hsd] psk_modes: psk_dhe_ke and/or psk_ke
     keyrings: tuple[str, ...] = ()  # [authenticate] keyrings: names of further keyrings to search for PSKs
 
@@ -141,6 +143,13 @@ class HandshakeContext:
         None only when verification is off and no name was given; the core has
         already refused a verifying client request without one (EACCES)."""
         return client_peer_name(self.request.peername, verify=self.x509.verify_peer)
+
+    @functools.cached_property
+    def tls_trace(self) -> TlsTrace | None:
+        """[debug] tls > 0: the tracer this handshake's backend feeds its plaintext records (hsd.tlstrace).
+
+        None when tracing is off: a backend then installs no hook at all."""
+        return trace_for(self.settings.tls_debug, f"fd {self.request.sockfd} {self.request.role}")
 
     def remaining(self) -> float:
         """Seconds left until the deadline (never negative)."""

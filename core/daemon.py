@@ -49,6 +49,9 @@ def setup_logging(to_stderr: bool, level: int, syslog: bool = True) -> None:
     root.setLevel(max(level, logging.INFO))
     for ours in ("hsd", "hsd_openssl", "hsd_tlslite", "hsd_psk"):
         logging.getLogger(ours).setLevel(level)
+    # [debug] tls and nl trace at debug priority whatever loglevel says (as tlshd's library traces do);
+    # their tracers exist only while those levels are above 0 (hsd.tlstrace, hsd.nltrace)
+    logging.getLogger("hsd.trace").setLevel(logging.DEBUG)
     if to_stderr or not syslog or not os.path.exists("/dev/log"):
         err = logging.StreamHandler(sys.stderr)
         err.setFormatter(logging.Formatter("%(asctime)s hsd[%(process)d]: %(message)s", "%H:%M:%S"))

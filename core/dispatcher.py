@@ -29,6 +29,7 @@ from .credentials import X509Credentials, load_x509
 from .errors import HandshakeError, HandshakeTimeout, Unsupported
 from .isolation import run_isolated
 from .ktls import install_session
+from .nltrace import TracedChannel
 from .plugins import PluginHost
 from .peerlog import truncate
 from .protocol import AuthMode, Done, HandshakeRequest, MessageType, ProtocolError, errno_name
@@ -163,10 +164,10 @@ class Dispatcher:
     def __init__(self, channel: Channel, host: PluginHost, config: Config, *,
                  backend: str | None = None, max_inflight: int | None = None,
                  on_outcome: Callable[[Outcome], None] | None = None) -> None:
-        self.channel = channel
         self.host = host
         self.config = config
         self.default_backend = backend
+        self.channel = TracedChannel(channel, lambda: self.config.nl_debug)  # [debug] nl, as reloaded
         self.max_inflight = max_inflight or config.max_inflight
         self.on_outcome = on_outcome
         self._pool = _HandshakeThreads(self.max_inflight, "hsd-handshake")

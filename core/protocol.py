@@ -22,29 +22,14 @@ FAMILY_VERSION = 1
 MCGRP_NONE = "none"
 MCGRP_TLSHD = "tlshd"
 
-# netlink framing (linux/netlink.h)
-NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-GENL_HDR = struct.Struct("=BBH")  # cmd, version, reserved
-NLA_HDR = struct.Struct("=HH")  # len, type
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLM_F_REQUEST = 0x01
-NLM_F_MULTI = 0x02
-NLM_F_ACK = 0x04
-NLA_F_NESTED = 0x8000
-NLA_F_NET_BYTEORDER = 0x4000
-NLA_TYPE_MASK = ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER) & 0xFFFF
-
-# generic netlink controller (linux/genetlink.h)
-GENL_ID_CTRL = 0x10
-CTRL_CMD_NEWFAMILY = 1
-CTRL_CMD_GETFAMILY = 3
-CTRL_ATTR_FAMILY_ID = 1
-CTRL_ATTR_FAMILY_NAME = 2
-CTRL_ATTR_VERSION = 3
-CTRL_ATTR_MCAST_GROUPS = 7
-CTRL_ATTR_MCAST_GRP_NAME = 1
-CTRL_ATTR_MCAST_GRP_ID = 2
+# netlink framing and the controller: the light codec the early join shares (hsd.nlwire),
+# re-exported here as the family codec's vocabulary
+from .nlwire import (CTRL_ATTR_FAMILY_ID, CTRL_ATTR_FAMILY_NAME, CTRL_ATTR_MCAST_GROUPS,  # noqa: E402
+                     CTRL_ATTR_MCAST_GRP_ID, CTRL_ATTR_MCAST_GRP_NAME, CTRL_ATTR_VERSION, CTRL_CMD_GETFAMILY,
+                     CTRL_CMD_NEWFAMILY, GENL_HDR, GENL_ID_CTRL, NLA_F_NESTED, NLA_F_NET_BYTEORDER, NLA_HDR,
+                     NLA_TYPE_MASK, NLM_F_ACK, NLM_F_MULTI, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR, NLMSG_HDR,
+                     ProtocolError, align, attr, error_of, frames, genl_message, getfamily_request, parse_attrs,
+                     parse_family, text_of)
 
 MAX_STATUS = 4095
 MAX_REMOTE_AUTH = 5  # the kernel keeps at most this many remote-auth serials
@@ -99,28 +84,7 @@ class DoneAttr(enum.IntEnum):
     REMOTE_AUTH = 3
 
 
-class ProtocolError(ValueError):
-    """Bytes that do not form a valid message of this family.
-
-    `sockfd` is set when a malformed ACCEPT reply still named its socket, so the
-    request can get its DONE."""
-
-    def __init__(self, message: str, sockfd: int | None = None) -> None:
-        super().__init__(message)
-        self.sockfd = sockfd
-
-
 # ---------------------------------------------------------------- attributes
-
-
-def _align(n: int) -> int:
-    return (n + 3) & ~3
-
-
-def attr(atype: int, payload: bytes) -> bytes:
-    """One netlink attribute, padded to 4 bytes."""
-    length = NLA_HDR.size + len(payload)
-    return NLA_HDR.pack(length, atype) + payload + b"\0" * (_align(length) - length)
 
 
 def attr_u32(atype: int, value: int) -> bytes:
@@ -139,21 +103,6 @@ def attr_nest(atype: int, inner: bytes) -> bytes:
     return attr(atype | NLA_F_NESTED, inner)
 
 
-def parse_attrs(buf: bytes) -> list[tuple[int, bytes]]:
-    """Split an attribute stream into (type, payload) pairs, flags kept in type."""
-    out: list[tuple[int, bytes]] = []
-    pos = 0
-    while pos < len(buf):
-        if len(buf) - pos < NLA_HDR.size:
-            raise ProtocolError("truncated attribute header")
-        length, atype = NLA_HDR.unpack_from(buf, pos)
-        if length < NLA_HDR.size or pos + length > len(buf):
-            raise ProtocolError(f"attribute length {length} out of bounds")
-        out.append((atype, bytes(buf[pos + NLA_HDR.size : pos + length])))
-        pos += _align(length)
-    return out
-
-
 def get_u32(payload: bytes) -> int:
     if len(payload) != 4:
         raise ProtocolError(f"u32 attribute has {len(payload)} bytes")
@@ -167,11 +116,7 @@ def get_s32(payload: bytes) -> int:
 
 
 def get_str(payload: bytes) -> str:
-    text = payload.split(b"\0", 1)[0]
-    try:
-        return text.decode()
-    except UnicodeDecodeError as exc:
-        raise ProtocolError("string attribute is not UTF-8") from exc
+    return text_of(payload)
 
 
 # ---------------------------------------------------------------- messages
@@ -190,8 +135,7 @@ class GenlMessage:
     payload: bytes = b""
 
     def encode(self) -> bytes:
-        body = GENL_HDR.pack(self.cmd, self.version, 0) + self.payload
-        return NLMSG_HDR.pack(NLMSG_HDR.size + len(body), self.type, self.flags, self.seq, self.pid) + body
+        return genl_message(self.type, self.flags, self.seq, self.pid, self.cmd, self.version, self.payload)
 
     def attrs(self) -> list[tuple[int, bytes]]:
         return parse_attrs(self.payload)
@@ -213,22 +157,11 @@ Message = GenlMessage | NetlinkError
 def split_messages(buf: bytes) -> list[Message]:
     """Decode every netlink message in one datagram."""
     out: list[Message] = []
-    pos = 0
-    while pos < len(buf):
-        if len(buf) - pos < NLMSG_HDR.size:
-            raise ProtocolError("truncated netlink header")
-        length, mtype, flags, seq, pid = NLMSG_HDR.unpack_from(buf, pos)
-        if length < NLMSG_HDR.size or pos + length > len(buf):
-            raise ProtocolError(f"netlink length {length} out of bounds")
-        body = bytes(buf[pos + NLMSG_HDR.size : pos + length])
-        pos += _align(length)
+    for mtype, flags, seq, pid, body in frames(buf):
         if mtype == NLMSG_DONE:
             continue
         if mtype == NLMSG_ERROR:
-            if len(body) < 4:
-                raise ProtocolError("truncated netlink error")
-            (err,) = struct.unpack_from("=i", body)
-            out.append(NetlinkError(seq, pid, -err, body[4:]))
+            out.append(NetlinkError(seq, pid, error_of(body), body[4:]))
             continue
         if len(body) < GENL_HDR.size:
             raise ProtocolError("truncated generic-netlink header")
@@ -256,8 +189,7 @@ def encode_error(request: bytes, error: int, seq: int | None = None, pid: int = 
 
 
 def encode_getfamily(name: str, seq: int) -> bytes:
-    return GenlMessage(GENL_ID_CTRL, NLM_F_REQUEST, seq, 0, CTRL_CMD_GETFAMILY, 1,
-                       attr_str(CTRL_ATTR_FAMILY_NAME, name)).encode()
+    return getfamily_request(name, seq)
 
 
 @dataclass
@@ -279,31 +211,8 @@ def encode_newfamily(info: FamilyInfo, seq: int, pid: int = 0) -> bytes:
 
 
 def decode_newfamily(msg: GenlMessage) -> FamilyInfo:
-    info = FamilyInfo(0, "", 0)
-    for atype, payload in msg.attrs():
-        atype &= NLA_TYPE_MASK
-        if atype == CTRL_ATTR_FAMILY_ID:
-            if len(payload) != 2:
-                raise ProtocolError("family id must be u16")
-            info.id = struct.unpack("=H", payload)[0]
-        elif atype == CTRL_ATTR_FAMILY_NAME:
-            info.name = get_str(payload)
-        elif atype == CTRL_ATTR_VERSION:
-            info.version = get_u32(payload)
-        elif atype == CTRL_ATTR_MCAST_GROUPS:
-            for _, grp in parse_attrs(payload):
-                name, gid = "", None
-                for gtype, gval in parse_attrs(grp):
-                    gtype &= NLA_TYPE_MASK
-                    if gtype == CTRL_ATTR_MCAST_GRP_NAME:
-                        name = get_str(gval)
-                    elif gtype == CTRL_ATTR_MCAST_GRP_ID:
-                        gid = get_u32(gval)
-                if name and gid is not None:
-                    info.groups[name] = gid
-    if not info.id:
-        raise ProtocolError("family reply without an id")
-    return info
+    family_id, name, version, groups = parse_family(msg.payload)
+    return FamilyInfo(family_id, name, version, groups)
 
 
 # ---------------------------------------------------------------- handshake family
@@ -431,7 +340,7 @@ def sockfd_hint(msg: GenlMessage) -> int | None:
             break
         if atype & NLA_TYPE_MASK == AcceptAttr.SOCKFD and length == NLA_HDR.size + 4:
             return struct.unpack_from("=i", buf, pos + NLA_HDR.size)[0]
-        pos += _align(length)
+        pos += align(length)
     return None
 
 

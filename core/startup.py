@@ -9,12 +9,11 @@ configuration, the dispatcher, the plugins and their TLS libraries; requests
 that arrive meanwhile wait in the kernel's queue, and the dispatcher's first
 pass ACCEPTs until EAGAIN.
 
-Hence this module imports nothing of hsd and no dataclasses, enum or logging:
-each of those costs milliseconds of a join budget of tens (figures in
-docs/performance.md, "Start-up").  It carries the few netlink constants and the
-one request it needs, CTRL_CMD_GETFAMILY; tests/test_startup.py checks them
-against hsd.protocol's codec and the simulator's, and its reading of the real
-kernel's answers against pyroute2's.
+Hence this module imports of hsd only hsd.nlwire (struct alone), the netlink
+codec hsd.protocol is built on, and no dataclasses, enum or logging: each of
+those costs milliseconds of a join budget of tens (figures in
+docs/performance.md, "Start-up").  tests/test_startup.py checks its reading of
+the real kernel's answers against pyroute2's.
 
 pyroute2 stays the netlink library of record, but its package import alone
 costs 130-190 ms (its ``__init__`` imports every socket class it has, IPRoute,
@@ -31,19 +30,12 @@ import os
 import socket
 import struct
 
+from .nlwire import (NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, ProtocolError, attr, error_of,
+                     frames, genl_message, getfamily_request, parse_family)
+
 NETLINK_GENERIC = 16
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
-NLMSG_HDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
-GENL_HDR = struct.Struct("=BBH")
-NLA_HDR = struct.Struct("=HH")
-NLMSG_ERROR = 2
-NLM_F_REQUEST, NLM_F_ACK = 0x01, 0x04
-NLA_TYPE_MASK = 0x3FFF
-GENL_ID_CTRL = 0x10
-CTRL_CMD_GETFAMILY = 3
-CTRL_ATTR_FAMILY_ID, CTRL_ATTR_FAMILY_NAME, CTRL_ATTR_VERSION, CTRL_ATTR_MCAST_GROUPS = 1, 2, 3, 7
-CTRL_ATTR_MCAST_GRP_NAME, CTRL_ATTR_MCAST_GRP_ID = 1, 2
 FAMILY_NAME, GROUP_NAME = "handshake", "tlshd"
 # the simulator's stand-in for setsockopt(NETLINK_ADD_MEMBERSHIP) (hsd.sim_channel.SIMCALL_*)
 SIMCALL_TYPE, SIMCALL_ADD_MEMBERSHIP, SIMCALL_ATTR_GROUP = 0x0F, 1, 1
@@ -57,74 +49,17 @@ class JoinError(RuntimeError):
     """The group cannot be joined; the message is the one line hsd prints."""
 
 
-class Unparsable(ValueError):
-    """An answer this module's small decoder cannot read (pyroute2 gets a try)."""
-
-
-def _attr(atype: int, payload: bytes) -> bytes:
-    length = NLA_HDR.size + len(payload)
-    return NLA_HDR.pack(length, atype) + payload + b"\0" * (-length % 4)
-
-
-def _attrs(buf: bytes) -> list[tuple[int, bytes]]:
-    out, pos = [], 0
-    while pos + NLA_HDR.size <= len(buf):
-        length, atype = NLA_HDR.unpack_from(buf, pos)
-        if length < NLA_HDR.size or pos + length > len(buf):
-            raise Unparsable(f"attribute length {length} out of bounds")
-        out.append((atype & NLA_TYPE_MASK, buf[pos + NLA_HDR.size:pos + length]))
-        pos += (length + 3) & ~3
-    return out
-
-
-def _message(mtype: int, flags: int, seq: int, cmd: int, payload: bytes) -> bytes:
-    body = GENL_HDR.pack(cmd, 1, 0) + payload
-    return NLMSG_HDR.pack(NLMSG_HDR.size + len(body), mtype, flags, seq, 0) + body
-
-
-def getfamily_request(name: str, seq: int) -> bytes:
-    return _message(GENL_ID_CTRL, NLM_F_REQUEST, seq, CTRL_CMD_GETFAMILY,
-                    _attr(CTRL_ATTR_FAMILY_NAME, name.encode() + b"\0"))
-
-
 def read_reply(data: bytes, seq: int) -> tuple[int, bytes] | None:
     """(errno, genl payload) of the message answering seq in one datagram; errno 0 for an answer or ACK."""
-    pos = 0
-    while pos + NLMSG_HDR.size <= len(data):
-        length, mtype, _flags, mseq, _pid = NLMSG_HDR.unpack_from(data, pos)
-        if length < NLMSG_HDR.size or pos + length > len(data):
-            raise Unparsable(f"netlink length {length} out of bounds")
-        body = data[pos + NLMSG_HDR.size:pos + length]
-        pos += (length + 3) & ~3
+    for mtype, _flags, mseq, _pid, body in frames(data):
         if mseq != seq:
             continue
         if mtype == NLMSG_ERROR:
-            if len(body) < 4:
-                raise Unparsable("truncated netlink error")
-            return -struct.unpack_from("=i", body)[0], b""
-        if len(body) < GENL_HDR.size:
-            raise Unparsable("truncated generic-netlink header")
-        return 0, body[GENL_HDR.size:]
+            return error_of(body), b""
+        if len(body) < 4:
+            raise ProtocolError("truncated generic-netlink header")
+        return 0, body[4:]
     return None
-
-
-def parse_family(payload: bytes) -> tuple[int, int, dict[str, int]]:
-    """(family id, version, {group name: group id}) from a CTRL_CMD_NEWFAMILY payload."""
-    family_id, version, groups = 0, 0, {}
-    for atype, value in _attrs(payload):
-        if atype == CTRL_ATTR_FAMILY_ID and len(value) == 2:
-            family_id = struct.unpack("=H", value)[0]
-        elif atype == CTRL_ATTR_VERSION and len(value) == 4:
-            version = struct.unpack("=I", value)[0]
-        elif atype == CTRL_ATTR_MCAST_GROUPS:
-            for _, group in _attrs(value):
-                fields = dict(_attrs(group))
-                name, gid = fields.get(CTRL_ATTR_MCAST_GRP_NAME), fields.get(CTRL_ATTR_MCAST_GRP_ID)
-                if name is not None and gid is not None and len(gid) == 4:
-                    groups[name.split(b"\0", 1)[0].decode("ascii", "replace")] = struct.unpack("=I", gid)[0]
-    if not family_id:
-        raise Unparsable("family reply without an id")
-    return family_id, version, groups
 
 
 def _transact(sock: socket.socket, request: bytes, seq: int) -> tuple[int, bytes]:
@@ -149,7 +84,8 @@ def lookup_family(sock: socket.socket, name: str) -> tuple[int, int, dict[str, i
         raise FileNotFoundError(errno.ENOENT, f"no generic-netlink family {name!r}")
     if error:
         raise OSError(error, f"CTRL_CMD_GETFAMILY {name!r}: {os.strerror(error)}")
-    return parse_family(payload)
+    family_id, _name, version, groups = parse_family(payload)
+    return family_id, version, groups
 
 
 class EarlyJoin:
@@ -176,7 +112,7 @@ class EarlyJoin:
                 family = lookup_family(sock, FAMILY_NAME)
             except FileNotFoundError:
                 raise JoinError(NO_FAMILY) from None
-            except Unparsable:
+            except ProtocolError:  # an answer the light codec cannot read: pyroute2 gets a try
                 family = _pyroute2_family()
             group = family[2].get(GROUP_NAME)
             if group is None:
@@ -200,12 +136,12 @@ class EarlyJoin:
             group = groups.get(GROUP_NAME)
             if group is None:
                 raise JoinError("the simulator's handshake family has no 'tlshd' multicast group")
-            request = _message(SIMCALL_TYPE, NLM_F_REQUEST | NLM_F_ACK, 2, SIMCALL_ADD_MEMBERSHIP,
-                               _attr(SIMCALL_ATTR_GROUP, struct.pack("=I", group)))
+            request = genl_message(SIMCALL_TYPE, NLM_F_REQUEST | NLM_F_ACK, 2, 0, SIMCALL_ADD_MEMBERSHIP, 1,
+                                   attr(SIMCALL_ATTR_GROUP, struct.pack("=I", group)))
             error, _ = _transact(sock, request, 2)
             if error:
                 raise OSError(error, f"cannot join the tlshd group: {os.strerror(error)}")
-        except Unparsable as exc:
+        except ProtocolError as exc:
             sock.close()
             raise JoinError(f"the simulator at {address} answered something that is not netlink: {exc}") from None
         except BaseException:

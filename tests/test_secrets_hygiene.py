@@ -154,7 +154,11 @@ def test_no_key_material_in_debug_logs(pki, monkeypatch):
         root.setLevel(old_level)
     text = "\n".join(capture.lines)
     assert len(observer.before) == 6 and all(len(s) >= 32 and any(s) for s in observer.before)
-    assert any("openssl client:" in line for line in capture.lines), "tls debug tracing was not on"
+    # [debug] tls=10 and nl=10 really traced: handshake messages and parameters from both backends, netlink
+    for wanted in ("client: -> ClientHello", "client: <- CertificateVerify (", "server: <- ClientHello",
+                   "server: -> CertificateVerify (", "server: <- Certificate (", "client: negotiated version",
+                   "server: negotiated version", "nl: ACCEPT reply:", "AUTH_MODE(5)=3 (X509)", "nl: DONE:", "STATUS(1)=0"):
+        assert any(wanted in line for line in capture.lines), f"no trace line with {wanted!r}"
     assert any("DONE" in line for line in capture.lines)
     for secret in observer.before + [k for k in installed if len(k) >= 8]:
         for form in encodings(secret):

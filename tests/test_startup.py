@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from hsd import protocol as p
+from hsd import nlwire
 from hsd import sim_channel as sim_mod
 from hsd import startup
 from hsd_kit.simulator import Simulator
@@ -125,21 +126,26 @@ def test_the_join_codec_reads_the_real_kernels_answer_as_pyroute2_does() -> None
 
 
 def test_the_join_codec_agrees_with_hsd_protocol_and_the_simulator() -> None:
+    """The join reads with hsd.nlwire, the codec hsd.protocol is built on: same request bytes, same family."""
+    assert startup.getfamily_request is nlwire.getfamily_request
     assert startup.getfamily_request("handshake", 7) == p.encode_getfamily("handshake", 7)
     info = p.FamilyInfo(0x1234, p.FAMILY_NAME, 1, {"none": 3, "tlshd": 0x2A})
     message = p.encode_newfamily(info, 9)
     error, payload = startup.read_reply(message, 9)
-    assert error == 0 and startup.parse_family(payload) == (0x1234, 1, {"none": 3, "tlshd": 0x2A})
+    assert error == 0 and nlwire.parse_family(payload) == (0x1234, p.FAMILY_NAME, 1, {"none": 3, "tlshd": 0x2A})
+    assert p.decode_newfamily(p.split_messages(message)[0]) == info
     assert startup.read_reply(message, 8) is None  # another request's answer
     assert startup.read_reply(p.encode_error(p.encode_getfamily("x", 5), 2), 5) == (2, b"")
-    with pytest.raises(startup.Unparsable):
-        startup.parse_family(b"\xff\x00\x01\x00")  # an attribute longer than the message
-    with pytest.raises(startup.Unparsable):
-        startup.parse_family(p.attr_u32(p.CTRL_ATTR_VERSION, 1))  # no family id
+    with pytest.raises(nlwire.ProtocolError):
+        nlwire.parse_family(b"\xff\x00\x01\x00")  # an attribute longer than the message
+    with pytest.raises(nlwire.ProtocolError):
+        nlwire.parse_family(p.attr_u32(p.CTRL_ATTR_VERSION, 1))  # no family id
+    with pytest.raises(nlwire.ProtocolError):
+        startup.read_reply(message[:-1], 9)  # a datagram cut short
+    assert p.ProtocolError is nlwire.ProtocolError  # one error type for both readers
     assert (startup.SIMCALL_TYPE, startup.SIMCALL_ADD_MEMBERSHIP, startup.SIMCALL_ATTR_GROUP) == \
         (sim_mod.SIMCALL_TYPE, sim_mod.SIMCALL_ADD_MEMBERSHIP, sim_mod.SIMCALL_ATTR_GROUP)
-    assert (startup.FAMILY_NAME, startup.GROUP_NAME, startup.GENL_ID_CTRL) == \
-        (p.FAMILY_NAME, p.MCGRP_TLSHD, p.GENL_ID_CTRL)
+    assert (startup.FAMILY_NAME, startup.GROUP_NAME) == (p.FAMILY_NAME, p.MCGRP_TLSHD)
 
 
 SLOW_PLUGIN = "import time\ntime.sleep({seconds})\n"  # a plugin whose import takes a while, like a TLS library

@@ -149,5 +149,5 @@ def context_key(ctx: HandshakeContext, creds: X509Credentials) -> Hashable | Non
         tuple(_Same(crl) for crl in creds.crls),
         tuple(creds.pq_chain),
         _public_half(creds.pq_key),
-        ctx.settings.tls_debug,
+        ctx.tls_trace is not None,  # a traced handshake's context has the message callback
     )

@@ -3,14 +3,14 @@
 Contexts (trust policy, our identity, verify mode) are shared between requests
 that would build identical ones (plugins/openssl/contexts.py); everything of
 one handshake - peer name check, SNI, secret capture, verification outcome,
-trace logging - lives on its SSL.Connection, reached from the context's
-callbacks through conn.get_app_data().  No session cache, no tickets.
+[debug] tls tracer - lives on its SSL.Connection, reached from the context's
+callbacks through conn.get_app_data() (the tracer through trace.attach()).
+No session cache, no tickets.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 from OpenSSL import SSL
 
@@ -20,6 +20,7 @@ from hsd.credentials import X509Credentials
 from hsd.errors import HandshakeError, PeerClosed, PeerRejected
 from hsd.session import Session
 
+from . import trace
 from .contexts import context_key, contexts
 from .driver import ErrorTranslator, drive_handshake, ssl_error_text
 from .identity import install_identity
@@ -55,27 +56,6 @@ class ConnectionState:
 
     secrets: TrafficSecrets
     outcome: VerifyOutcome
-    trace: Callable[[SSL.Connection], None] | None = None  # [debug] tls > 0: log each state
-
-
-def _trace(conn: SSL.Connection, ctx: HandshakeContext) -> None:
-    """[debug] tls > 0: log the handshake's state machine (no secrets in state names)."""
-    if ctx.settings.tls_debug <= 0:
-        return
-    role = ctx.request.role
-
-    def on_state(conn: SSL.Connection) -> None:
-        ctx.log.debug("openssl %s: %s", role, conn.get_state_string().decode(errors="replace"))
-
-    conn.get_app_data().trace = on_state
-
-
-def _routed_info(conn: SSL.Connection, _where: int, _ret: int) -> None:
-    """The shared context's info callback: the connection's own tracer, if it has one.
-    (Context-wide because pyOpenSSL 25.0, Debian trixie's, has no Connection.set_info_callback.)"""
-    state = conn.get_app_data()
-    if state is not None and state.trace is not None:
-        state.trace(conn)
 
 
 def _run(ctx: HandshakeContext, context: SSL.Context, outcome: VerifyOutcome, prepare=None) -> Session:
@@ -84,7 +64,7 @@ def _run(ctx: HandshakeContext, context: SSL.Context, outcome: VerifyOutcome, pr
     hello = group_reader()
     conn = SSL.Connection(context, None)
     conn.set_app_data(ConnectionState(secrets, outcome))
-    _trace(conn, ctx)
+    trace.attach(conn, ctx.tls_trace)
     try:
         if prepare is not None:
             prepare(conn)
@@ -101,11 +81,12 @@ def _run(ctx: HandshakeContext, context: SSL.Context, outcome: VerifyOutcome, pr
     return session
 
 
-def _shared_context(verify_mode: int) -> SSL.Context:
+def _shared_context(verify_mode: int, traced: bool) -> SSL.Context:
     """A TLS 1.3 context whose callbacks route to each connection's own state."""
     context = tls13_context()
     route_keylog(context)
-    context.set_info_callback(_routed_info)
+    if traced:
+        trace.install(context)
     if verify_mode == SSL.VERIFY_NONE:
         context.set_verify(SSL.VERIFY_NONE)
     else:
@@ -114,7 +95,7 @@ def _shared_context(verify_mode: int) -> SSL.Context:
 
 
 def _client_context(ctx: HandshakeContext, creds: X509Credentials) -> SSL.Context:
-    context = _shared_context(SSL.VERIFY_PEER if creds.verify_peer else SSL.VERIFY_NONE)
+    context = _shared_context(SSL.VERIFY_PEER if creds.verify_peer else SSL.VERIFY_NONE, ctx.tls_trace is not None)
     if creds.verify_peer:
         install_trust(context, creds)
     if ctx.request.auth == "x509":
@@ -122,12 +103,12 @@ def _client_context(ctx: HandshakeContext, creds: X509Credentials) -> SSL.Contex
     return context
 
 
-def _server_context(creds: X509Credentials) -> SSL.Context:
+def _server_context(creds: X509Credentials, traced: bool) -> SSL.Context:
     mode = SSL.VERIFY_PEER
     # an allow-list of client names is meaningless if a client can send no certificate at all
     if creds.require_peer_cert or creds.allowed_sans:
         mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
-    context = _shared_context(mode)
+    context = _shared_context(mode, traced)
     install_identity(context, creds, "server")
     install_trust(context, creds)
     return context
@@ -154,6 +135,6 @@ def server_handshake(ctx: HandshakeContext) -> Session:
     """Server x509: always asks for a client certificate, verifies it when sent."""
     creds = ctx.x509
     outcome = VerifyOutcome("client", creds.allowed_sans, enforce=creds.verify_peer)
-    context = contexts.obtain(context_key(ctx, creds), lambda: _server_context(creds))
+    context = contexts.obtain(context_key(ctx, creds), lambda: _server_context(creds, ctx.tls_trace is not None))
     session = _run(ctx, context, outcome)
     return x509verify.record_proven_client_name(session, creds.allowed_sans)

@@ -31,6 +31,7 @@ from hsd.psk import PskKey, PskOffer, PskSelection, server_first_flight
 from hsd.secret import wipe
 from hsd.session import Session
 
+from . import trace
 from .driver import default_translation, drive_handshake, ssl_error_text
 from .secrets import TrafficSecrets
 from .hello import ServerHelloReader
@@ -131,6 +132,15 @@ def _context(state: _Handshake, hash_name: str, modes: tuple[str, ...], server: 
     return context
 
 
+def _connection(context: SSL.Context, ctx: HandshakeContext) -> SSL.Connection:
+    """The handshake's connection on its own context, traced when [debug] tls asks for it."""
+    if ctx.tls_trace is not None:
+        trace.install(context)
+    conn = SSL.Connection(context, None)
+    trace.attach(conn, ctx.tls_trace)
+    return conn
+
+
 def _translate(exc: SSL.Error) -> HandshakeError:
     if "unknown psk identity" in ssl_error_text(exc).lower():
         return UnknownPskIdentity("server does not know the PSK identity (unknown_psk_identity alert)")
@@ -177,7 +187,7 @@ def _client(ctx: HandshakeContext, offer: PskOffer) -> Session:
     state.pinned.append(use_session)
     context = _context(state, key.hash, offer.modes, server=False)
     lib.SSL_CTX_set_psk_use_session_callback(context._context, use_session)
-    conn = SSL.Connection(context, None)
+    conn = _connection(context, ctx)
     records = ctx.records()
     server_hello = ServerHelloReader()
     try:
@@ -224,7 +234,7 @@ def _server(ctx: HandshakeContext, offer: PskOffer) -> Session:
     state.pinned.append(find_session)
     context = _context(state, hash_name, offer.modes, server=True)
     lib.SSL_CTX_set_psk_find_session_callback(context._context, find_session)
-    conn = SSL.Connection(context, None)
+    conn = _connection(context, ctx)
     server_hello = ServerHelloReader()
     try:
         for record in first_flight:

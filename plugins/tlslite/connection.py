@@ -28,6 +28,7 @@ from tlslite.tlsconnection import TLSConnection
 
 from hsd.errors import HandshakeError
 from hsd.secret import wipe
+from hsd.tlstrace import TlsTrace
 
 # tlslite.session.Session attributes holding TLS 1.3 secrets (tlslite-ng 0.8)
 SESSION_SECRETS = ("masterSecret", "cl_app_secret", "sr_app_secret", "exporterMasterSecret",
@@ -111,3 +112,18 @@ class ObservedConnection(TLSConnection):
         if not isinstance(msg, Alert):
             self.observer.sent(msg)
         yield from super()._sendMsg(msg, randomizeFirstBlock, update_hashes)
+
+    # [debug] tls: every record's plaintext, as tlslite sends it and after it decrypted it (hsd.tlstrace)
+    trace: TlsTrace | None = None
+
+    def _sendMsgThroughSocket(self, msg):
+        if self.trace is not None:
+            self.trace.record(True, msg.contentType, msg.write())
+        yield from super()._sendMsgThroughSocket(msg)
+
+    def _getNextRecordFromSocket(self):
+        for result in super()._getNextRecordFromSocket():
+            if self.trace is not None and not isinstance(result, int):
+                header, parser = result
+                self.trace.record(False, header.type, parser.bytes)
+            yield result

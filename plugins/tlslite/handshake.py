@@ -97,6 +97,7 @@ def run(ctx: HandshakeContext, start: Callable[[ObservedConnection], None], obse
     """Create the connection, run start(conn) (a tlslite handshake call), map failures."""
     transport = RecordTransport(ctx.records(), first)
     conn = ObservedConnection(transport, observer)
+    conn.trace = ctx.tls_trace
     try:
         start(conn)
     except (TLSError, HandshakeError, AssertionError, SyntaxError, ValueError) as exc:
