@@ -38,6 +38,7 @@ DEBIAN_VERSIONS = {"python3-openssl": "pyopenssl", "python3-cryptography": "cryp
                    "python3-pyroute2": "pyroute2", "python3-pluggy": "pluggy", "python3-stevedore": "stevedore",
                    "python3-pytest": "pytest", "python3-hypothesis": "hypothesis"}
 UNIT = "/usr/lib/systemd/system/hsd.service"
+TEMPLATE = "/usr/lib/systemd/system/hsd@.service"  # one instance per network namespace: installed, not enabled
 PACKAGING_DOC = REPO / "docs" / "packaging.md"
 # The unit and interop tests against the installed package: debian/tests/unit (the autopkgtest) says which.
 # Once on Debian's libraries alone; after `pip install tlslite-ng` only the tests that run left out.
@@ -64,6 +65,7 @@ STEPS: tuple[tuple[str, str], ...] = (
                 "echo '--- files'; dpkg -L hsd\n"
                 "echo '--- ktls-utils conffiles'; dpkg-query -W -f='${Conffiles}\\n' ktls-utils | awk 'NF {print $1}'\n"
                 "echo '--- enabled'; systemctl is-enabled hsd.service || true\n"
+                "echo '--- template enabled'; systemctl is-enabled hsd@.service || true\n"
                 "echo '--- execstart'; sed -n 's/^ExecStart=//p' " + UNIT + "\n"
                 "echo '--- running'; for p in $(pgrep -x hsd); do [ /proc/$p/root -ef / ] && echo $p; done | grep . || echo none\n"
                 "echo '--- check'; hsd check 2>/dev/null | head -1\n"
@@ -214,6 +216,8 @@ def test_unit_is_enabled_not_started_and_starts_the_installed_binary(suite_run: 
     assert execstart.split()[0] in files, f"ExecStart={execstart} is not a file of the package"
     assert UNIT in files and "/usr/bin/hsd-sim" not in files
     assert suite_run.section("inspect", "enabled") == "enabled"
+    assert TEMPLATE in files, "the package lacks the per-namespace template"
+    assert suite_run.section("inspect", "template enabled") != "enabled", "the template was enabled at install"
     assert suite_run.section("inspect", "running") == "none", "the install started hsd inside the root"
     for page in ("/usr/share/man/man8/hsd.8.gz", "/usr/share/man/man5/hsd.conf.5.gz",
                  "/usr/share/doc/hsd/examples/hsd.conf.example"):

@@ -28,15 +28,17 @@ from hsd import config as config_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "packaging" / "hsd.service"
+TEMPLATE = ROOT / "packaging" / "hsd@.service"  # one instance per network namespace
 EXAMPLE = ROOT / "packaging" / "hsd.conf.example"
 MAN_SOURCES = {"hsd.8": ROOT / "docs" / "hsd.8.md", "hsd.conf.5": ROOT / "docs" / "hsd.conf.5.md"}
 DATA_FILES = {  # path inside the wheel -> file in the source tree
     "hsd/data/hsd.service": UNIT,
+    "hsd/data/hsd@.service": TEMPLATE,
     "hsd/data/hsd.conf.example": EXAMPLE,
     "hsd/data/man/hsd.8": ROOT / "docs" / "man" / "hsd.8",
     "hsd/data/man/hsd.conf.5": ROOT / "docs" / "man" / "hsd.conf.5",
 }
-SOURCE_ITEMS = ("pyproject.toml", "README.md", "core", "plugins", "packaging", "docs")
+SOURCE_ITEMS = ("pyproject.toml", "README.md", "core", "kit", "plugins", "packaging", "docs")
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
@@ -203,11 +205,11 @@ def test_man_page_renders_without_warnings(page: str, tmp_path: Path) -> None:
 # ------------------------------------------------------------------ the systemd unit
 
 
-def unit_settings() -> dict[str, dict[str, list[str]]]:
+def unit_settings(unit: Path = UNIT) -> dict[str, dict[str, list[str]]]:
     """The unit as systemd reads it: repeated keys accumulate."""
     sections: dict[str, dict[str, list[str]]] = {}
     current: dict[str, list[str]] = {}
-    for raw in UNIT.read_text(encoding="utf-8").splitlines():
+    for raw in unit.read_text(encoding="utf-8").splitlines():
         line = raw.strip()
         if not line or line.startswith(("#", ";")):
             continue
@@ -235,27 +237,80 @@ def test_unit_is_a_notify_service_ordered_like_tlshd() -> None:
     assert "ProcSubset" not in service, "/proc/keys must stay visible: the .nvme keyring is found there"
 
 
+# what hsd@NAME may differ in from hsd.service: the namespace, its config and control socket, its name
+TEMPLATE_OWN = {"Unit": {"Description", "Conflicts"},
+                "Service": {"ExecStart", "NetworkNamespacePath", "RuntimeDirectory"}}
+
+
+def test_template_serves_one_named_network_namespace_with_its_own_config_and_socket() -> None:
+    unit = unit_settings(TEMPLATE)
+    service = unit["Service"]
+    assert service["NetworkNamespacePath"] == ["/run/netns/%i"]
+    assert service["ExecStart"] == ["/usr/sbin/hsd --config /etc/hsd/%i.conf --control-socket /run/hsd-netns/%i/control"]
+    assert service["RuntimeDirectory"] == ["hsd-netns/%i"] and service["RuntimeDirectoryMode"] == ["0700"]
+    # systemd removes hsd.service's RuntimeDirectory (/run/hsd) when it stops: the instances' must lie outside
+    (main_runtime,) = unit_settings()["Service"]["RuntimeDirectory"]
+    assert not ("hsd-netns/%i/").startswith(main_runtime.rstrip("/") + "/")
+    conflicts = unit["Unit"]["Conflicts"][0].split()
+    assert "shutdown.target" in conflicts and "tlshd@%i.service" in conflicts
+    assert not {"hsd.service", "tlshd.service"} & set(conflicts), "the root namespace's agent runs beside it"
+    assert "%i" in unit["Unit"]["Description"][0]
+    assert unit["Install"] == unit_settings()["Install"]
+
+
+def test_template_has_the_sandbox_and_ordering_of_hsd_service() -> None:
+    """Every other setting, repeated ones in order, is hsd.service's: a change to one is a change to both."""
+    main, template = unit_settings(), unit_settings(TEMPLATE)
+    assert set(main) == set(template)
+    for section in main:
+        own = TEMPLATE_OWN.get(section, set())
+        want = {key: values for key, values in main[section].items() if key not in own}
+        got = {key: values for key, values in template[section].items() if key not in own}
+        assert got == want, f"[{section}] of hsd@.service differs from hsd.service's"
+
+
+def test_debian_installs_the_template_through_dh_installsystemd() -> None:
+    """debian/hsd@.service is what dh_installsystemd installs as the package's template (never enabled:
+    a template without DefaultInstance has nothing to enable); it is the one in packaging/."""
+    link = ROOT / "debian" / "hsd@.service"
+    assert link.is_symlink() and link.resolve() == TEMPLATE
+    assert "DefaultInstance" not in unit_settings(TEMPLATE).get("Install", {})
+
+
 @pytest.fixture(scope="module")
 def unit_dir(tmp_path_factory: pytest.TempPathFactory, installed: dict[str, Path]) -> Path:
-    """The unit, with ExecStart pointing at the hsd the wheel installed (systemd checks it exists)."""
+    """The units, with ExecStart pointing at the hsd the wheel installed (systemd checks it exists)."""
     where = tmp_path_factory.mktemp("unit")
-    text = UNIT.read_text(encoding="utf-8").replace("ExecStart=/usr/sbin/hsd", f"ExecStart={installed['hsd']}")
-    (where / "hsd.service").write_text(text, encoding="utf-8")
+    for unit in (UNIT, TEMPLATE):
+        text = unit.read_text(encoding="utf-8").replace("ExecStart=/usr/sbin/hsd", f"ExecStart={installed['hsd']}")
+        (where / unit.name).write_text(text, encoding="utf-8")
     return where
 
 
-def test_systemd_analyze_verify_accepts_the_unit(unit_dir: Path) -> None:
-    result = run([need("systemd-analyze"), "verify", "--man=no", "hsd.service"], cwd=unit_dir)
+@pytest.mark.parametrize("name", ["hsd.service", "hsd@tenant1.service"])
+def test_systemd_analyze_verify_accepts_the_unit(unit_dir: Path, name: str) -> None:
+    # a template is verified as an instance: `verify hsd@.service` loads nothing and says nothing
+    result = run([need("systemd-analyze"), "verify", "--man=no", name], cwd=unit_dir)
     assert result.returncode == 0, result.stderr
     assert result.stdout + result.stderr == "", "systemd warned:\n" + result.stderr
 
 
-def test_systemd_security_exposure_is_low(unit_dir: Path) -> None:
-    result = run([need("systemd-analyze"), "security", "--offline=yes", "--no-pager", "hsd.service"], cwd=unit_dir)
-    match = re.search(r"Overall exposure level for hsd\.service: (\d+\.\d)", result.stdout + result.stderr)
+def test_systemd_analyze_verify_would_see_a_mistake_in_the_template(unit_dir: Path, tmp_path: Path) -> None:
+    """The instance check above reads the template: a misspelt key in it is reported."""
+    text = (unit_dir / "hsd@.service").read_text(encoding="utf-8")
+    (tmp_path / "hsd@.service").write_text(text.replace("NetworkNamespacePath=", "NetworkNamespacePat="),
+                                           encoding="utf-8")
+    result = run([need("systemd-analyze"), "verify", "--man=no", "hsd@tenant1.service"], cwd=tmp_path)
+    assert "Unknown key 'NetworkNamespacePat'" in result.stderr, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", ["hsd.service", "hsd@tenant1.service"])
+def test_systemd_security_exposure_is_low(unit_dir: Path, name: str) -> None:
+    result = run([need("systemd-analyze"), "security", "--offline=yes", "--no-pager", name], cwd=unit_dir)
+    match = re.search(rf"Overall exposure level for {re.escape(name)}: (\d+\.\d)", result.stdout + result.stderr)
     assert match, result.stdout + result.stderr
     score = float(match.group(1))
-    print(f"systemd-analyze security: hsd.service exposure {score}")
+    print(f"systemd-analyze security: {name} exposure {score}")
     assert score <= 2.0
 
 
@@ -548,7 +603,7 @@ def test_sdist_carries_the_sources_of_the_data_files(dists: dict[str, Path]) -> 
     assert "sdist" in dists, "the sdist was not built (python -m build is in the test extras)"
     with tarfile.open(dists["sdist"]) as sdist:
         names = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
-    for wanted in ("pyproject.toml", "packaging/hsd.service", "packaging/hsd.conf.example",
+    for wanted in ("pyproject.toml", "packaging/hsd.service", "packaging/hsd@.service", "packaging/hsd.conf.example",
                    "docs/man/hsd.8", "docs/man/hsd.conf.5", "core/cli.py"):
         assert wanted in names, f"{wanted} missing from {dists['sdist'].name}"
 
