@@ -283,7 +283,7 @@ class SimChannel:
 
 
 class SimKtls:
-    """hsd.ktls.KtlsInstaller for the simulated kernel: the same three setsockopt calls as KernelKtls."""
+    """hsd.ktls.KtlsInstaller for the simulated kernel: the same setsockopt calls as KernelKtls."""
 
     def __init__(self, channel: SimChannel) -> None:
         self._channel = channel
@@ -294,6 +294,7 @@ class SimKtls:
         if err:
             raise OSError(err, os.strerror(err))
 
-    def install(self, sock: socket.socket, tx: CryptoInfo, rx: CryptoInfo) -> None:
+    def install(self, sock: socket.socket, tx: CryptoInfo, rx: CryptoInfo,
+                tx_max_payload: int | None = None) -> None:
         install_via(lambda level, optname, value: self.setsockopt(sock, level, optname, value), tx, rx,
-                    no_ulp="kernel TLS is not available (tls ULP unknown)")
+                    no_ulp="kernel TLS is not available (tls ULP unknown)", tx_max_payload=tx_max_payload)

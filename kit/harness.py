@@ -250,11 +250,16 @@ class Finished:
 
 
 def checker_for(request: SimRequest, timeout: float = 10.0) -> KtlsRecordChecker:
-    """The consumer's side of the kTLS connection, keyed by what the request installed."""
+    """The consumer's side of the kTLS connection, keyed by what the request installed.
+
+    It sends as the kernel would: records no larger than the TLS_TX_MAX_PAYLOAD_LEN
+    the agent set, if it set one."""
     if request.ktls_tx is None or request.ktls_rx is None:
         raise HarnessError("this request installed no kTLS keys")
     request.sock.setblocking(False)
-    return KtlsRecordChecker(request.sock, request.ktls_tx, request.ktls_rx, timeout=timeout)
+    limit = request.ktls_tx_max_payload
+    return KtlsRecordChecker(request.sock, request.ktls_tx, request.ktls_rx, timeout=timeout,
+                             **({"max_payload": limit} if limit is not None else {}))
 
 
 @dataclass

@@ -96,8 +96,12 @@ class RecordProtection:
 class KtlsRecordChecker:
     """Application data over a socket with hsd's TX/RX crypto_info, like kTLS would do it."""
 
-    def __init__(self, sock: socket.socket, tx: CryptoInfo, rx: CryptoInfo, timeout: float = 10.0) -> None:
+    def __init__(self, sock: socket.socket, tx: CryptoInfo, rx: CryptoInfo, timeout: float = 10.0,
+                 max_payload: int = MAX_PLAINTEXT) -> None:
+        """max_payload: TLS_TX_MAX_PAYLOAD_LEN, the largest plaintext the kernel puts in one TX record."""
         self.sock = sock
+        self.max_payload = max_payload
+        self.sent_sizes: list[int] = []  # plaintext bytes of each application data record sent
         self.tx = RecordProtection(tx)
         self.rx = RecordProtection(rx)
         self.timeout = timeout
@@ -106,8 +110,10 @@ class KtlsRecordChecker:
 
     # ---- sending
     def send(self, data: bytes) -> None:
-        for start in range(0, max(len(data), 1), MAX_PLAINTEXT):
-            self._send_all(self.tx.seal(APPLICATION_DATA, data[start : start + MAX_PLAINTEXT]))
+        for start in range(0, max(len(data), 1), self.max_payload):
+            chunk = data[start : start + self.max_payload]
+            self.sent_sizes.append(len(chunk))
+            self._send_all(self.tx.seal(APPLICATION_DATA, chunk))
 
     def send_close_notify(self) -> None:
         self._send_all(self.tx.seal(ALERT, bytes([1, CLOSE_NOTIFY])))

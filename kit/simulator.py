@@ -5,7 +5,9 @@ kTLS, yet the daemon must be exercised end to end with real bytes.  The
 simulator reproduces net/handshake's semantics (see the kernel notes): a FIFO
 of pending requests per "network namespace", READY multicast, ACCEPT handing
 over the consumer's very own socket, DONE looked up by socket, cancel, and the
-tls ULP's setsockopt checks.
+tls ULP's setsockopt checks, TLS_TX_MAX_PAYLOAD_LEN included: accepted in its
+range like Linux 7.2, or refused with ENOPROTOOPT like 6.12
+(Simulator(tx_max_payload_len=False)).
 
 Transport: an AF_UNIX SOCK_SEQPACKET listening socket.  Each connection plays
 one netlink socket and gets a netlink port id.  Everything that crosses it is
@@ -61,7 +63,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from hsd import protocol as p
-from hsd.ktls import SOL_TLS, TCP_ULP, TLS_RX, TLS_TX, CryptoInfo
+from hsd.ktls import (RECORD_SIZE_LIMIT_MIN, SOL_TLS, TCP_ULP, TLS_1_3_VERSION, TLS_MAX_PAYLOAD_SIZE, TLS_RX,
+                      TLS_TX, TLS_TX_MAX_PAYLOAD_LEN, CryptoInfo)
 from hsd.sim_channel import (MAX_DATAGRAM, MAX_FDS, REPLY_TIMEOUT, SIM_FAMILY_ID, SIM_GROUPS,
                              SIMCALL_ADD_MEMBERSHIP, SIMCALL_ATTR_GROUP, SIMCALL_ATTR_LEVEL,
                              SIMCALL_ATTR_OPTNAME, SIMCALL_ATTR_OPTVAL, SIMCALL_DROP_MEMBERSHIP,
@@ -131,6 +134,7 @@ class SimRequest:
     done_calls: int = 0
     ktls_tx: CryptoInfo | None = None
     ktls_rx: CryptoInfo | None = None
+    ktls_tx_max_payload: int | None = None  # TLS_TX_MAX_PAYLOAD_LEN the agent set (None: full-size records)
     consumer_fd: int = -1
     held_fd: int = -1  # the simulator's reference to the socket's file (the kernel's get_file)
     key: SockKey = (0, 0)
@@ -182,12 +186,16 @@ class _KtlsState:
     ulp: bool = False
     tx: CryptoInfo | None = None
     rx: CryptoInfo | None = None
+    tx_max_payload: int | None = None
 
 
 class Simulator:
     """The "kernel": serves agents on a unix socket and consumers through client_hello_*/server_hello_*."""
 
-    def __init__(self, path: str | None = None, pending_max: int | None = None) -> None:
+    def __init__(self, path: str | None = None, pending_max: int | None = None, *,
+                 tx_max_payload_len: bool = True) -> None:
+        """tx_max_payload_len=False: a kernel without that option (Linux 6.12), which answers ENOPROTOOPT."""
+        self.tx_max_payload_len = tx_max_payload_len
         self._tmpdir = None if path else tempfile.mkdtemp(prefix="hsd-sim-")
         self.address = path or os.path.join(self._tmpdir, "handshake.sock")  # type: ignore[arg-type]
         self.pending_max = default_pending_max() if pending_max is None else pending_max
@@ -666,6 +674,8 @@ class Simulator:
                     return 0
                 if level != SOL_TLS or not state.ulp:
                     return errno.ENOPROTOOPT
+                if optname == TLS_TX_MAX_PAYLOAD_LEN and self.tx_max_payload_len:
+                    return self._set_tx_max_payload(state, self._requests.get(key), value)
                 if optname not in (TLS_TX, TLS_RX):
                     return errno.ENOPROTOOPT
                 try:
@@ -689,6 +699,24 @@ class Simulator:
                 return 0
         finally:
             sock.close()
+
+
+    @staticmethod
+    def _set_tx_max_payload(state: _KtlsState, req: SimRequest | None, value: bytes) -> int:
+        """do_tls_setsockopt_tx_payload_len: a u16 in 64..16384, 63 allowed once TX is TLS 1.3.
+
+        (Its EBUSY for a record still open in the TX path cannot happen here: the
+        simulator's kTLS sockets carry no data.)"""
+        if len(value) != 2:
+            return errno.EINVAL
+        payload = int.from_bytes(value, sys.byteorder)
+        tls13 = state.tx is not None and state.tx.version == TLS_1_3_VERSION
+        if not RECORD_SIZE_LIMIT_MIN - (1 if tls13 else 0) <= payload <= TLS_MAX_PAYLOAD_SIZE:
+            return errno.EINVAL
+        state.tx_max_payload = payload
+        if req is not None:
+            req.ktls_tx_max_payload = payload
+        return 0
 
 
 def _describe(req: SimRequest) -> str:

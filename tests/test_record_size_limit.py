@@ -15,6 +15,7 @@ import errno
 import logging
 import socket
 import struct
+from dataclasses import replace
 
 import pluggy
 import pytest
@@ -35,12 +36,15 @@ from hsd.ktls import (
     session_crypto_info,
     tx_max_payload,
 )
+from hsd.config import Config
 from hsd.session import Session
 from hsd.validate import MalformedSession, check_session
 from hsd_kit.handshakes import handshake_context, plugin_manager, run_handshake
+from hsd_kit.harness import DaemonHarness, checker_for
 from hsd_kit.peers import Listener, PeerOptions, gnutls_client, gnutls_server
 from hsd_kit.pki import TestPki, x509_credentials
-from hsd_kit.records import APPLICATION_DATA, TlsAlert, session_records
+from hsd_kit.records import APPLICATION_DATA, KtlsRecordChecker, TlsAlert, session_records
+from hsd_kit.simulator import Simulator
 
 RECORDSIZE = 512  # gnutls --recordsize: the plaintext the peer accepts per record
 ANNOUNCED = RECORDSIZE + 1  # GnuTLS's record_size_limit under TLS 1.3 (content type included)
@@ -246,3 +250,121 @@ def test_openssl_backend_never_agrees_a_limit(plugins: pluggy.PluginManager, hsd
                                 timeout=TIMEOUT, peername="localhost")
         session = run_handshake(plugins, ctx)
         assert session.peer_record_size_limit is None
+
+
+# ---- the simulated kernel: Linux 7.2 takes the option, 6.12 refuses it --------------------------
+
+def _established() -> tuple[socket.socket, socket.socket]:
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        consumer = socket.create_connection(srv.getsockname())
+        remote, _ = srv.accept()
+    return consumer, remote
+
+
+def _errno(channel, sock: socket.socket, opt: int, value: bytes) -> int:
+    try:
+        channel.ktls.setsockopt(sock, SOL_TLS, opt, value)
+    except OSError as exc:
+        return exc.errno
+    return 0
+
+
+def test_simulated_7_2_checks_the_range_against_the_installed_version() -> None:
+    u16 = lambda n: struct.pack("=H", n)  # noqa: E731
+    with Simulator() as sim:
+        channel = sim.channel()
+        consumer, remote = _established()
+        try:
+            channel.ktls.setsockopt(consumer, socket.IPPROTO_TCP, TCP_ULP, b"tls")
+            assert _errno(channel, consumer, TLS_TX_MAX_PAYLOAD_LEN, u16(63)) == errno.EINVAL  # version not known yet
+            assert _errno(channel, consumer, TLS_TX_MAX_PAYLOAD_LEN, u16(64)) == 0
+            tx, _ = session_crypto_info(_session())
+            channel.ktls.setsockopt(consumer, SOL_TLS, TLS_TX, tx.pack())
+            assert _errno(channel, consumer, TLS_TX_MAX_PAYLOAD_LEN, u16(63)) == 0  # TLS 1.3: limit 64 minus 1
+            assert _errno(channel, consumer, TLS_TX_MAX_PAYLOAD_LEN, u16(62)) == errno.EINVAL
+            assert _errno(channel, consumer, TLS_TX_MAX_PAYLOAD_LEN, u16(16385)) == errno.EINVAL
+            assert _errno(channel, consumer, TLS_TX_MAX_PAYLOAD_LEN, struct.pack("=I", 512)) == errno.EINVAL  # optlen 4
+            assert _errno(channel, consumer, TLS_TX_MAX_PAYLOAD_LEN, u16(16384)) == 0
+        finally:
+            channel.close()
+            consumer.close()
+            remote.close()
+
+
+def test_simulated_6_12_has_no_such_option() -> None:
+    with Simulator(tx_max_payload_len=False) as sim:
+        channel = sim.channel()
+        consumer, remote = _established()
+        try:
+            channel.ktls.setsockopt(consumer, socket.IPPROTO_TCP, TCP_ULP, b"tls")
+            tx, _ = session_crypto_info(_session())
+            channel.ktls.setsockopt(consumer, SOL_TLS, TLS_TX, tx.pack())
+            assert _errno(channel, consumer, TLS_TX_MAX_PAYLOAD_LEN, struct.pack("=H", 512)) == errno.ENOPROTOOPT
+        finally:
+            channel.close()
+            consumer.close()
+            remote.close()
+
+
+def _daemon_config(pki: TestPki) -> Config:
+    config = Config()
+    config.client = replace(config.client, truststore=pki.ca)
+    return config
+
+
+def _lines_through_the_kernel(request, total: int) -> tuple[KtlsRecordChecker, bytes, bytes]:
+    """A write of `total` bytes through the simulated kernel's TX, and what gnutls-serv --echo returned."""
+    records = checker_for(request, timeout=TIMEOUT)
+    data = _lines(total)
+    records.send(data)
+    echoed = b""
+    while len(echoed) < len(data):
+        echoed += records.recv_data()
+    return records, data, echoed
+
+
+def test_daemon_on_simulated_7_2_caps_records_at_the_gnutls_servers_limit(hsd_pki: TestPki,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    opts = PeerOptions(cert=hsd_pki.server.cert, key=hsd_pki.server.key, extra=["--recordsize", str(RECORDSIZE)])
+    with DaemonHarness("tlslite", _daemon_config(hsd_pki)) as daemon, gnutls_server(opts) as server, \
+            server.connect() as sock:
+        request = daemon.client_hello_anon(sock, peername="localhost")
+        daemon.finish(request, TIMEOUT).expect(0)
+        assert request.ktls_tx_max_payload == RECORDSIZE  # hsd set it, from the peer's 513
+        records, data, echoed = _lines_through_the_kernel(request, 16 * 1024)
+        assert echoed == data
+        assert max(records.sent_sizes) == RECORDSIZE and len(records.sent_sizes) == len(data) // RECORDSIZE
+    assert not [r for r in caplog.records if "TLS_TX_MAX_PAYLOAD_LEN" in r.getMessage() and r.levelno >= logging.WARNING]
+
+
+def test_daemon_on_simulated_6_12_serves_logs_once_and_the_peer_sees_16k_records(
+        hsd_pki: TestPki, caplog: pytest.LogCaptureFixture) -> None:
+    """What the warning says happens: DONE 0, full-size records, and GnuTLS's record_overflow."""
+    caplog.set_level(logging.WARNING, logger="hsd")
+    opts = PeerOptions(cert=hsd_pki.server.cert, key=hsd_pki.server.key, extra=["--recordsize", str(RECORDSIZE)])
+    with Simulator(tx_max_payload_len=False) as sim, \
+            DaemonHarness("tlslite", _daemon_config(hsd_pki), sim=sim) as daemon:
+        for attempt in range(2):
+            with gnutls_server(opts) as server, server.connect() as sock:
+                request = daemon.client_hello_anon(sock, peername="localhost")
+                daemon.finish(request, TIMEOUT).expect(0)
+                assert request.ktls_tx_max_payload is None
+                if attempt == 0:
+                    with pytest.raises(TlsAlert) as alert:
+                        _lines_through_the_kernel(request, 16 * 1024)
+                    assert alert.value.description == 22  # record_overflow
+    lines = [r.getMessage() for r in caplog.records if "TLS_TX_MAX_PAYLOAD_LEN" in r.getMessage()
+             and r.levelno == logging.WARNING]
+    assert len(lines) == 1, lines
+
+
+def test_the_limit_crosses_the_isolation_pipe(hsd_pki: TestPki) -> None:
+    """isolation=process: the Session comes back from the child field by field; the limit must be among them."""
+    config = replace(_daemon_config(hsd_pki), isolation="process")
+    opts = PeerOptions(cert=hsd_pki.server.cert, key=hsd_pki.server.key, extra=["--recordsize", str(RECORDSIZE)])
+    with DaemonHarness("tlslite", config) as daemon, gnutls_server(opts) as server, server.connect() as sock:
+        request = daemon.client_hello_anon(sock, peername="localhost")
+        daemon.finish(request, TIMEOUT).expect(0)
+        assert request.ktls_tx_max_payload == RECORDSIZE
+        _, data, echoed = _lines_through_the_kernel(request, 4096)
+        assert echoed == data
