@@ -50,6 +50,7 @@ LIBRARY_TESTS = (
     "tests/test_x509verify.py", "tests/test_identity.py", "tests/test_names.py", "tests/test_pq.py",
     "tests/test_record_alerts.py", "tests/test_hostile_peers.py", "tests/test_records.py", "tests/test_ktls.py",
     "tests/test_secrets_hygiene.py", "tests/test_isolation.py", "tests/test_backend_availability.py",
+    "tests/test_debug_trace.py",
     "tests/test_bench.py",
 )
 PYTEST = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.debian.select_available",

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 
+from hsd.tlstrace import GROUPS
+
 HANDSHAKE = 22
 CHANGE_CIPHER_SPEC = 20
 SERVER_HELLO = 2
@@ -20,19 +22,10 @@ KEY_SHARE = 51
 HELLO_RETRY_RANDOM = hashlib.sha256(b"HelloRetryRequest").digest()  # RFC 8446 4.1.3
 MAX_HELLO = 1 << 16  # a ServerHello far larger than this is no ServerHello OpenSSL accepts
 
-# IANA TLS Supported Groups, spelled as OpenSSL's SSL_get0_group_name spells them
-GROUP_NAMES = {
-    0x0017: "secp256r1", 0x0018: "secp384r1", 0x0019: "secp521r1", 0x001D: "x25519", 0x001E: "x448",
-    0x001F: "brainpoolP256r1tls13", 0x0020: "brainpoolP384r1tls13", 0x0021: "brainpoolP512r1tls13",
-    0x0100: "ffdhe2048", 0x0101: "ffdhe3072", 0x0102: "ffdhe4096", 0x0103: "ffdhe6144", 0x0104: "ffdhe8192",
-    0x0200: "MLKEM512", 0x0201: "MLKEM768", 0x0202: "MLKEM1024",
-    0x11EB: "SecP256r1MLKEM768", 0x11EC: "X25519MLKEM768", 0x11ED: "SecP384r1MLKEM1024",
-}
-
 
 def group_name(code: int) -> str:
     """OpenSSL's name for a group code; an unlisted code as 0xNNNN (never a guess)."""
-    return GROUP_NAMES.get(code, f"0x{code:04x}")
+    return GROUPS.get(code, f"0x{code:04x}")  # hsd.tlstrace's table: IANA codes, OpenSSL's spelling
 
 
 class ServerHelloReader:
