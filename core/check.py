@@ -56,7 +56,21 @@ def inspect(cfg: Config, host: PluginHost, *, backend_option: bool = False) -> F
     now = datetime.datetime.now(datetime.timezone.utc)
     for role in ("client", "server"):
         _role_files(cfg, role, found, now)
+    _metrics_file(cfg, found)
     return found
+
+
+def _metrics_file(cfg: Config, found: Findings) -> None:
+    """[hsd] metrics_file: a warning, not an error, when it cannot work (hsd serves handshakes without metrics)."""
+    if not cfg.metrics_file:
+        return
+    directory = os.path.dirname(cfg.metrics_file) or "/"
+    if not os.path.isdir(directory):
+        found.warnings.append(f"[hsd] metrics_file = {cfg.metrics_file}: the directory {directory} does not exist; "
+                              "hsd serves handshakes but writes no metrics until it does")
+    if not cfg.metrics_file.endswith(".prom"):
+        found.warnings.append(f"[hsd] metrics_file = {cfg.metrics_file}: node_exporter's textfile collector reads "
+                              "only files whose names end in .prom")
 
 
 # ---------------------------------------------------------------- backends and plugins

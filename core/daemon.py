@@ -173,7 +173,7 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
     expiry_checks: this process reports expiring certificates and CRLs at reload and
     daily (the supervising parent does, worker processes do not: one line, not N);
     the same process sends sd_notify STATUS= and, given control_socket, answers
-    `hsd status` there (hsd.status)."""
+    `hsd status` there (hsd.status), and writes [hsd] metrics_file (hsd.metrics)."""
     if drop_capabilities and not hardened:
         try:
             privileges.harden_process()
@@ -198,6 +198,7 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
                             on_outcome=status.record)
     status.inflight = dispatcher.inflight
     control = None
+    metrics = None
 
     def on_stop(signum: int) -> None:
         log.info("received %s: finishing in-flight handshakes and stopping", signal.Signals(signum).name)
@@ -234,7 +235,7 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
         signals.start(act)  # the first thread serve() starts: after the capability drop
 
     def ready() -> None:
-        nonlocal control
+        nonlocal control, metrics
         log.info("hsd ready: listening for handshake requests (backend %s, up to %d in flight)",
                  backend or config.backend, dispatcher.max_inflight)
         if expiry_checks:  # `hsd status` answers once systemd hears READY=1
@@ -242,6 +243,12 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
         notify_systemd("READY=1")
         if expiry_checks:
             watch_expiry(lambda: dispatcher.config, stop)
+            if config.metrics_file:  # the path and interval of the start; a reload does not move the file
+                from .metrics import MetricsFile
+
+                metrics = MetricsFile(config.metrics_file, config.metrics_interval,
+                                      lambda: status.snapshot(dispatcher.config))
+                metrics.start()
             if os.environ.get("NOTIFY_SOCKET"):
                 notify_loop(status, stop, notify_systemd)
         if on_ready:
@@ -258,6 +265,8 @@ def serve(channel: Channel, config: config_mod.Config, *, backend: str | None,
         notify_systemd("STOPPING=1")
         if control is not None:
             control.close()
+        if metrics is not None:
+            metrics.close()  # the last word: every handshake this process finished
         channel.close()
         if own_signals is not None:
             own_signals.close()

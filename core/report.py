@@ -35,6 +35,7 @@ def print_config(cfg: Config, *, strict: bool = False, backend_option: bool = Fa
     print(f"[hsd] strict_permissions={str(cfg.strict_permissions).lower()} "
           f"expiry_warning_days={cfg.expiry_warning_days} "
           f"control_socket={(cfg.control_socket or 'none') if cfg.control_socket is not None else '/run/hsd/control'} "
+          f"metrics_file={cfg.metrics_file or 'none'} metrics_interval={cfg.metrics_interval}s "
           f"enable_plugins={';'.join(cfg.enable_plugins) or '(all installed)'} "
           f"disable_plugins={';'.join(cfg.disable_plugins) or '(none)'}")
     for mode, backend in sorted(cfg.backends.items()):

@@ -52,6 +52,7 @@ class Status:
         self.served = self.failed = 0
         self.last_failure: tuple[float, str] | None = None  # (time, "server/x509 EACCES: reason")
         self._durations: collections.deque[float] = collections.deque(maxlen=LATENCIES)
+        self.duration_sum = 0.0  # seconds, every handshake since start (the metrics file's summary _sum)
         self.changed = threading.Event()
 
     def record(self, outcome: Any) -> None:  # outcome: hsd.dispatcher.Outcome
@@ -62,6 +63,7 @@ class Status:
             with self._lock:
                 self.counts[(mode, outcome.backend, name)] += 1
                 self._durations.append(outcome.duration)
+                self.duration_sum += outcome.duration
                 if outcome.status == 0:
                     self.served += 1
                 else:
@@ -99,14 +101,14 @@ class Status:
 
         with self._lock:
             counts = [{"mode": m, "backend": b, "status": s, "count": n} for (m, b, s), n in sorted(self.counts.items())]
-            served, failed, last = self.served, self.failed, self.last_failure
+            served, failed, last, duration_sum = self.served, self.failed, self.last_failure, self.duration_sum
         now = datetime.datetime.now(datetime.timezone.utc)
         files = [{"key": item.key, "path": item.path, "what": item.what, "expires": item.when.isoformat(),
                   "days": item.days, "expired": item.error} for item in expiry.scan(cfg, now, every_file=True)]
         return {
             "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
             "served": served, "failed": failed, "in_flight": self.inflight(), "counts": counts,
-            "latency": self.percentiles(),
+            "latency": self.percentiles(), "duration_sum_s": round(duration_sum, 6),
             "last_failure": {"time": last[0], "what": last[1]} if last else None,
             "config": {"source": cfg.source, "backend": cfg.backend, "backends": dict(cfg.backends),
                        "max_inflight": cfg.max_inflight, "workers": cfg.workers, "isolation": cfg.isolation,

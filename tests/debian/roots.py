@@ -30,8 +30,9 @@ BUILD_TIMEOUT = 1200
 # the Build-Depends come from debian/control, build-essential from the buildd variant.
 RUNTIME_PACKAGES = ("python3-openssl", "python3-cryptography", "python3-pyroute2", "python3-pluggy",
                     "python3-stevedore")
-TEST_PACKAGES = ("python3-pytest", "python3-hypothesis", "python3-pip", "openssl", "gnutls-bin", "keyutils",
-                 "iproute2", "procps", "ca-certificates", "lintian", "systemd", "ktls-utils", "python3-venv")
+TEST_PACKAGES = ("python3-pytest", "python3-hypothesis", "python3-prometheus-client", "python3-pip", "openssl",
+                 "gnutls-bin", "keyutils", "iproute2", "procps", "ca-certificates", "lintian", "systemd", "ktls-utils",
+                 "python3-venv")
 
 
 @dataclass(frozen=True)
