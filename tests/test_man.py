@@ -58,9 +58,9 @@ def test_check_exits_non_zero_on_a_malformed_source(tmp_path: Path) -> None:
     """The command itself, not just lint(): a copy of docs/ whose hsd-sim page lost an option."""
     copy = tmp_path / "docs"
     shutil.copytree(DOCS, copy)
-    (tmp_path / "core").mkdir()
-    for program in ("cli.py", "simulator.py"):
-        shutil.copy(ROOT / "core" / program, tmp_path / "core" / program)
+    for program in ("core/cli.py", "kit/simulator.py"):  # build_man.PROGRAMS, relative to the tree
+        (tmp_path / program).parent.mkdir(exist_ok=True)
+        shutil.copy(ROOT / program, tmp_path / program)
     page = copy / "hsd-sim.1.md"
     text = page.read_text(encoding="utf-8")
     page.write_text(text.replace("**--once**\n: Exit when", "Once\n: Exit when"), encoding="utf-8")
@@ -72,7 +72,7 @@ def test_check_exits_non_zero_on_a_malformed_source(tmp_path: Path) -> None:
 
 def test_a_page_without_required_sections_is_caught() -> None:
     page = "---\ntitle: x\nsection: 1\ndate: 2026\nsource: hsd\nmanual: m\n---\n# NAME\nx - y\n"
-    problems = build_man().lint(page, "x.1.md", ROOT / "core" / "simulator.py")
+    problems = build_man().lint(page, "x.1.md", ROOT / "kit" / "simulator.py")
     assert {p.split(": ", 1)[1] for p in problems if p.startswith("x.1.md: no ")} == {
         "no SYNOPSIS section", "no DESCRIPTION section", "no SEE ALSO section", "no OPTIONS section"}
 
