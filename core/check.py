@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.utils import CryptographyDeprecationWarning
 
-from . import credentials, expiry, filetrust, x509verify
+from . import credentials, expiry, filetrust, pkcs11, x509verify
 from .config import MODES, Config, RoleConfig, nearest
 from .errors import CredentialError
 from .plugins import PluginHost
@@ -53,9 +53,12 @@ def inspect(cfg: Config, host: PluginHost, *, backend_option: bool = False) -> F
     backend_option: cfg.backend came from --backend (the messages name the option, not [hsd] backend)."""
     found = Findings(warnings=list(cfg.warnings))
     _backends(cfg, host, found, backend_option)
+    pkcs11.forget()  # start and reload open token keys afresh (a key replaced in the token is seen)
+    _token_backends(cfg, found)
     now = datetime.datetime.now(datetime.timezone.utc)
     for role in ("client", "server"):
         _role_files(cfg, role, found, now)
+    _sni_pairs(cfg, found, now)
     _metrics_file(cfg, found)
     return found
 
@@ -112,6 +115,21 @@ def _backends(cfg: Config, host: PluginHost, found: Findings, backend_option: bo
         found.errors.append("no mode has a backend that can serve it (hsd plugins shows why)")
 
 
+def _token_backends(cfg: Config, found: Findings) -> None:
+    """A key in a token works through OpenSSL alone: a mode it serves on another backend is refused."""
+    for role in ("client", "server"):
+        rc = cfg.role(role)
+        uris = [(_key_name(role, attr), getattr(rc, attr)) for attr in ("private_key", "certificate")]
+        if role == "server":
+            uris += [(expiry.sni_key(pair), pair.private_key) for pair in cfg.sni]
+        backend = cfg.backend_for(role, "x509")
+        uri = next(((key, value) for key, value in uris if pkcs11.is_uri(value)), None)
+        if uri and backend != "openssl":
+            found.errors.append(f"{uri[0]} = {pkcs11.redact(uri[1])}: the {backend} backend (selected for "
+                                f"{role}/x509) cannot use a key or certificate in a token, only the openssl "
+                                f"backend can: set [hsd.backends] {role}.x509 = openssl")
+
+
 # ---------------------------------------------------------------- credential files
 
 _WHAT = {"truststore": "trust store", "crl": "CRL", "certificate": "certificate", "private_key": "private key",
@@ -123,15 +141,22 @@ _key_name = expiry.key_name
 
 def _read(cfg: Config, role: str, attr: str, found: Findings) -> bytes | bytearray | None:
     """The file's bytes (a private key's in a bytearray the caller wipes), or None with an error recorded."""
-    path = getattr(cfg.role(role), attr)
-    key = _key_name(role, attr)
-    secret = attr.endswith("private_key")
-    if path.startswith(("pkcs11:", "tpmkey:")):  # tlshd 1.x takes these URLs for private keys; hsd does not
-        found.errors.append(f"{key} = {path}: hsd reads keys from PEM or DER files only, not from "
-                            f"{path.split(':', 1)[0]}: URLs; export the key to a file (mode 0600)")
+    return _read_file(cfg, _key_name(role, attr), getattr(cfg.role(role), attr), _WHAT[attr], found)
+
+
+def _read_file(cfg: Config, key: str, path: str, what: str, found: Findings) -> bytes | bytearray | None:
+    """_read for any configured file: key names it in messages, what says what it is ("private key": secret)."""
+    secret = what == "private key"
+    if path.startswith("pkcs11:"):  # only x509.certificate / x509.private_key (and SNI pairs) reach a token
+        found.errors.append(f"{key} = {pkcs11.redact(path)}: only x509.certificate and x509.private_key may name "
+                            "a token object; this key takes a PEM or DER file")
+        return None
+    if path.startswith("tpmkey:"):  # tlshd 1.x takes these URLs for private keys; hsd does not
+        found.errors.append(f"{key} = {path}: hsd reads keys from PEM or DER files or pkcs11: URIs, not from "
+                            "tpmkey: URLs; export the key to a file (mode 0600)")
         return None
     try:
-        warning = filetrust.enforce(path, _WHAT[attr], cfg.strict_permissions, refuse=_Refused, secret=secret)
+        warning = filetrust.enforce(path, what, cfg.strict_permissions, refuse=_Refused, secret=secret)
     except _Refused as exc:
         found.errors.append(f"{key}: {exc}")
         return None
@@ -152,12 +177,17 @@ def _read(cfg: Config, role: str, attr: str, found: Findings) -> bytes | bytearr
 
 def _parse(parse, data: bytes | bytearray | None, cfg: Config, role: str, attr: str, found: Findings):
     """parse(data, path), the buffer wiped afterwards; None with an error recorded when it is no such file."""
+    return _parse_file(parse, data, _key_name(role, attr), getattr(cfg.role(role), attr), found)
+
+
+def _parse_file(parse, data: bytes | bytearray | None, key: str, path: str, found: Findings):
+    """_parse for any configured file, named key in messages."""
     if data is None:
         return None
     try:
-        return parse(data, getattr(cfg.role(role), attr))
+        return parse(data, path)
     except CredentialError as exc:
-        found.errors.append(f"{_key_name(role, attr)}: {exc}")
+        found.errors.append(f"{key}: {exc}")
         return None
     finally:
         wipe(data)
@@ -232,19 +262,37 @@ def _pair(cfg: Config, role: str, cert_attr: str, key_attr: str, found: Findings
         missing = key_attr if cert_path else cert_attr
         found.errors.append(f"{_key_name(role, cert_attr)} and {_key_name(role, key_attr).split('] ')[1]} must be "
                             f"configured together: set {_key_name(role, missing)} too")
-    chain = _parse(credentials.parse_certificates, _read(cfg, role, cert_attr, found), cfg, role,
-                   cert_attr, found) if cert_path else None
-    key = _parse(credentials.parse_private_key, _read(cfg, role, key_attr, found), cfg, role,
-                 key_attr, found) if key_path else None
+    _check_pair(cfg, (_key_name(role, cert_attr), cert_path), (_key_name(role, key_attr), key_path), found, now,
+                pq=cert_attr == "pq_certificate")
+
+
+def _sni_pairs(cfg: Config, found: Findings, now: datetime.datetime) -> None:
+    """Each [hsd.server.sni] pair, checked as [authenticate.server]'s is; messages name the file and line."""
+    for pair in cfg.sni:
+        key = expiry.sni_key(pair)
+        _check_pair(cfg, (key, pair.certificate), (f"{key} (its private key)", pair.private_key), found, now)
+
+
+def _check_pair(cfg: Config, cert: tuple[str, str | None], key_file: tuple[str, str | None], found: Findings,
+                now: datetime.datetime, *, pq: bool = False) -> None:
+    """The certificate file and key file (config key, path) of one identity: each read, parsed and matched."""
+    (name, cert_path), (key_name, key_path) = cert, key_file
+    if not pq and (pkcs11.is_uri(cert_path) or pkcs11.is_uri(key_path)):
+        chain, key = _token_pair(cfg, cert, key_file, found)
+    else:
+        chain = _parse_file(credentials.parse_certificates, _read_file(cfg, name, cert_path, "certificate", found),
+                            name, cert_path, found) if cert_path else None
+        key = _parse_file(credentials.parse_private_key, _read_file(cfg, key_name, key_path, "private key", found),
+                          key_name, key_path, found) if key_path else None
+    cert_path, key_path = pkcs11.redact(cert_path or ""), pkcs11.redact(key_path or "")  # no PIN in messages
     if chain:
-        name = _key_name(role, cert_attr)
         if len(chain) > credentials.MAX_CHAIN:
             found.errors.append(f"{name} = {cert_path}: {len(chain)} certificates, at most {credentials.MAX_CHAIN}")
         problem = _validity(chain[0], now)
         if problem:
             found.warnings.append(f"{name} = {cert_path}: the certificate {problem}")
         found.expiring += expiry.chain(chain, name, cert_path, now, cfg.expiry_warning_days)
-        if cert_attr == "pq_certificate" and not isinstance(chain[0].public_key(), credentials.MLDSA_PUBLIC_KEYS):
+        if pq and not isinstance(chain[0].public_key(), credentials.MLDSA_PUBLIC_KEYS):
             kind = type(chain[0].public_key()).__name__.removesuffix("PublicKey")
             support = "" if credentials.MLDSA_PUBLIC_KEYS else " (this cryptography has no ML-DSA at all)"
             found.errors.append(f"{name} = {cert_path}: must hold an ML-DSA certificate, its leaf key is "
@@ -253,6 +301,35 @@ def _pair(cfg: Config, role: str, cert_attr: str, key_attr: str, found: Findings
             found.notes.append(f"{name}: {chain[0].subject.rfc4514_string()}, {len(chain)} certificate(s), "
                                f"valid until {chain[0].not_valid_after_utc:%Y-%m-%d}")
     if chain and key is not None and not credentials.key_belongs_to(key, chain[0]):
-        found.errors.append(f"{_key_name(role, key_attr)} = {key_path} is not the private key of "
-                            f"{_key_name(role, cert_attr)} = {cert_path} (their public keys differ): "
-                            "configure the key the certificate was issued for")
+        found.errors.append(f"{key_name} = {key_path} is not the private key of {name} = {cert_path} "
+                            "(their public keys differ): configure the key the certificate was issued for")
+
+
+def _token_pair(cfg: Config, cert: tuple[str, str | None], key_file: tuple[str, str | None],
+                found: Findings) -> tuple[list | None, object | None]:
+    """An identity with its key (or certificate) in a PKCS#11 token, opened as a handshake would open it;
+    the other half, if a file, read as usual.  Where this OpenSSL cannot load pkcs11-provider, one line
+    says so (not one per URI)."""
+    why = pkcs11.unavailable()
+    loaded: list = []
+    for (name, path), what, parse, load in ((cert, "certificate", credentials.parse_certificates,
+                                             pkcs11.load_certificates),
+                                            (key_file, "private key", credentials.parse_private_key, pkcs11.load_key)):
+        if not path:
+            loaded.append(None)
+        elif not pkcs11.is_uri(path):
+            loaded.append(_parse_file(parse, _read_file(cfg, name, path, what, found), name, path, found))
+        elif why:
+            if not any(why in error for error in found.errors):
+                found.errors.append(f"{name} = {pkcs11.redact(path)}: {why}")
+            loaded.append(None)
+        else:
+            try:
+                loaded.append(load(path))
+            except CredentialError as exc:
+                found.errors.append(f"{name}: {exc}")
+                loaded.append(None)
+    if loaded[1] is not None and pkcs11.is_uri(key_file[1]):
+        found.notes.append(f"{key_file[0]}: a key in a token ({pkcs11.redact(key_file[1] or '')}), "
+                           "used through pkcs11-provider")
+    return loaded[0], loaded[1]

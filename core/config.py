@@ -40,6 +40,7 @@ HSD_SECTIONS: dict[str, tuple[str, ...]] = {
     "hsd.client": ("verify_server",),
     "hsd.server": ("require_client_certificate", "allowed_client_sans"),
     "hsd.psk": ("modes",),
+    "hsd.server.sni": (),  # keys are server names (hsd.sni), each = certificate;private_key
 }
 
 
@@ -68,6 +69,21 @@ class RoleConfig:
     pq_private_key: str | None = None
 
 
+@dataclass(frozen=True)
+class SniPair:
+    """One [hsd.server.sni] line: the server name (normalised; "*.example.org" for one label) and its pair."""
+
+    name: str
+    certificate: str
+    private_key: str
+    where: str  # "file:line" of the line, for `hsd check` and start-up errors
+
+    @property
+    def key(self) -> str:
+        """The config key as messages name it: "[hsd.server.sni] nfs1.example.org"."""
+        return f"[hsd.server.sni] {self.name}"
+
+
 @dataclass
 class Config:
     source: str | None = None
@@ -92,6 +108,7 @@ class Config:
     metrics_interval: int = 15  # seconds between two rewrites of metrics_file
     allowed_client_sans: list[str] = field(default_factory=list)
     verify_server: bool = True
+    sni: list[SniPair] = field(default_factory=list)  # server role: pairs chosen by the ClientHello's server_name
     psk_modes: list[str] = field(default_factory=lambda: ["psk_dhe_ke"])
     enable_plugins: list[str] = field(default_factory=list)  # empty: all
     disable_plugins: list[str] = field(default_factory=list)
@@ -139,6 +156,26 @@ def _allowed_sans(value: str, where: str) -> list[str]:
         except ValueError as exc:
             raise ConfigError(f"{where}: allowed_client_sans entry {entry!r}: {exc}") from None
     return entries
+
+
+def _sni_pair(seen: list[SniPair], key: str, value: str, where: str) -> SniPair:
+    """name = certificate;private_key, the name by hsd's one DNS-name rule and not already listed."""
+    from .sni import normalize_sni_name  # imported here: sni needs x509verify, which needs credentials
+
+    try:
+        name = normalize_sni_name(key)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: [hsd.server.sni] {key!r} is not a server name: {exc}") from None
+    paths = [part.strip() for part in value.split(";")]
+    if paths and not paths[-1]:
+        paths.pop()  # GLib lists may end with ';'
+    if len(paths) != 2 or not all(paths):
+        raise ConfigError(f"{where}: [hsd.server.sni] {key} must be 'certificate;private_key' (two paths), "
+                          f"got {value!r}")
+    for other in seen:
+        if other.name == name:
+            raise ConfigError(f"{where}: [hsd.server.sni] {name} is already configured at {other.where}")
+    return SniPair(name, paths[0], paths[1], where)
 
 
 def _path(value: str, where: str) -> str:
@@ -263,6 +300,9 @@ def _apply(cfg: Config, section: str, key: str, value: str, where: str) -> bool:
             cfg.allowed_client_sans = _allowed_sans(value, where)
         else:
             return False
+        return True
+    if section == "hsd.server.sni":
+        cfg.sni.append(_sni_pair(cfg.sni, key, value, where))
         return True
     if section == "hsd.psk":
         if key == "modes":

@@ -7,6 +7,7 @@ serials in kernel keyrings (PEM or DER payloads).  Backends receive parsed
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -18,8 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from . import filetrust, keyring
-from .config import Config
+from . import filetrust, keyring, pkcs11
+from .config import Config, RoleConfig, SniPair
 from .errors import CredentialError
 from .protocol import HandshakeRequest
 from .secret import frombase64_into, wipe
@@ -39,7 +40,7 @@ log = logging.getLogger("hsd")
 @dataclass
 class X509Credentials:
     chain: list[x509.Certificate] = field(default_factory=list)  # ours, leaf first
-    key: PrivateKeyTypes | None = None
+    key: PrivateKeyTypes | pkcs11.TokenKey | None = None  # TokenKey: a handle to a key in a PKCS#11 token
     trust: list[x509.Certificate] | None = None  # None: the system trust store
     crls: list[x509.CertificateRevocationList] = field(default_factory=list)
     verify_peer: bool = True  # client: verify the server; server: verify a client cert if sent
@@ -226,14 +227,14 @@ def check_trusted_file(path: str, strict: bool, what: str = "trusted") -> None:
         log.warning("%s", warning)
 
 
-def _load_pq_pair(config: Config, request: HandshakeRequest) -> tuple[list[x509.Certificate], PrivateKeyTypes | None]:
+def _load_pq_pair(rc: RoleConfig, config: Config,
+                  request: HandshakeRequest) -> tuple[list[x509.Certificate], PrivateKeyTypes | None]:
     """The role's x509.pq.* ML-DSA chain and key: both or neither, and the key must match the leaf.
 
     A request that names its own certificate (keyring serial) gets exactly that
     identity: the configured ML-DSA pair is not added to it.
     """
     role = request.role
-    rc = config.role(role)
     if not rc.pq_certificate and not rc.pq_private_key:
         return [], None
     if not (rc.pq_certificate and rc.pq_private_key):
@@ -258,14 +259,22 @@ def _load_pq_pair(config: Config, request: HandshakeRequest) -> tuple[list[x509.
     return chain, key
 
 
-def load_x509(config: Config, request: HandshakeRequest) -> X509Credentials:
-    """Credentials for this request's role: request serials first, config files second."""
+def load_x509(config: Config, request: HandshakeRequest, sni: SniPair | None = None) -> X509Credentials:
+    """Credentials for this request's role: request serials first, config files second.
+
+    sni: the [hsd.server.sni] pair hsd.sni chose for the client's server_name
+    (server role, a request naming no certificate of its own); it replaces
+    [authenticate.server]'s pair and takes the same checks."""
     role = request.role
     rc = config.role(role)
+    if sni is not None and role == "server" and not request.certificate and not request.privkey:
+        # the x509.pq.* pair is a second identity of tlshd's pair (its names), not of this one
+        rc = dataclasses.replace(rc, certificate=sni.certificate, private_key=sni.private_key,
+                                 pq_certificate=None, pq_private_key=None)
     creds = X509Credentials()
     for trusted, what in ((rc.truststore, "trust store"), (rc.crl, "CRL"), (rc.certificate, "certificate"),
                           (rc.pq_certificate, "certificate")):
-        if trusted:
+        if trusted and not pkcs11.is_uri(trusted):
             check_trusted_file(trusted, config.strict_permissions, what)
     if rc.truststore:
         creds.trust = list(_cache.get(rc.truststore, "trust", parse_certificates))
@@ -273,28 +282,33 @@ def load_x509(config: Config, request: HandshakeRequest) -> X509Credentials:
         creds.crls = list(_cache.get(rc.crl, "crl", parse_crls))
     if request.certificate:
         creds.chain = _from_keyring(request.certificate, parse_certificates, "certificate")
+    elif pkcs11.is_uri(rc.certificate):
+        creds.chain = pkcs11.load_certificates(rc.certificate)
     elif rc.certificate:
         creds.chain = list(_cache.get(rc.certificate, "chain", parse_certificates))
     if len(creds.chain) > MAX_CHAIN:
         raise CredentialError(f"certificate chain has {len(creds.chain)} certificates, at most {MAX_CHAIN}")
     if request.privkey:
         creds.key = _from_keyring(request.privkey, parse_private_key, "private")
+    elif pkcs11.is_uri(rc.private_key):
+        creds.key = pkcs11.load_key(rc.private_key)  # a handle: the key stays in the token
     elif rc.private_key:
         check_private_key_file(rc.private_key, config.strict_permissions)
         creds.key = _cache.get(rc.private_key, "key", parse_private_key)
     if bool(creds.chain) != bool(creds.key):
         raise CredentialError(f"{role} certificate and private key must be configured together")
     if creds.key is not None and not key_belongs_to(creds.key, creds.chain[0]):
-        key_from = f"private key {request.privkey}" if request.privkey else rc.private_key
-        cert_from = f"certificate key {request.certificate}" if request.certificate else rc.certificate
+        key_from = f"private key {request.privkey}" if request.privkey else pkcs11.redact(rc.private_key)
+        cert_from = f"certificate key {request.certificate}" if request.certificate else pkcs11.redact(rc.certificate)
         raise CredentialError(f"{key_from} is not the private key of {cert_from} (their public keys differ): "
                               "configure the key the certificate was issued for")
-    creds.pq_chain, creds.pq_key = _load_pq_pair(config, request)
+    creds.pq_chain, creds.pq_key = _load_pq_pair(rc, config, request)
     second = " (x509.pq.* is a second identity next to it, not a replacement)" if creds.pq_chain else ""
     if role == "server":
         if not creds.chain:
+            unmatched = ", and no [hsd.server.sni] name matched the client's server_name" if config.sni else ""
             raise CredentialError("server x509 handshake but no server certificate is configured "
-                                  f"([authenticate.server] x509.certificate / x509.private_key){second}")
+                                  f"([authenticate.server] x509.certificate / x509.private_key){unmatched}{second}")
         creds.require_peer_cert = config.require_client_certificate
         creds.allowed_sans = list(config.allowed_client_sans)
     else:

@@ -21,9 +21,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from . import identity
+from . import identity, sni, tls13
 from .channel import OVERRUN, Channel
-from .config import Config
+from .config import Config, SniPair
 from .context import Auth, HandshakeContext, Mode, Role, Settings
 from .credentials import X509Credentials, load_x509
 from .errors import HandshakeError, HandshakeTimeout, Unsupported
@@ -35,6 +35,7 @@ from .peerlog import truncate
 from .protocol import AuthMode, Done, HandshakeRequest, MessageType, ProtocolError, errno_name
 from .session import Session
 from .validate import check_session, scrub
+from .wire import RecordSocket
 
 log = logging.getLogger("hsd")
 
@@ -389,9 +390,30 @@ class Dispatcher:
         if sock.type != socket.SOCK_STREAM:
             raise Unsupported("only stream (TCP) sockets are supported")
         backend = self.host.backend_for(mode, self.default_backend)
-        x509 = load_x509(self.config, request) if mode.auth is not Auth.PSK else X509Credentials()
+        x509 = (load_x509(self.config, request, self._sni_pair(request, mode, sock, deadline))
+                if mode.auth is not Auth.PSK else X509Credentials())
         return HandshakeContext(request=request, sock=sock, deadline=deadline, backend=backend, x509=x509,
                                 settings=settings_of(self.config))
+
+    def _sni_pair(self, request: HandshakeRequest, mode: Mode, sock: socket.socket, deadline: float) -> SniPair | None:
+        """Server x509 with [hsd.server.sni] pairs: the one the ClientHello's server_name chooses (hsd.sni).
+
+        The ClientHello is read ahead and given back to the socket, so the
+        backend's library reads it as if hsd had not; a request that names
+        its own certificate (keyring) keeps it, and reads nothing ahead."""
+        if not self.config.sni or mode != Mode(Role.SERVER, Auth.X509) or request.certificate or request.privkey:
+            return None
+        hello = tls13.peek_client_hello(RecordSocket(sock, deadline))
+        try:
+            host_name = tls13.server_name(hello) if hello is not None else None
+        except tls13.MalformedClientHello:
+            host_name = None  # the library judges the ClientHello (and answers it) itself
+        pair = sni.choose(self.config.sni, host_name)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("fd %d: server_name %s -> %s", request.sockfd,
+                      truncate(repr(host_name)) if host_name is not None else "none",
+                      pair.key if pair is not None else "[authenticate.server] x509.certificate")
+        return pair
 
     def _report(self, outcome: Outcome, ctx: HandshakeContext | None, session: Session | None) -> None:
         level = logging.INFO if outcome.status == 0 else logging.WARNING

@@ -110,22 +110,27 @@ def scan(cfg, now: datetime.datetime | None = None, *, every_file: bool = False)
     from .errors import CredentialError
 
     now = now or datetime.datetime.now(datetime.timezone.utc)
+    window = EVERYTHING if every_file else cfg.expiry_warning_days
+    files = [(key_name(role, attr), getattr(cfg.role(role), attr), judge, kind)
+             for role in ("client", "server") for attr, judge, kind in _JUDGES]
+    files += [(sni_key(pair), pair.certificate, chain, "certificates") for pair in cfg.sni]
     found: list[Expiry] = []
-    for role in ("client", "server"):
-        rc = cfg.role(role)
-        for attr, judge, kind in _JUDGES:
-            path = getattr(rc, attr)
-            if not path or path.startswith(("pkcs11:", "tpmkey:")):
-                continue
-            try:
-                with open(path, "rb") as handle:
-                    data = handle.read()
-                parsed = (credentials.parse_crls if kind == "crls" else credentials.parse_certificates)(data, path)
-            except (OSError, CredentialError):
-                continue
-            found += judge(parsed, key_name(role, attr), path, now,
-                           EVERYTHING if every_file else cfg.expiry_warning_days)
+    for key, path, judge, kind in files:
+        if not path or path.startswith(("pkcs11:", "tpmkey:")):
+            continue
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+            parsed = (credentials.parse_crls if kind == "crls" else credentials.parse_certificates)(data, path)
+        except (OSError, CredentialError):
+            continue
+        found += judge(parsed, key, path, now, window)
     return found
+
+
+def sni_key(pair) -> str:
+    """How messages name an [hsd.server.sni] line: its file and line, section and name.  pair: hsd.config.SniPair"""
+    return f"{pair.where}: {pair.key}"
 
 
 def key_name(role: str, attr: str) -> str:

@@ -44,6 +44,8 @@ def print_config(cfg: Config, *, strict: bool = False, backend_option: bool = Fa
     print(f"[hsd.server] require_client_certificate={str(cfg.require_client_certificate).lower()} "
           f"allowed_client_sans={';'.join(cfg.allowed_client_sans) or '(any)'}")
     print(f"[hsd.psk] modes={';'.join(cfg.psk_modes)}")
+    for pair in cfg.sni:
+        print(f"[hsd.server.sni] {pair.name}={pair.certificate};{pair.private_key}")
     print_mode_statuses(host)
     for note in found.notes:
         print(f"[loaded] {note}")

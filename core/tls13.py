@@ -14,11 +14,13 @@ from dataclasses import dataclass
 
 from .errors import HandshakeError, PeerRejected
 from .peerlog import truncate
-from .wire import RecordSocket
+from .wire import MAX_RECORD, RecordSocket
 
 ALERT = 21
 HANDSHAKE = 22
 CLIENT_HELLO = 1
+EXT_SERVER_NAME = 0
+SNI_HOST_NAME = 0  # the only NameType RFC 6066 defines
 EXT_PRE_SHARED_KEY = 41
 EXT_PSK_KEY_EXCHANGE_MODES = 45
 MAX_CLIENT_HELLO = 1 << 17  # far above any real ClientHello; a bound against abuse
@@ -84,8 +86,8 @@ class _Reader:
         return self.pos == len(self.data)
 
 
-def offered_psks(message: bytes) -> OfferedPsks:
-    """Identities (in the client's order) and key-exchange modes of one ClientHello message."""
+def client_hello_extensions(message: bytes) -> list[tuple[int, bytes]]:
+    """(type, data) of each extension of one ClientHello message, in the client's order."""
     reader = _Reader(message)
     if reader.number(1) != CLIENT_HELLO:
         raise MalformedClientHello("not a ClientHello")
@@ -94,14 +96,40 @@ def offered_psks(message: bytes) -> OfferedPsks:
     body.vector(1)  # legacy_session_id
     body.vector(2)  # cipher_suites
     body.vector(1)  # legacy_compression_methods
+    if body.done():
+        return []
+    extensions = _Reader(body.vector(2))
+    found = []
+    while not extensions.done():
+        found.append((extensions.number(2), extensions.vector(2)))
+    return found
+
+
+def server_name(message: bytes) -> bytes | None:
+    """The host_name of a ClientHello's server_name extension (RFC 6066), as sent; None when there is none.
+
+    None too when the list holds more than one host_name (RFC 6066 forbids it:
+    no name is then trusted to choose anything)."""
+    for ext_type, data in client_hello_extensions(message):
+        if ext_type != EXT_SERVER_NAME:
+            continue
+        names = _Reader(_Reader(data).vector(2))
+        hosts = []
+        while not names.done():
+            name_type = names.number(1)
+            name = names.vector(2)
+            if name_type == SNI_HOST_NAME:
+                hosts.append(name)
+        return hosts[0] if len(hosts) == 1 else None
+    return None
+
+
+def offered_psks(message: bytes) -> OfferedPsks:
+    """Identities (in the client's order) and key-exchange modes of one ClientHello message."""
     identities: tuple[bytes, ...] = ()
     modes: tuple[int, ...] = ()
-    if body.done():
-        return OfferedPsks(identities, modes)
-    extensions = _Reader(body.vector(2))
-    while not extensions.done():
-        ext_type = extensions.number(2)
-        ext = _Reader(extensions.vector(2))
+    for ext_type, data in client_hello_extensions(message):
+        ext = _Reader(data)
         if ext_type == EXT_PRE_SHARED_KEY:
             listed = _Reader(ext.vector(2))
             found = []
@@ -138,6 +166,35 @@ def read_client_hello(records: RecordSocket) -> tuple[list[bytes], bytes]:
         length = client_hello_length(data)
         if length is not None and len(data) >= length:
             return raw, data[:length]
+
+
+def peek_client_hello(records: RecordSocket) -> bytes | None:
+    """The peer's ClientHello message, read ahead and given back to the socket for the library that runs next.
+
+    Reads exactly what the library would (record header, then body, through
+    read_next) and stops at the first thing that is not a plaintext handshake
+    record of a ClientHello - returning None, so the library judges and answers
+    it as if hsd had read nothing.  The socket's own failures (timeout, close)
+    are raised: the library would have met the same."""
+    pieces: list[bytes] = []
+    data = bytearray()
+    try:
+        while True:
+            header = records.read_next()
+            pieces.append(header)
+            length = int.from_bytes(header[3:5], "big")
+            if header[0] != HANDSHAKE or header[1] != 3 or not 0 < length <= MAX_RECORD:
+                return None
+            body = records.read_next()
+            pieces.append(body)
+            data += body
+            total = client_hello_length(bytes(data))
+            if total is not None and len(data) >= total:
+                return bytes(data[:total])
+    except MalformedClientHello:
+        return None
+    finally:
+        records.give_back(pieces)
 
 
 def offered_psk_identities(records: RecordSocket) -> tuple[list[bytes], tuple[bytes, ...]]:

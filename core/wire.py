@@ -12,7 +12,11 @@ Every read is also charged to the socket's handshake read limit: a peer can
 make hsd read at most HANDSHAKE_READ_LIMIT bytes before the handshake is over
 (a TLS library's defragmenter would otherwise buffer a 16 MiB handshake message
 for it).  The budget belongs to the socket, not to one RecordSocket, so a
-ClientHello pre-reader and the library after it share it.
+ClientHello pre-reader and the library after it share it.  So does what hsd
+read ahead (hsd.tls13.peek_client_hello, for the server name): give_back()
+leaves those pieces with the socket, and the next read_next() on it - the
+library's - replays them in order before it reads on, so the library sees
+exactly the byte stream it would have seen.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import socket
 import threading
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import HandshakeTimeout, HandshakeTooLarge, PeerClosed, PeerRejected
 
@@ -56,6 +60,9 @@ class ReadBudget:
 
     limit: int
     used: int = 0
+    replay: list[bytes] = field(default_factory=list)  # pieces read ahead by hsd, not yet given to the library
+    replay_owed: int = 0  # body bytes of the last replayed header still on the socket
+    replay_foreign: bool = False  # a replayed header was no TLS record header
 
 
 _budgets: "weakref.WeakKeyDictionary[socket.socket, ReadBudget]" = weakref.WeakKeyDictionary()
@@ -124,7 +131,15 @@ class RecordSocket:
 
         Never reads past the record in progress, and hands a header over before
         its body, so the library answers a header it refuses (oversized,
-        not TLS) at once, as it would on its own socket."""
+        not TLS) at once, as it would on its own socket.  Pieces read ahead
+        and given back (give_back) come first, in the order they were read."""
+        budget = self.budget
+        if budget.replay:
+            piece = budget.replay.pop(0)
+            if not budget.replay:
+                self._owed, budget.replay_owed = budget.replay_owed, 0
+                self.saw_foreign_header |= budget.replay_foreign
+            return piece
         if self._owed:
             owed, self._owed = self._owed, 0
             return self._recv_exact(owed)
@@ -134,6 +149,18 @@ class RecordSocket:
             self.saw_foreign_header = True
         return header
 
+    def give_back(self, pieces: list[bytes]) -> None:
+        """Leave pieces this RecordSocket returned from read_next() (all of them, in order) with the socket,
+        for the next read_next() on it to replay, with the state of the record in progress."""
+        budget = self.budget
+        if not pieces:
+            return
+        if budget.replay:
+            raise RuntimeError("give_back() while pieces given back earlier are still unread")
+        budget.replay = list(pieces)
+        budget.replay_owed, self._owed = self._owed, 0
+        budget.replay_foreign = self.saw_foreign_header
+
     def read_record(self) -> bytes:
         """One whole TLS record (header + body), for hsd's own parsing before a library runs.
 
@@ -141,8 +168,8 @@ class RecordSocket:
         more than a record may hold: hsd cannot judge those bytes and must not
         wait for a body no TLS peer sends.  A zero-length record is returned:
         the library the records are handed to decides about it."""
-        if self._owed:
-            raise RuntimeError("read_record() after read_next() returned a header")
+        if self._owed or self.budget.replay:
+            raise RuntimeError("read_record() after read_next() returned a header, or with pieces given back")
         header = self._recv_exact(RECORD_HEADER, first=True)
         length = int.from_bytes(header[3:5], "big")
         if header[0] & 0x80 or not is_tls_framing(header):

@@ -153,6 +153,15 @@ def normalize_peer_name(name: str) -> PeerName:
         raise PeerRejected(f"peer name {name!r} is not a valid DNS name or IP address: {exc}") from None
 
 
+def normalize_dns_name(text: str, *, wildcard: bool = False) -> str:
+    """text as a DNS name by the same rule as normalize_peer_name (A-labels, lower case, no trailing dot);
+    ValueError says why it is none.  wildcard: a leftmost "*" label is allowed."""
+    problem = _unprintable(text)
+    if problem:
+        raise ValueError(problem)
+    return _dns_name(text, wildcard=wildcard)
+
+
 def client_peer_name(peername: str | None, *, verify: bool) -> PeerName | None:
     """The server's normalised name for a client handshake; None only when none was given and none is needed."""
     if not peername:
