@@ -79,6 +79,48 @@ def test_serving_the_simulator_joins_before_any_tls_library_or_pyroute2_is_impor
     assert loaded == [], f"imported before the join: {loaded}"
 
 
+# imported by the time hsd serves, none of these may be when no mode is routed to the tlslite backend
+UNROUTED = ("tlslite", "hsd_tlslite.handshake", "hsd_tlslite.psk", "hsd_tlslite.accel", "hsd_tlslite.connection")
+
+AT_READY = textwrap.dedent("""
+    import json, sys
+    from hsd import daemon
+
+    def spy(state):
+        if state == "READY=1":
+            with open({out!r}, "w") as out:
+                json.dump(sorted(sys.modules), out)
+            raise SystemExit(0)
+
+    daemon.notify_systemd = spy
+    from hsd.cli import main
+    sys.exit(main({argv!r}))
+""")
+
+
+def modules_at_ready(argv: list[str], out: Path) -> list[str]:
+    """Run the real command line in a fresh interpreter, stopping it when it would send READY=1."""
+    code = AT_READY.format(out=str(out), argv=argv)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return json.loads(out.read_text())
+
+
+def test_an_unrouted_tlslite_backend_is_listed_but_its_library_is_not_imported_when_serving(
+        tmp_path: Path, hsd_pki: TestPki) -> None:
+    config = tmp_path / "hsd.conf"
+    config.write_text(f"[authenticate.client]\nx509.truststore={hsd_pki.ca}\n[hsd]\nbackend=openssl\n")
+    with Simulator() as sim:
+        modules = modules_at_ready(["-c", str(config), "--simulator", sim.address], tmp_path / "m")
+    assert "hsd_tlslite" in modules and "OpenSSL" in modules  # both plugins loaded: the check is not vacuous
+    assert [name for name in UNROUTED if name in modules] == []
+    plugins = subprocess.run([sys.executable, "-m", "hsd.cli", "plugins"], capture_output=True, text=True,
+                             timeout=120)
+    assert plugins.returncode == 0, plugins.stderr
+    listed = [line for line in plugins.stdout.splitlines() if line.split()[:1] == ["tlslite"]]
+    assert listed and "SKIPPED" not in listed[0] and "0.8" in listed[0], plugins.stdout
+
+
 def _kernel_has_handshake_family() -> bool:
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, startup.NETLINK_GENERIC) as sock:
         sock.bind((0, 0))
