@@ -170,9 +170,24 @@ def send_through_ktls(sock: socket.socket, data: bytes) -> None:
     sock.sendall(data)
 
 
+TLS_GET_RECORD_TYPE = 2  # SOL_TLS cmsg: a record that is not application data comes alone, typed
+
+
 def recv_through_ktls(sock: socket.socket, count: int) -> bytes:
+    """Application data from kTLS RX; other records (a NewSessionTicket) are skipped, not an EIO."""
     sock.settimeout(60)
-    return read_exactly(sock, count, 60)
+    data = bytearray()
+    while len(data) < count:
+        chunk, ancillary, _, _ = sock.recvmsg(count - len(data), socket.CMSG_SPACE(1))
+        record_type = next((c[2][0] for c in ancillary if c[0] == ktls.SOL_TLS and c[1] == TLS_GET_RECORD_TYPE),
+                           APPLICATION_DATA)
+        if record_type != APPLICATION_DATA:
+            print(f"client: skipped a record of type {record_type} from the peer", flush=True)
+            continue
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
 
 
 def run_role(role: str, expect: str) -> list[str]:
@@ -181,8 +196,8 @@ def run_role(role: str, expect: str) -> list[str]:
     peer_port = free_port()
     listener = None
     if role == "client":  # hsd is the client: gnutls-serv echoes
-        peer_cmd = ["gnutls-serv", "--port", str(peer_port), "--echo", "--recordsize", str(RECORDSIZE),
-                    "--x509certfile", str(PKI / "server.pem"), "--x509keyfile", str(PKI / "server.key")]
+        peer_cmd = ["gnutls-serv", "--port", str(peer_port), "--echo", "--noticket",  # no NewSessionTicket
+                    "--recordsize", str(RECORDSIZE), "--x509certfile", str(PKI / "server.pem"), "--x509keyfile", str(PKI / "server.key")]
         hsd_side = "down"
     else:  # hsd is the server: gnutls-cli prints what it receives
         listener = socket.create_server(("127.0.0.1", peer_port))
