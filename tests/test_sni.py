@@ -496,3 +496,53 @@ def test_check_reports_each_sni_pair_it_loaded(pki: Path, tmp_path: Path) -> Non
                                     (10, "*.example.net", "cert-wild")):
         assert f"{config}:{line}: [hsd.server.sni] {name}: CN={common_name}, 1 certificate(s)" in checked.stdout, \
             checked.stdout
+
+
+def _wait_for(daemon: Daemon, words: str, count: int = 1) -> None:
+    deadline = time.monotonic() + 15
+    while daemon.text().count(words) < count:
+        assert time.monotonic() < deadline, daemon.text()[-3000:]
+        time.sleep(0.05)
+
+
+def test_a_reload_applies_new_pairs_and_a_broken_pair_keeps_the_running_ones(pki: Path, tmp_path: Path) -> None:
+    config = tmp_path / "hsd.conf"
+    config.write_text(_config(pki, "openssl"))
+    with Simulator() as sim:
+        daemon = Daemon(sim, config, tmp_path / "hsd.log")
+        try:
+            assert received(handshake(daemon, Client("openssl"), "nfs1.example.org", pki / "ca.pem")[1]) == {"cert-nfs1"}
+            # nfs1 now gets nfs2's pair, and a new name appears
+            config.write_text(_config(pki, "openssl", "[hsd.server.sni]\n"
+                                      "nfs1.example.org = {d}/cert-nfs2.pem;{d}/cert-nfs2.key\n"
+                                      "new.example.org = {d}/cert-wild.pem;{d}/cert-wild.key\n"))
+            daemon.proc.send_signal(signal.SIGHUP)
+            _wait_for(daemon, "configuration reloaded")
+            assert received(handshake(daemon, Client("gnutls"), "nfs1.example.org", pki / "ca.pem")[1]) == {"cert-nfs2"}
+            assert received(handshake(daemon, Client("openssl"), "new.example.org", pki / "ca.pem")[1]) == {"cert-wild"}
+            # a reload whose pair does not match is refused as a whole: the running pairs stay
+            config.write_text(_config(pki, "openssl", "[hsd.server.sni]\n"
+                                      "nfs1.example.org = {d}/cert-nfs1.pem;{d}/cert-nfs2.key\n"))
+            daemon.proc.send_signal(signal.SIGHUP)
+            _wait_for(daemon, "cert-nfs2.key is not the private key of")
+            assert received(handshake(daemon, Client("openssl"), "nfs1.example.org", pki / "ca.pem")[1]) == {"cert-nfs2"}
+            assert received(handshake(daemon, Client("openssl"), "new.example.org", pki / "ca.pem")[1]) == {"cert-wild"}
+        finally:
+            assert daemon.stop() == 0, daemon.text()
+    assert "Traceback" not in daemon.text()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_under_isolation_process_the_child_gets_the_client_hello_hsd_read_ahead(pki: Path, tmp_path: Path,
+                                                                               backend: str) -> None:
+    """The read-ahead belongs to the socket: a forked handshake child replays it as a thread would."""
+    config = tmp_path / "hsd.conf"
+    config.write_text(_config(pki, backend, hsd_extra="isolation=process\n"))
+    with Simulator() as sim:
+        daemon = Daemon(sim, config, tmp_path / "hsd.log")
+        try:
+            for name, expected in (("nfs2.example.org", "cert-nfs2"), (None, "cert-default")):
+                status, output = handshake(daemon, Client("openssl"), name, pki / "ca.pem")
+                assert status == 0 and received(output) == {expected}, output + daemon.text()[-2000:]
+        finally:
+            assert daemon.stop() == 0, daemon.text()
