@@ -26,7 +26,7 @@ from .channel import OVERRUN, Channel
 from .config import Config, SniPair
 from .context import Auth, HandshakeContext, Mode, Role, Settings
 from .credentials import X509Credentials, load_x509
-from .errors import HandshakeError, HandshakeTimeout, Unsupported
+from .errors import CredentialError, HandshakeError, HandshakeTimeout, Unsupported
 from .isolation import run_isolated
 from .ktls import install_session
 from .nltrace import TracedChannel
@@ -34,6 +34,7 @@ from .plugins import PluginHost
 from .peerlog import truncate
 from .protocol import AuthMode, Done, HandshakeRequest, MessageType, ProtocolError, errno_name
 from .session import Session
+from .tls13 import refuse_handshake
 from .validate import check_session, scrub
 from .wire import RecordSocket
 
@@ -390,8 +391,13 @@ class Dispatcher:
         if sock.type != socket.SOCK_STREAM:
             raise Unsupported("only stream (TCP) sockets are supported")
         backend = self.host.backend_for(mode, self.default_backend)
-        x509 = (load_x509(self.config, request, self._sni_pair(request, mode, sock, deadline))
-                if mode.auth is not Auth.PSK else X509Credentials())
+        try:
+            x509 = (load_x509(self.config, request, self._sni_pair(request, mode, sock, deadline))
+                    if mode.auth is not Auth.PSK else X509Credentials())
+        except CredentialError:
+            if mode.role is Role.SERVER:  # misconfigured: the client hears it now, not at its own timeout
+                refuse_handshake(sock, deadline)
+            raise
         return HandshakeContext(request=request, sock=sock, deadline=deadline, backend=backend, x509=x509,
                                 settings=settings_of(self.config))
 

@@ -24,6 +24,7 @@ from .errors import CredentialError, HandshakeError, Unsupported
 from .hookspecs import ALL_MODES, API_VERSION, ENTRY_POINT_GROUP, KINDS, PROJECT, BackendInfo, HookSpecs, Mode
 from .psk import PskOffer, run_psk
 from .session import Session
+from .tls13 import refuse_handshake
 from .validate import check_session, scrub
 
 log = logging.getLogger(__name__)
@@ -332,11 +333,14 @@ def check_request(ctx: HandshakeContext) -> None:
     """The rules of a certificate-mode request, checked once here for every backend.
 
     A verifying client needs the server's name (EACCES without one); a server,
-    and a client in x509 mode, need our certificate and private key (EIO)."""
+    and a client in x509 mode, need our certificate and private key (EIO; a
+    server's client gets the access_denied alert at once)."""
     mode = ctx.mode
     if mode.role is Role.CLIENT:
         ctx.server_name  # raises PeerRejected for a verifying client without a peer name
     if mode.role is Role.SERVER or mode.auth is Auth.X509:
         creds = ctx.x509
         if not creds.chain or creds.key is None:
+            if mode.role is Role.SERVER:
+                refuse_handshake(ctx.sock, ctx.deadline)
             raise CredentialError(f"{mode.role} x509 handshake needs a certificate and a private key")

@@ -180,12 +180,20 @@ def server_first_flight(records: RecordSocket, offer: PskOffer) -> tuple[list[by
     Reads the ClientHello (hsd.tls13) and resolves the offered identities in
     the client's order until one is known.  Returns the ClientHello's records
     (to feed the library), every offered identity, and that first known key;
-    none known: the unknown_psk_identity alert, then UnknownPskIdentity."""
+    none known: the unknown_psk_identity alert, then UnknownPskIdentity.  A key
+    found but unusable (wrong length, unreadable) is the server's
+    misconfiguration, CredentialError (EIO) as ever, but the client gets the
+    same alert at once: it need not wait for its timeout, and learns nothing
+    about which identities exist."""
     if offer.lookup is None:
         raise CredentialError("PSK server handshake without an identity lookup")
     raw, identities = offered_psk_identities(records)
     lookup = offer.lookup
-    first = next((key for key in map(lookup, identities) if key is not None), None)
+    try:
+        first = next((key for key in map(lookup, identities) if key is not None), None)
+    except CredentialError:
+        send_alert(records, UNKNOWN_PSK_IDENTITY)
+        raise
     if first is None:
         send_alert(records, UNKNOWN_PSK_IDENTITY)
         # the identities themselves are logged by run_psk (bounded, rate-limited per peer)

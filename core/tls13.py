@@ -3,13 +3,15 @@
 A PSK server must pick its cipher suites before its library matches a PSK, and
 the suite's hash must be the PSK's (SHA-256 vs SHA-384), so it reads the
 offered identities first - and refuses what it cannot use with a plaintext
-alert of its own.  Every backend uses these, so they live here, once.  The
-parsing is sans-I/O (records in, identities out); read_client_hello() and
-send_alert() are the two thin I/O steps over hsd.wire.RecordSocket.
+alert of its own.  A server without usable credentials refuses every client
+the same way (refuse_handshake).  Every backend uses these, so they live here,
+once.  The parsing is sans-I/O (records in, identities out); read_client_hello()
+and send_alert() are the two thin I/O steps over hsd.wire.RecordSocket.
 """
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 from .errors import HandshakeError, PeerRejected
@@ -28,6 +30,7 @@ MAX_CLIENT_HELLO = 1 << 17  # far above any real ClientHello; a bound against ab
 
 # alert descriptions (RFC 8446 section 6) hsd sends itself
 HANDSHAKE_FAILURE = 40
+ACCESS_DENIED = 49  # a server without usable credentials of its own, as tlshd 1.3.1 and later send it
 DECODE_ERROR = 50
 UNKNOWN_PSK_IDENTITY = 115
 
@@ -153,6 +156,21 @@ def send_alert(records: RecordSocket, description: int) -> None:
         records.write(fatal_alert(description))
     except HandshakeError:
         pass
+
+
+def refuse_handshake(sock: socket.socket, deadline: float, description: int = ACCESS_DENIED) -> None:
+    """A server that cannot serve this request at all says so now: a fatal alert, before any hello is read.
+
+    Without it the client sees only the connection close, which NFS and NVMe
+    clients take for a transient failure and retry until their own timeout.  A
+    TLS 1.3 client accepts a plaintext alert where it waits for the ServerHello
+    (and reads it after writing its ClientHello if it comes sooner).  Best
+    effort and bounded by the deadline; what the peer already sent is read and
+    dropped, so the consumer's close is a FIN, not a reset that could overtake
+    the alert."""
+    records = RecordSocket(sock, deadline)
+    send_alert(records, description)
+    records.discard_arrived()
 
 
 def read_client_hello(records: RecordSocket) -> tuple[list[bytes], bytes]:

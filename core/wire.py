@@ -178,6 +178,22 @@ class RecordSocket:
             raise PeerRejected(f"peer sent an oversized record ({length} bytes)")
         return header + self._recv_exact(length)
 
+    def discard_arrived(self) -> None:
+        """Read and drop what the peer has sent so far, without waiting, within the read limit.
+
+        For a server that answers before it reads (a fatal alert, then DONE): a
+        socket closed with unread bytes sends a reset instead of a FIN, and a
+        reset can cost the peer the alert still on its way to it."""
+        budget = self.budget
+        while budget.used < budget.limit:
+            try:
+                chunk = self.sock.recv(min(65536, budget.limit - budget.used))
+            except OSError:  # BlockingIOError: nothing more yet; anything else: nothing more ever
+                return
+            if not chunk:
+                return
+            budget.used += len(chunk)
+
     def write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
