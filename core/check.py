@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.utils import CryptographyDeprecationWarning
 
-from . import credentials, expiry, filetrust, x509verify
+from . import credentials, expiry, filetrust, sni, x509verify
 from .config import MODES, Config, RoleConfig, nearest
 from .errors import CredentialError
 from .plugins import PluginHost
@@ -250,6 +250,14 @@ def _sni_pairs(cfg: Config, found: Findings, now: datetime.datetime) -> None:
     for pair in cfg.sni:
         key = expiry.sni_key(pair)
         _check_pair(cfg, (key, pair.certificate), (f"{key} (its private key)", pair.private_key), found, now)
+        try:  # the file again (public, small): _check_pair has reported whatever is wrong with it
+            with open(pair.certificate, "rb") as handle:
+                leaf = credentials.parse_certificates(handle.read(), pair.certificate)[0]
+        except (OSError, CredentialError):
+            continue
+        if not sni.certificate_names(leaf, pair.name):
+            found.warnings.append(f"{key} = {pair.certificate}: the certificate does not name {pair.name} in its "
+                                  "subjectAltName; clients that verify the server's name refuse it")
 
 
 def _check_pair(cfg: Config, cert: tuple[str, str | None], key_file: tuple[str, str | None], found: Findings,

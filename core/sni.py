@@ -20,8 +20,10 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Sequence
 
+from cryptography import x509
+
 from .config import SniPair
-from .x509verify import normalize_dns_name
+from .x509verify import certificate_san_values, normalize_dns_name
 
 MAX_SNI = 255  # bytes of host_name considered at all (a DNS name has at most 253)
 
@@ -67,3 +69,10 @@ def choose(pairs: Sequence[SniPair], host_name: bytes | None) -> SniPair | None:
         if pair.name == wildcard:
             return pair
     return None
+
+
+def certificate_names(cert: x509.Certificate, name: str) -> bool:
+    """Whether cert's DNS SANs name this configured name (itself, or one wildcard SAN covering it), as a
+    client verifying the name will require; hsd check warns of a pair whose certificate does not."""
+    sans = {san.value for san in certificate_san_values(cert) if san.kind == "dns"}
+    return name in sans or (not name.startswith("*.") and f"*.{name.partition('.')[2]}" in sans)

@@ -492,6 +492,7 @@ def test_check_reports_each_sni_pair_it_loaded(pki: Path, tmp_path: Path) -> Non
     checked = hsd("check", "-c", str(config), cwd=tmp_path)
     assert checked.returncode == 0 and checked.stdout.rstrip().endswith("configuration OK"), checked.stdout
     assert f"[hsd.server.sni] nfs2.example.org={pki}/cert-nfs2.pem;{pki}/cert-nfs2.key\n" in checked.stdout
+    assert "warning" not in checked.stderr, checked.stderr  # each certificate names its entry
     for line, name, common_name in ((7, "nfs1.example.org", "cert-nfs1"), (9, "nfs2.example.org", "cert-nfs2"),
                                     (10, "*.example.net", "cert-wild")):
         assert f"{config}:{line}: [hsd.server.sni] {name}: CN={common_name}, 1 certificate(s)" in checked.stdout, \
@@ -546,3 +547,23 @@ def test_under_isolation_process_the_child_gets_the_client_hello_hsd_read_ahead(
                 assert status == 0 and received(output) == {expected}, output + daemon.text()[-2000:]
         finally:
             assert daemon.stop() == 0, daemon.text()
+
+
+def test_check_warns_of_a_pair_whose_certificate_does_not_name_its_entry(pki: Path, tmp_path: Path) -> None:
+    """A typo in the mapping would make every verifying client fail with a name mismatch: say so up front."""
+    config = tmp_path / "tlshd.conf"
+    config.write_text(_config(pki, "openssl", "[hsd.server.sni]\n"
+                              "nfs1.example.org = {d}/cert-nfs2.pem;{d}/cert-nfs2.key\n"  # nfs2's certificate
+                              "host.example.net = {d}/cert-wild.pem;{d}/cert-wild.key\n"  # *.example.net names it
+                              "*.example.net = {d}/cert-nfs1.pem;{d}/cert-nfs1.key\n"))  # no wildcard SAN
+    checked = hsd("check", "-c", str(config), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr  # a warning: the pair still loads
+    warnings = [line for line in checked.stderr.splitlines() if line.startswith("hsd: warning: ")]
+    assert warnings == [
+        f"hsd: warning: {config}:7: [hsd.server.sni] nfs1.example.org = {pki}/cert-nfs2.pem: the certificate does "
+        "not name nfs1.example.org in its subjectAltName; clients that verify the server's name refuse it",
+        f"hsd: warning: {config}:9: [hsd.server.sni] *.example.net = {pki}/cert-nfs1.pem: the certificate does "
+        "not name *.example.net in its subjectAltName; clients that verify the server's name refuse it",
+    ], checked.stderr
+    strict = hsd("check", "--strict", "-c", str(config), cwd=tmp_path)
+    assert strict.returncode == 2 and "configuration FAILED (--strict): 2 warning(s)" in strict.stdout, strict.stdout
