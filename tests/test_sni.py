@@ -567,3 +567,22 @@ def test_check_warns_of_a_pair_whose_certificate_does_not_name_its_entry(pki: Pa
     ], checked.stderr
     strict = hsd("check", "--strict", "-c", str(config), cwd=tmp_path)
     assert strict.returncode == 2 and "configuration FAILED (--strict): 2 warning(s)" in strict.stdout, strict.stdout
+
+
+def test_without_a_default_pair_an_unmatched_name_gets_access_denied_and_a_listed_one_its_pair(
+        pki: Path, tmp_path: Path) -> None:
+    config = tmp_path / "hsd.conf"
+    config.write_text("[hsd]\nbackend=openssl\n[hsd.server.sni]\n"
+                      f"nfs1.example.org = {pki}/cert-nfs1.pem;{pki}/cert-nfs1.key\n")
+    with Simulator() as sim:
+        daemon = Daemon(sim, config, tmp_path / "hsd.log")
+        try:
+            status, output = handshake(daemon, Client("openssl"), "nfs1.example.org", pki / "ca.pem")
+            assert status == 0 and received(output) == {"cert-nfs1"}, output
+            for name in ("nfs2.example.org", None):
+                status, output = handshake(daemon, Client("openssl"), name, pki / "ca.pem")
+                assert status == errno.EIO and "access denied" in output, output
+                assert received(output) == set(), output
+            _wait_for(daemon, "no [hsd.server.sni] name matched the client's server_name", 2)
+        finally:
+            assert daemon.stop() == 0, daemon.text()
