@@ -151,12 +151,13 @@ def daemon(request: pytest.FixtureRequest, pki: Path, tmp_path_factory: pytest.T
 @dataclass
 class Client:
     tool: str  # openssl | gnutls
+    extra: tuple[str, ...] = ()
 
     def argv(self, port: int, name: str | None, ca: Path) -> list[str]:
         if self.tool == "openssl":
             sni_flags = ["-servername", name] if name is not None else ["-noservername"]
             return ["openssl", "s_client", "-connect", f"{peers.LOOPBACK}:{port}", "-tls1_3", "-ign_eof",
-                    "-CAfile", str(ca), *sni_flags]
+                    "-CAfile", str(ca), *sni_flags, *self.extra]
         # gnutls-cli sends no server_name for an address unless told one
         sni_flags = ["--sni-hostname", name] if name is not None else []
         return ["gnutls-cli", "--port", str(port), "--insecure", "--priority", "NORMAL:-VERS-ALL:+VERS-TLS1.3",
@@ -586,3 +587,25 @@ def test_without_a_default_pair_an_unmatched_name_gets_access_denied_and_a_liste
             _wait_for(daemon, "no [hsd.server.sni] name matched the client's server_name", 2)
         finally:
             assert daemon.stop() == 0, daemon.text()
+
+
+def test_after_a_hello_retry_request_the_pair_chosen_from_the_first_client_hello_stays(pki: Path,
+                                                                                      tmp_path: Path) -> None:
+    """The server asks for another key share: the library reads the second ClientHello itself, after the
+    replayed first one, and the certificate is still the one the first ClientHello's name chose.
+
+    The openssl backend only: OpenSSL >= 3.5 retries a P-521 key share for X25519 (its first preference
+    tuple); tlslite-ng serves every group an OpenSSL or GnuTLS client can offer and takes the client's
+    key share, so no real client makes it retry."""
+    config = tmp_path / "hsd.conf"
+    config.write_text(_config(pki, "openssl"))
+    with Simulator() as sim:
+        daemon = Daemon(sim, config, tmp_path / "hsd.log")
+        try:
+            client = Client("openssl", ("-groups", "P-521:X25519", "-msg"))
+            status, output = handshake(daemon, client, "nfs2.example.org", pki / "ca.pem")
+        finally:
+            assert daemon.stop() == 0, daemon.text()
+    assert status == 0, output
+    assert output.count("ClientHello") == 2, output  # the retry happened
+    assert received(output) == {"cert-nfs2"}, output
