@@ -14,6 +14,15 @@ syscall would set):
       setsockopt(SOL_NETLINK, NETLINK_ADD/DROP_MEMBERSHIP).
   SIMCALL_SETSOCKOPT: attr 1 = level (u32), attr 2 = optname (u32),
       attr 3 = optval (bytes); the target socket travels with SCM_RIGHTS.
+  SIMCALL_SETSOCKOPTS: several setsockopt on one socket in one round trip (the
+      kTLS install: ULP, TX, RX): attr 4 (nested, repeated) = one call's attrs
+      1-3.  The simulator runs them in order, each with the checks of its own
+      syscall, and stops at the first that fails; it answers with a SIMCALL
+      message of the same cmd: attr 1 = calls that succeeded (u32), attr 2 = the
+      errno of the next one (u32, 0 when all did).  SimKtls replays that answer
+      call by call through hsd.ktls.install_via, so the sequence, the errors
+      tolerated (EEXIST on the ULP) and their messages stay those of the real
+      syscalls; a call after a tolerated failure goes in a new batch.
 The edge does two things the kernel would do in the agent's context: it puts the
 number the handed-over fd got here into HandshakeRequest.sockfd, and it links
 the request's keyring into this process's keyring.
@@ -27,12 +36,14 @@ import errno
 import os
 import select
 import socket
+import struct
 import threading
+from typing import Any
 
 from . import keyring as keyrings
 from . import protocol as p
 from .channel import OVERRUN
-from .ktls import CryptoInfo, install_via
+from .ktls import SOL_TLS, TCP_ULP, TLS_RX, TLS_TX, TLS_TX_MAX_PAYLOAD_LEN, CryptoInfo, install_via
 from .secret import wipe
 
 SIM_FAMILY_ID = 0x1E  # dynamic in the kernel; agents must resolve it with GETFAMILY
@@ -41,10 +52,14 @@ SIMCALL_TYPE = 0x0F
 SIMCALL_ADD_MEMBERSHIP = 1
 SIMCALL_DROP_MEMBERSHIP = 2
 SIMCALL_SETSOCKOPT = 3
+SIMCALL_SETSOCKOPTS = 4
 SIMCALL_ATTR_GROUP = 1
 SIMCALL_ATTR_LEVEL = 1
 SIMCALL_ATTR_OPTNAME = 2
 SIMCALL_ATTR_OPTVAL = 3
+SIMCALL_ATTR_CALL = 4
+SIMCALL_ATTR_APPLIED = 1  # in the SIMCALL_SETSOCKOPTS answer
+SIMCALL_ATTR_ERRNO = 2
 
 MAX_DATAGRAM = 65536
 MAX_FDS = 8
@@ -84,12 +99,54 @@ def encode_setsockopt(seq: int, level: int, optname: int, optval: bytes) -> byte
                    + p.attr_u32(SIMCALL_ATTR_OPTNAME, optname) + p.attr(SIMCALL_ATTR_OPTVAL, optval))
 
 
+def encode_setsockopts(seq: int, calls: list[tuple[int, int, bytes | bytearray]]) -> bytearray:
+    """SIMCALL_SETSOCKOPTS in a bytearray the caller wipes: the values (keys) are copied only into it.
+
+    Sized once and filled in place: a growing bytearray would be reallocated and leave
+    the values copied so far in freed memory."""
+    parts = []
+    for level, optname, value in calls:
+        head = p.attr_u32(SIMCALL_ATTR_LEVEL, level) + p.attr_u32(SIMCALL_ATTR_OPTNAME, optname)
+        length = p.NLA_HDR.size + len(value)
+        parts.append((p.NLA_HDR.pack(p.NLA_HDR.size + len(head) + p.align(length), SIMCALL_ATTR_CALL | p.NLA_F_NESTED)
+                      + head + p.NLA_HDR.pack(length, SIMCALL_ATTR_OPTVAL), value, p.align(length) - length))
+    size = sum(len(head) + len(value) + pad for head, value, pad in parts)
+    message = bytearray(p.GenlMessage(SIMCALL_TYPE, p.NLM_F_REQUEST, seq, 0, SIMCALL_SETSOCKOPTS, 1,
+                                      bytes(size)).encode())
+    pos = len(message) - size
+    for head, value, pad in parts:
+        message[pos:pos + len(head)] = head
+        pos += len(head)
+        message[pos:pos + len(value)] = value
+        pos += len(value) + pad
+    return message
+
+
+def decode_setsockopts(msg: p.GenlMessage) -> list[tuple[int, int, bytes]]:
+    """The calls of a SIMCALL_SETSOCKOPTS request (the simulator's side); ProtocolError/KeyError if malformed."""
+    calls = []
+    for atype, payload in msg.attrs():
+        if atype & p.NLA_TYPE_MASK != SIMCALL_ATTR_CALL:
+            raise p.ProtocolError(f"unexpected attribute {atype} in SIMCALL_SETSOCKOPTS")
+        inner = {t & p.NLA_TYPE_MASK: v for t, v in p.parse_attrs(payload)}
+        calls.append((p.get_u32(inner[SIMCALL_ATTR_LEVEL]), p.get_u32(inner[SIMCALL_ATTR_OPTNAME]),
+                      inner[SIMCALL_ATTR_OPTVAL]))
+    return calls
+
+
+def encode_setsockopts_answer(seq: int, pid: int, applied: int, err: int) -> bytes:
+    return p.GenlMessage(SIMCALL_TYPE, 0, seq, pid, SIMCALL_SETSOCKOPTS, 1,
+                         p.attr_u32(SIMCALL_ATTR_APPLIED, applied) + p.attr_u32(SIMCALL_ATTR_ERRNO, err)).encode()
+
+
 class _Endpoint:
     """One agent connection (a simulated netlink socket) with request/reply matched by seq."""
 
     def __init__(self, address: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         self.sock.connect(address)
+        self.poller = select.poll()
+        self.poller.register(self.sock, select.POLLIN)
         self.lock = threading.Lock()
         self.seq = 0
         self.port = 0
@@ -102,12 +159,16 @@ class _Endpoint:
         self.sock.sendmsg([data], scm_rights(fd))
 
     def recv(self, timeout: float | None = REPLY_TIMEOUT) -> tuple[bytes, list[int]]:
-        self.sock.settimeout(timeout)
-        try:
-            data, ancdata, _, _ = self.sock.recvmsg(MAX_DATAGRAM, socket.CMSG_SPACE(MAX_FDS * 4),
-                                                    socket.MSG_CMSG_CLOEXEC)
-        finally:
-            self.sock.settimeout(None)
+        """One datagram within timeout (None: wait; 0: only one already there, else BlockingIOError).
+
+        The socket stays blocking: poll() and MSG_DONTWAIT instead of settimeout(), which costs two
+        fcntl/ioctl calls around every reply (docs/performance.md, "Per-handshake cost")."""
+        flags = socket.MSG_CMSG_CLOEXEC
+        if timeout is not None:
+            flags |= socket.MSG_DONTWAIT
+            if timeout > 0 and not self.poller.poll(timeout * 1000):
+                raise socket.timeout("timed out")
+        data, ancdata, _, _ = self.sock.recvmsg(MAX_DATAGRAM, socket.CMSG_SPACE(MAX_FDS * 4), flags)
         if not data:
             raise ConnectionError("the simulator closed the connection")
         return data, fds_from_ancdata(ancdata)
@@ -277,6 +338,28 @@ class SimChannel:
             finally:
                 wipe(message)
 
+    def setsockopts(self, fd: int, calls: list[tuple[int, int, bytes | bytearray]]) -> tuple[int, int]:
+        """Several emulated setsockopt on fd in one round trip: (how many succeeded, errno of the next or 0).
+
+        The message holding the values is zeroed once sent, as in setsockopt()."""
+        with self._req.lock:
+            message = encode_setsockopts(self._req.next_seq(), calls)
+            try:
+                msgs, fds, raw = self._req.transact(message, fd)
+            finally:
+                wipe(message)
+        close_all(fds)
+        for m in msgs:
+            if isinstance(m, p.NetlinkError) and m.error:
+                return 0, m.error  # refused as a whole (no socket attached): the first call's errno
+            if isinstance(m, p.GenlMessage) and m.type == SIMCALL_TYPE and m.cmd == SIMCALL_SETSOCKOPTS:
+                try:
+                    attrs = {t & p.NLA_TYPE_MASK: v for t, v in m.attrs()}
+                    return p.get_u32(attrs[SIMCALL_ATTR_APPLIED]), p.get_u32(attrs[SIMCALL_ATTR_ERRNO])
+                except KeyError:
+                    break
+        raise p.ProtocolError(f"malformed SIMCALL_SETSOCKOPTS answer ({len(raw)} bytes)")
+
     def close(self) -> None:
         self._ready.close()
         self._req.close()
@@ -296,5 +379,47 @@ class SimKtls:
 
     def install(self, sock: socket.socket, tx: CryptoInfo, rx: CryptoInfo,
                 tx_max_payload: int | None = None) -> None:
-        install_via(lambda level, optname, value: self.setsockopt(sock, level, optname, value), tx, rx,
-                    no_ulp="kernel TLS is not available (tls ULP unknown)", tx_max_payload=tx_max_payload)
+        """install_via's calls, sent as one SIMCALL_SETSOCKOPTS (one round trip instead of three or four)."""
+        plan: list[tuple[int, int, bytes | bytearray]] = [(socket.IPPROTO_TCP, TCP_ULP, b"tls"),
+                                                          (SOL_TLS, TLS_TX, tx.pack()), (SOL_TLS, TLS_RX, rx.pack())]
+        if tx_max_payload is not None:
+            plan.append((SOL_TLS, TLS_TX_MAX_PAYLOAD_LEN, struct.pack("=H", tx_max_payload)))
+        batch = _Batch(self, sock, plan)
+        try:
+            install_via(batch.setsockopt, tx, rx, no_ulp="kernel TLS is not available (tls ULP unknown)",
+                        tx_max_payload=tx_max_payload)
+        finally:
+            for _level, _optname, value in plan:
+                if isinstance(value, bytearray):
+                    wipe(value)
+
+
+class _Batch:
+    """install_via's setsockopt, answered from SIMCALL_SETSOCKOPTS results of the planned calls.
+
+    The first call sends it and every planned call from there on; each call
+    then gets its own result (success, its errno, as the syscall would have).
+    A call past a failure (install_via goes on after EEXIST on the ULP) sends
+    the rest again; a call that is not the next planned one goes alone."""
+
+    def __init__(self, ktls: SimKtls, sock: socket.socket, plan: list[tuple[int, int, bytes | bytearray]]) -> None:
+        self._ktls = ktls
+        self._sock = sock
+        self._plan = plan
+        self._next = 0
+        self._results: dict[int, int] = {}
+
+    def setsockopt(self, level: int, optname: int, value: Any) -> None:
+        index = self._next
+        if index >= len(self._plan) or self._plan[index][:2] != (level, optname) or self._plan[index][2] != value:
+            self._ktls.setsockopt(self._sock, level, optname, value)
+            return
+        self._next += 1
+        if index not in self._results:
+            applied, err = self._ktls._channel.setsockopts(self._sock.fileno(), self._plan[index:])
+            self._results = {index + i: 0 for i in range(applied)}
+            if err:
+                self._results[index + applied] = err
+        err = self._results.get(index, 0)
+        if err:
+            raise OSError(err, os.strerror(err))

@@ -25,6 +25,9 @@ NLMSG_ERROR (0 = success, else the errno the syscall would set):
       setsockopt(SOL_NETLINK, NETLINK_ADD/DROP_MEMBERSHIP).
   SIMCALL_SETSOCKOPT: attr 1 = level (u32), attr 2 = optname (u32),
       attr 3 = optval (bytes); the target socket travels with SCM_RIGHTS.
+  SIMCALL_SETSOCKOPTS: those calls on one socket in one message, run in order
+      up to the first that fails, answered by how many succeeded and the errno
+      of the next (hsd.sim_channel describes the framing).
 File descriptors also model the kernel's fd tables: ACCEPT's reply carries the
 consumer's socket with SCM_RIGHTS, and DONE carries the fd it names, so an fd
 not open in the agent fails with EBADF exactly where the kernel's fd lookup
@@ -68,7 +71,8 @@ from hsd.ktls import (RECORD_SIZE_LIMIT_MIN, SOL_TLS, TCP_ULP, TLS_1_3_VERSION, 
 from hsd.sim_channel import (MAX_DATAGRAM, MAX_FDS, REPLY_TIMEOUT, SIM_FAMILY_ID, SIM_GROUPS,
                              SIMCALL_ADD_MEMBERSHIP, SIMCALL_ATTR_GROUP, SIMCALL_ATTR_LEVEL,
                              SIMCALL_ATTR_OPTNAME, SIMCALL_ATTR_OPTVAL, SIMCALL_DROP_MEMBERSHIP,
-                             SIMCALL_SETSOCKOPT, SIMCALL_TYPE, SimChannel, close_all, fds_from_ancdata,
+                             SIMCALL_SETSOCKOPT, SIMCALL_SETSOCKOPTS, SIMCALL_TYPE, decode_setsockopts,
+                             encode_setsockopts_answer, SimChannel, close_all, fds_from_ancdata,
                              scm_rights)
 
 
@@ -526,6 +530,8 @@ class Simulator:
             else:
                 try:
                     err = self._dispatch(conn, msg, fd) if isinstance(msg, p.GenlMessage) else errno.EINVAL
+                    if isinstance(err, bytes):
+                        return err  # the call's own answer (SIMCALL_SETSOCKOPTS), sent like an ACK
                 except Exception:  # a bug (or a test's mangle function) must not kill the "kernel"
                     log.exception("simulator failed on a message from port %d", conn.port)
                     err = errno.EIO
@@ -533,7 +539,7 @@ class Simulator:
             return p.encode_error(raw, err, pid=conn.port)
         return None
 
-    def _dispatch(self, conn: _Conn, msg: p.GenlMessage, fd: int | None) -> int:
+    def _dispatch(self, conn: _Conn, msg: p.GenlMessage, fd: int | None) -> int | bytes:
         if msg.type == p.GENL_ID_CTRL:
             return self._ctrl(conn, msg)
         if msg.type == SIMCALL_TYPE:
@@ -558,8 +564,19 @@ class Simulator:
         self._reply(conn, p.encode_newfamily(self.family, msg.seq, pid=conn.port))
         return 0
 
-    def _simcall(self, conn: _Conn, msg: p.GenlMessage, fd: int | None) -> int:
+    def _simcall(self, conn: _Conn, msg: p.GenlMessage, fd: int | None) -> int | bytes:
         try:
+            if msg.cmd == SIMCALL_SETSOCKOPTS:
+                calls = decode_setsockopts(msg)
+                if fd is None:
+                    return errno.EBADF
+                applied = err = 0
+                for level, optname, value in calls:  # each with its own syscall's checks, stop at a failure
+                    err = self._setsockopt(fd, level, optname, value)
+                    if err:
+                        break
+                    applied += 1
+                return encode_setsockopts_answer(msg.seq, conn.port, applied, err)
             attrs = {t & p.NLA_TYPE_MASK: v for t, v in msg.attrs()}
             if msg.cmd in (SIMCALL_ADD_MEMBERSHIP, SIMCALL_DROP_MEMBERSHIP):
                 group = p.get_u32(attrs[SIMCALL_ATTR_GROUP])

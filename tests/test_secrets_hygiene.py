@@ -555,6 +555,13 @@ def test_wipe_zeroes_every_mutable_buffer_and_refuses_the_rest_quietly():
     assert array == bytearray(16) and bytes(view) == bytes(8) and view.obj[:4] == b"vvvv" and cbuf.raw == bytes(17)
     for unwipeable in (b"immutable", "text", None, 7, memoryview(b"read-only")):
         assert wipe(unwipeable) is False
+    # in place: the very memory that held the secret is zeroed, not a new buffer swapped in
+    for size in (1, 48, 4096):
+        secret = bytearray(os.urandom(size).replace(b"\0", b"x"))
+        memory = (ctypes.c_char * size).from_buffer(secret)
+        address = ctypes.addressof(memory)
+        assert wipe(secret) and ctypes.string_at(address, size) == bytes(size) and secret == bytearray(size)
+        del memory
 
 
 def test_secret_never_shows_its_bytes_and_is_zeroed_on_exit():

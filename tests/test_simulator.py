@@ -548,6 +548,60 @@ def test_ktls_setsockopt_validation_like_the_kernel(sim, channel, tcp_pair):
         unix_b.close()
 
 
+def one_by_one(channel: SimChannel, sock, calls) -> tuple[int, int]:
+    """What the separate syscalls give: how many succeed before the first failure, and its errno."""
+    for index, (level, opt, value) in enumerate(calls):
+        err = errno_of_setsockopt(channel, sock, level, opt, value)
+        if err:
+            return index, err
+    return len(calls), 0
+
+
+def test_batched_setsockopts_stop_at_the_first_failure_with_the_errno_the_separate_calls_give(sim, channel,
+                                                                                              tcp_pair):
+    info = tls13_info()
+    chacha = tls13_crypto_info("TLS_CHACHA20_POLY1305_SHA256", bytes(32), 0)
+    ulp = (socket.IPPROTO_TCP, TCP_ULP, b"tls")
+    cases = {  # name: (calls made first, one by one; the batch)
+        "all succeed": ([], [ulp, (SOL_TLS, TLS_TX, info.pack()), (SOL_TLS, TLS_RX, info.pack())]),
+        "ULP already there": ([ulp], [ulp, (SOL_TLS, TLS_TX, info.pack())]),
+        "TX before the ULP": ([], [(SOL_TLS, TLS_TX, info.pack()), ulp]),
+        "RX cipher differs from TX": ([], [ulp, (SOL_TLS, TLS_TX, info.pack()), (SOL_TLS, TLS_RX, chacha.pack()),
+                                           (SOL_TLS, TLS_RX, info.pack())]),
+        "TX twice": ([], [ulp, (SOL_TLS, TLS_TX, info.pack()), (SOL_TLS, TLS_TX, info.pack())]),
+        "short struct": ([], [ulp, (SOL_TLS, TLS_TX, info.pack()[:-1])]),
+    }
+    for name, (before, calls) in cases.items():
+        batched, separate = tcp_pair()[0], tcp_pair()[0]
+        for sock in (batched, separate):
+            assert one_by_one(channel, sock, before)[1] == 0
+        expected = one_by_one(channel, separate, calls)
+        assert channel.setsockopts(batched.fileno(), calls) == expected, name
+        # the state each left behind is the same: a further TX is refused (or not) alike
+        again = [(SOL_TLS, TLS_TX, info.pack())]
+        assert channel.setsockopts(batched.fileno(), again) == one_by_one(channel, separate, again), name
+    unconnected = socket.socket()
+    try:
+        assert channel.setsockopts(unconnected.fileno(), [ulp]) == (0, errno.ENOTCONN)
+    finally:
+        unconnected.close()
+
+
+def test_ktls_install_is_one_round_trip_and_fails_like_the_separate_calls(sim, channel, tcp_pair, monkeypatch):
+    sent = []
+    real = channel._req.transact
+    monkeypatch.setattr(channel._req, "transact", lambda data, fd=None: sent.append(data) or real(data, fd))
+    consumer = tcp_pair()[0]
+    channel.ktls.install(consumer, tls13_info(), tls13_info())
+    assert len(sent) == 1 and isinstance(sent[0], bytearray) and not any(sent[0])  # the keys' copy is zeroed
+    with pytest.raises(KtlsError, match="kernel refused TLS_TX .*Device or resource busy"):  # EBUSY, as one by one
+        channel.ktls.install(consumer, tls13_info(), tls13_info())
+    assert len(sent) == 3  # EEXIST on the ULP is tolerated: TX and RX go again, TX fails
+    fresh = tcp_pair()[0]
+    assert one_by_one(channel, fresh, [(socket.IPPROTO_TCP, TCP_ULP, b"tls")]) == (1, 0)
+    channel.ktls.install(fresh, tls13_info(), tls13_info())  # the ULP was attached already: still installs
+
+
 def test_ktls_install_failure_is_a_ktls_error_with_the_reason(sim, channel):
     unconnected = socket.socket()
     try:
