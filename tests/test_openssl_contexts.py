@@ -80,7 +80,7 @@ def test_concurrent_handshakes_on_one_cached_context_keep_their_secrets_apart(pl
     contexts.clear()
     warm = handshake_context(socks[0], "server", "x509", backend="openssl", config=config, peername=None)
     shared = contexts.obtain(context_key(warm, load_x509(config, warm.request)),
-                             lambda: _server_context(load_x509(config, warm.request)))
+                             lambda: _server_context(load_x509(config, warm.request), False))
     hits_before = contexts.hits
     sessions: list[Session | BaseException | None] = [None] * CONCURRENT
     start = threading.Barrier(CONCURRENT)
