@@ -18,7 +18,7 @@ import queue
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator
 
 from . import identity, sni, tls13
@@ -338,11 +338,11 @@ class Dispatcher:
                 raise HandshakeError(f"fd {request.sockfd} from ACCEPT is not a usable socket: {exc.strerror}") from None
             outcome.peer, outcome.local = address_of(sock.getpeername), address_of(sock.getsockname)
             with stage("context"):
-                ctx = self._context(request, sock, entry.deadline)
+                ctx, sni_pair = self._context(request, sock, entry.deadline)
             outcome.backend = ctx.backend
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("fd %d: %s -> backend %s; %s", request.sockfd, ctx.mode, ctx.backend,
-                          credentials_line(self.config, request, ctx))
+                          credentials_line(self.config, request, ctx, sni_pair))
             with stage("handshake"):
                 result = (run_isolated(ctx, self.host.handshake) if self.config.isolation == "process"
                           else self.host.handshake(ctx))
@@ -384,7 +384,9 @@ class Dispatcher:
         else:
             _close_fd(sockfd)
 
-    def _context(self, request: HandshakeRequest, sock: socket.socket, deadline: float) -> HandshakeContext:
+    def _context(self, request: HandshakeRequest, sock: socket.socket,
+                 deadline: float) -> tuple[HandshakeContext, SniPair | None]:
+        """The backend's context, and the [hsd.server.sni] pair its credentials hold (None: not one)."""
         mode = Mode.of(request)  # Unsupported for an unknown message type or auth mode
         if mode.role is Role.SERVER and mode.auth is Auth.UNAUTH:
             raise Unsupported("a TLS 1.3 server cannot run without authentication (server unauth)")
@@ -392,14 +394,14 @@ class Dispatcher:
             raise Unsupported("only stream (TCP) sockets are supported")
         backend = self.host.backend_for(mode, self.default_backend)
         try:
-            x509 = (load_x509(self.config, request, self._sni_pair(request, mode, sock, deadline))
-                    if mode.auth is not Auth.PSK else X509Credentials())
+            sni_pair = self._sni_pair(request, mode, sock, deadline)
+            x509 = load_x509(self.config, request, sni_pair) if mode.auth is not Auth.PSK else X509Credentials()
         except CredentialError:
             if mode.role is Role.SERVER:  # misconfigured: the client hears it now, not at its own timeout
                 refuse_handshake(sock, deadline)
             raise
         return HandshakeContext(request=request, sock=sock, deadline=deadline, backend=backend, x509=x509,
-                                settings=settings_of(self.config))
+                                settings=settings_of(self.config)), sni_pair
 
     def _sni_pair(self, request: HandshakeRequest, mode: Mode, sock: socket.socket, deadline: float) -> SniPair | None:
         """Server x509 with [hsd.server.sni] pairs: the one the ClientHello's server_name chooses (hsd.sni).
@@ -475,12 +477,15 @@ def accept_line(request: HandshakeRequest) -> str:
             f"certificate={request.certificate} privkey={request.privkey} keyring={request.keyring}")
 
 
-def credentials_line(config: Config, request: HandshakeRequest, ctx: HandshakeContext) -> str:
+def credentials_line(config: Config, request: HandshakeRequest, ctx: HandshakeContext,
+                     sni_pair: SniPair | None = None) -> str:
     """[debug] which credentials were chosen, and from where (paths and serials, never contents)."""
     if ctx.mode.auth is Auth.PSK:
         return (f"PSK keys from keyring {request.keyring} and the defaults/[authenticate] keyrings "
                 f"{list(ctx.settings.keyrings)}; peer identities {list(request.peer_identities)}")
     role = config.role(str(ctx.mode.role))
+    if sni_pair is not None:  # the pair the client's server_name chose
+        role = replace(role, certificate=sni_pair.certificate, private_key=sni_pair.private_key)
     creds = ctx.x509
     cert = (f"keyring key {request.certificate}" if request.certificate else role.certificate or "none")
     key = (f"keyring key {request.privkey}" if request.privkey else role.private_key or "none")

@@ -609,3 +609,13 @@ def test_after_a_hello_retry_request_the_pair_chosen_from_the_first_client_hello
     assert status == 0, output
     assert output.count("ClientHello") == 2, output  # the retry happened
     assert received(output) == {"cert-nfs2"}, output
+
+
+def test_the_debug_line_names_the_files_of_the_pair_the_name_chose(daemon: Daemon, pki: Path) -> None:
+    for name, chosen in (("nfs1.example.org", "cert-nfs1"), ("other.example.org", "cert-default")):
+        before = daemon.text().count(" -> backend ")
+        status, _ = handshake(daemon, Client("openssl"), name, pki / "ca.pem")
+        assert status == 0
+        _wait_for(daemon, " -> backend ", before + 1)
+        line = [text for text in daemon.text().splitlines() if " -> backend " in text][-1]
+        assert f"certificate {pki}/{chosen}.pem (1 in chain), private key {pki}/{chosen}.key" in line, line
