@@ -228,8 +228,9 @@ def _kernel_cannot_limit(payload: int) -> None:
 def limit_tx_records(setsockopt: Callable[[int, int, Any], None], payload: int) -> bool:
     """TLS_TX_MAX_PAYLOAD_LEN = payload (a u16, as the kernel reads it); False if the kernel has no such option.
 
-    Why not fail the handshake there: the keys are installed and the peer
-    may never send a record that large; the kernel's lack is logged once
+    Why not fail the handshake there: the keys are installed, and the consumer
+    may never write more than the peer's limit at once (tlshd 1.0.0 on the same
+    kernel sends full-size records too); the kernel's lack is logged once
     (ENOPROTOOPT, Linux 6.12).  Any other refusal is a KtlsError."""
     try:
         setsockopt(SOL_TLS, TLS_TX_MAX_PAYLOAD_LEN, struct.pack("=H", payload))

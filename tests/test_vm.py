@@ -31,7 +31,7 @@ BACKENDS = ("openssl", "tlslite")
 PARITY = ("ktls-matrix", "hsd-nfs", "nvme-psk", "systemd-service")  # each runs once per backend
 # systemd-boot reads what the boot did, so it runs first
 SCENARIOS = ("systemd-boot", "tlshd-nfs", "tlshd-config", *(f"{name}@{b}" for name in PARITY for b in BACKENDS),
-             "nvme-psk@mixed", "nvme-psk@tlshd", "bench-nfs", "bench-nvme")
+             "nvme-psk@mixed", "nvme-psk@tlshd", "record-limit", "bench-nfs", "bench-nvme")
 # the file each guest's ktls-utils ships (1.0.0: /etc/tlshd.conf; 1.4.0: /etc/tlshd/config)
 SHIPPED_CONFIG = {"trixie": "/etc/tlshd.conf", "forky": "/etc/tlshd/config"}
 HARNESS_TIMEOUT = 3600  # the harness bounds every boot itself; this only guards against a hung host
@@ -290,7 +290,7 @@ def test_systemd_reload_kill_and_stop_on_each_backend(vm_run: VmRun, backend: st
 
 
 # what the kernel says on hsd's kTLS sockets: 6.12 has no TLS_TX_MAX_PAYLOAD_LEN, 7.2 has it and
-# must report full-size records (hsd never agrees a record_size_limit)
+# must report full-size records (OpenSSL peers announce no record_size_limit)
 TX_MAX_PAYLOAD = {"trixie": "absent (ENOPROTOOPT)", "forky": "16384"}
 
 
@@ -302,3 +302,27 @@ def test_ktls_record_size_option_matches_the_kernel(vm_run: VmRun, backend: str)
     assert match, f"{scenario} printed no TLS_TX_MAX_PAYLOAD_LEN line"
     assert match.group(1) == TX_MAX_PAYLOAD[vm_run.guest], match.group(0)
     print(match.group(0))
+
+
+# record-limit: GnuTLS --recordsize 512 announces 513; what the guest's kernel can do with it
+RECORD_LIMIT_OPTION = {"trixie": "absent (ENOPROTOOPT)", "forky": "512"}
+
+
+def test_record_size_limit_caps_the_kernels_records_where_it_can(vm_run: VmRun) -> None:
+    scenario = "record-limit"
+    _require_pass(vm_run, scenario)
+    log = vm_run.log(scenario)
+    print("\n".join(line for line in log.splitlines() if re.search(r"(client|server): |hsd warning: ", line)))
+    for role in ("client", "server"):
+        option = re.escape(RECORD_LIMIT_OPTION[vm_run.guest])
+        assert re.search(rf"(?<![\w-]){role}: handshake \d+ ms, peer's record_size_limit 513, "
+                         rf"TLS_TX_MAX_PAYLOAD_LEN after install: {option}$", log, re.M), f"{role}: no handshake line"
+        largest = re.search(rf"(?<![\w-]){role}: hsd's side sent (\d+) protected records, .* largest (\d+)$", log, re.M)
+        assert largest, f"{role}: the relay's count is missing"
+        if vm_run.guest == "forky":
+            assert int(largest.group(2)) == 513 and int(largest.group(1)) >= 128, largest.group(0)
+            assert re.search(rf"(?<![\w-]){role}: \d+ bytes written, peer \w+ \d+ \(identical\)$", log, re.M)
+        else:
+            assert int(largest.group(2)) > 513, largest.group(0)  # 6.12: full-size records
+    warnings = re.findall(r"hsd warning: .*TLS_TX_MAX_PAYLOAD_LEN.*$", log, re.M)
+    assert len(warnings) == (1 if vm_run.guest == "trixie" else 0), warnings

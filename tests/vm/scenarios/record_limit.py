@@ -197,7 +197,8 @@ def run_role(role: str, expect: str) -> list[str]:
     listener = None
     if role == "client":  # hsd is the client: gnutls-serv echoes
         peer_cmd = ["gnutls-serv", "--port", str(peer_port), "--echo", "--noticket",  # no NewSessionTicket
-                    "--recordsize", str(RECORDSIZE), "--x509certfile", str(PKI / "server.pem"), "--x509keyfile", str(PKI / "server.key")]
+                    "--recordsize", str(RECORDSIZE), "--x509certfile", str(PKI / "server.pem"),
+                    "--x509keyfile", str(PKI / "server.key")]
         hsd_side = "down"
     else:  # hsd is the server: gnutls-cli prints what it receives
         listener = socket.create_server(("127.0.0.1", peer_port))
