@@ -67,14 +67,21 @@ def client_hello_length(data: bytes) -> int | None:
     return length
 
 
-class _Reader:
-    def __init__(self, data: bytes) -> None:
+class Reader:
+    """Reads a TLS message's fields in order (RFC 8446 3: numbers and length-prefixed vectors).
+
+    Every read past the end raises `error` ("<what> is truncated"): one bounds rule for each
+    handshake message hsd parses itself (the ClientHello here, the ServerHello in the openssl
+    backend)."""
+
+    def __init__(self, data: bytes, error: type[ValueError] = MalformedClientHello, what: str = "ClientHello") -> None:
         self.data = data
         self.pos = 0
+        self.error, self.what = error, what
 
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.data):
-            raise MalformedClientHello("ClientHello is truncated")
+            raise self.error(f"{self.what} is truncated")
         chunk = self.data[self.pos : self.pos + n]
         self.pos += n
         return chunk
@@ -91,17 +98,17 @@ class _Reader:
 
 def client_hello_extensions(message: bytes) -> list[tuple[int, bytes]]:
     """(type, data) of each extension of one ClientHello message, in the client's order."""
-    reader = _Reader(message)
+    reader = Reader(message)
     if reader.number(1) != CLIENT_HELLO:
         raise MalformedClientHello("not a ClientHello")
-    body = _Reader(reader.vector(3))
+    body = Reader(reader.vector(3))
     body.take(2 + 32)  # legacy_version, random
     body.vector(1)  # legacy_session_id
     body.vector(2)  # cipher_suites
     body.vector(1)  # legacy_compression_methods
     if body.done():
         return []
-    extensions = _Reader(body.vector(2))
+    extensions = Reader(body.vector(2))
     found = []
     while not extensions.done():
         found.append((extensions.number(2), extensions.vector(2)))
@@ -116,7 +123,7 @@ def server_name(message: bytes) -> bytes | None:
     for ext_type, data in client_hello_extensions(message):
         if ext_type != EXT_SERVER_NAME:
             continue
-        names = _Reader(_Reader(data).vector(2))
+        names = Reader(Reader(data).vector(2))
         hosts = []
         while not names.done():
             name_type = names.number(1)
@@ -132,9 +139,9 @@ def offered_psks(message: bytes) -> OfferedPsks:
     identities: tuple[bytes, ...] = ()
     modes: tuple[int, ...] = ()
     for ext_type, data in client_hello_extensions(message):
-        ext = _Reader(data)
+        ext = Reader(data)
         if ext_type == EXT_PRE_SHARED_KEY:
-            listed = _Reader(ext.vector(2))
+            listed = Reader(ext.vector(2))
             found = []
             while not listed.done():
                 found.append(listed.vector(2))

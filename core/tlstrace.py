@@ -26,6 +26,7 @@ import hashlib
 import logging
 
 from .peerlog import truncate, truncate_list
+from .tls13 import Reader
 
 log = logging.getLogger("hsd.trace.tls")
 
@@ -93,33 +94,16 @@ class _Unreadable(ValueError):
     """A message shorter than its own length fields say."""
 
 
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos = data, 0
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
-            raise _Unreadable("truncated")
-        chunk = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return chunk
-
-    def number(self, n: int) -> int:
-        return int.from_bytes(self.take(n), "big")
-
-    def vector(self, length_bytes: int) -> bytes:
-        return self.take(self.number(length_bytes))
-
-    def left(self) -> bool:
-        return self.pos < len(self.data)
+def _reader(data: bytes) -> Reader:
+    return Reader(data, _Unreadable, "message")
 
 
-def _extensions(reader: _Reader) -> list[tuple[int, bytes]]:
-    if not reader.left():
+def _extensions(reader: Reader) -> list[tuple[int, bytes]]:
+    if reader.done():
         return []
-    block = _Reader(reader.vector(2))
+    block = _reader(reader.vector(2))
     found = []
-    while block.left():
+    while not block.done():
         found.append((block.number(2), block.vector(2)))
     return found
 
@@ -209,7 +193,7 @@ class TlsTrace:
                 self.summary()
 
     def _client_hello(self, body: bytes) -> str:
-        reader = _Reader(body)
+        reader = _reader(body)
         reader.take(2 + 32)  # legacy_version, random
         reader.vector(1)  # legacy_session_id
         suites = reader.vector(2)
@@ -217,19 +201,19 @@ class TlsTrace:
         extensions = _extensions(reader)
         for ext, data in extensions:
             if ext == 0:  # server_name: one host_name entry
-                names = _Reader(_Reader(data).vector(2))
-                if names.left() and names.number(1) == 0:
+                names = _reader(_reader(data).vector(2))
+                if not names.done() and names.number(1) == 0:
                     self.params["sni"] = truncate(names.vector(2))
             elif ext == 16:
-                offered = _Reader(_Reader(data).vector(2))
+                offered = _reader(_reader(data).vector(2))
                 protocols = []
-                while offered.left():
+                while not offered.done():
                     protocols.append(offered.vector(1))
                 self.params["alpn offered"] = truncate_list(protocols)
             elif ext == 41:
-                identities = _Reader(_Reader(data).vector(2))
+                identities = _reader(_reader(data).vector(2))
                 count = 0
-                while identities.left():
+                while not identities.done():
                     identities.vector(2)
                     identities.take(4)
                     count += 1
@@ -238,7 +222,7 @@ class TlsTrace:
                 f"extensions {', '.join(named(EXTENSIONS, ext) for ext, _ in extensions) or 'none'}")
 
     def _server_hello(self, body: bytes) -> tuple[str, str]:
-        reader = _Reader(body)
+        reader = _reader(body)
         reader.take(2)
         retry = reader.take(32) == HELLO_RETRY_RANDOM
         reader.vector(1)
@@ -261,22 +245,22 @@ class TlsTrace:
                 f"suite {suite}; extensions {', '.join(named(EXTENSIONS, ext) for ext, _ in extensions) or 'none'}")
 
     def _encrypted_extensions(self, body: bytes) -> str:
-        extensions = _extensions(_Reader(body))
+        extensions = _extensions(_reader(body))
         for ext, data in extensions:
             if ext == 16:
-                chosen = _Reader(_Reader(data).vector(2))
-                if chosen.left():
+                chosen = _reader(_reader(data).vector(2))
+                if not chosen.done():
                     self.params["alpn"] = truncate(chosen.vector(1))
             elif ext == 28 and len(data) >= 2:
                 self.params["record_size_limit (EncryptedExtensions)"] = str(int.from_bytes(data[:2], "big"))
         return f"extensions {', '.join(named(EXTENSIONS, ext) for ext, _ in extensions) or 'none'}"
 
     def _certificate(self, body: bytes) -> str:
-        reader = _Reader(body)
+        reader = _reader(body)
         reader.vector(1)  # certificate_request_context
-        entries = _Reader(reader.vector(3))
+        entries = _reader(reader.vector(3))
         count = 0
-        while entries.left():
+        while not entries.done():
             entries.vector(3)
             entries.vector(2)
             count += 1

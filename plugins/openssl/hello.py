@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 
+from hsd.tls13 import Reader
 from hsd.tlstrace import GROUPS
 
 HANDSHAKE = 22
@@ -90,18 +91,15 @@ class ServerHelloReader:
 
 def _key_share_group(hello: bytes) -> int | None:
     """The group of a ServerHello's key_share entry; None without one (a psk_ke handshake)."""
-    at = 2 + 32  # legacy_version, random
-    at += 1 + hello[at]  # legacy_session_id_echo
-    at += 2 + 1  # cipher_suite, legacy_compression_method
-    end = at + 2 + int.from_bytes(hello[at:at + 2], "big")
-    at += 2
-    if end > len(hello):
-        raise ValueError("extensions run past the ServerHello")
-    while at + 4 <= end:
-        kind, length = int.from_bytes(hello[at:at + 2], "big"), int.from_bytes(hello[at + 2:at + 4], "big")
+    reader = Reader(hello, ValueError, "ServerHello")
+    reader.take(2 + 32)  # legacy_version, random
+    reader.vector(1)  # legacy_session_id_echo
+    reader.take(2 + 1)  # cipher_suite, legacy_compression_method
+    extensions = Reader(reader.vector(2), ValueError, "ServerHello")
+    while not extensions.done():
+        kind, data = extensions.number(2), extensions.vector(2)
         if kind == KEY_SHARE:
-            if length < 2:
+            if len(data) < 2:
                 raise ValueError("short key_share")
-            return int.from_bytes(hello[at + 4:at + 6], "big")
-        at += 4 + length
+            return int.from_bytes(data[:2], "big")
     return None
