@@ -15,6 +15,17 @@ The rule (docs/operators-guide.md, "File permissions"):
     the entries there that they do not own.
 `[hsd] strict_permissions = true` refuses such a file; otherwise hsd warns once
 per file and problem and goes on.
+
+The check runs every time a file is used (every handshake), so a file that
+passed is remembered by its identity - device, inode, size, mode, owner,
+modification and change times (a chmod or chown changes the last) - and not
+walked again while that identity is unchanged, for at most CLEAN_FOR seconds
+(docs/performance.md, "Per-handshake cost").  This keeps the rule: replacing
+or rewriting the file changes its identity and is checked at once, before the
+file is used; what can go unseen for up to a second is a directory opened up
+later above an unchanged file, which nobody can have used yet to replace it
+(that would change the file).  Only a clean verdict is remembered: a file with
+a problem is checked again every time, so fixing a directory is seen at once.
 """
 
 from __future__ import annotations
@@ -22,9 +33,14 @@ from __future__ import annotations
 import os
 import stat
 import threading
+import time
 
 _warned: set[str] = set()
 _warned_lock = threading.Lock()
+
+CLEAN_FOR = 1.0  # seconds a file that passed is not walked again while its identity is unchanged
+_clean: dict[tuple[str, bool, int], tuple[tuple[int, ...], float]] = {}
+_clean_lock = threading.Lock()
 
 
 def _trusted_owner(uid: int) -> bool:
@@ -92,7 +108,24 @@ def enforce(path: str, what: str, strict: bool, *, refuse: type[Exception], secr
 
     Returns None when the file is fine or this very warning was already given
     (the caller logs what it gets: once per file and problem, not per handshake)."""
+    key = (path, secret, os.geteuid())
+    try:
+        st = os.stat(path)
+        identity: tuple[int, ...] | None = (st.st_dev, st.st_ino, st.st_size, st.st_mode, st.st_uid,
+                                            st.st_mtime_ns, st.st_ctime_ns)
+    except OSError:
+        identity = None
+    now = time.monotonic()
+    with _clean_lock:
+        seen = _clean.get(key)
+        if identity is not None and seen is not None and seen[0] == identity and now - seen[1] < CLEAN_FOR:
+            return None
     found = problems(path, what, secret=secret)
+    with _clean_lock:
+        if found or identity is None:
+            _clean.pop(key, None)
+        else:  # identity taken before the walk: a change during it is a mismatch next time
+            _clean[key] = (identity, now)
     if not found:
         return None
     text = "; ".join([found[0], *(item.removeprefix(f"{path}: ") for item in found[1:])])

@@ -104,6 +104,53 @@ def test_a_sticky_world_writable_directory_like_tmp_is_accepted(etc: Path) -> No
     assert filetrust.problems(str(etc / "ca.pem"), "trust store")
 
 
+class Refused(Exception):
+    pass
+
+
+def strict_check(path: str, secret: bool = False) -> None:
+    filetrust.enforce(path, "trust store", True, refuse=Refused, secret=secret)
+
+
+def test_a_file_that_passed_is_not_walked_again_until_it_changes_and_any_change_is_checked_at_once(
+        etc: Path, monkeypatch) -> None:
+    """The per-handshake check remembers a clean verdict by the file's identity; the adversary changes the file
+    in every way that keeps its path: a replacement by rename, chmod/chown in place, a rewrite."""
+    walks = []
+    real = filetrust.problems
+    monkeypatch.setattr(filetrust, "problems", lambda *a, **k: walks.append(a[0]) or real(*a, **k))
+    path = str(etc / "ca.pem")
+    strict_check(path)
+    strict_check(path)
+    assert walks == [path]  # the second use found the same file: no walk up the directories
+    for change in (lambda: os.chmod(path, 0o646), lambda: os.chown(path, STRANGER, -1)):
+        change()
+        with pytest.raises(Refused):
+            strict_check(path)
+        with pytest.raises(Refused):  # a refused file is never remembered as clean
+            strict_check(path)
+        os.chmod(path, 0o644)
+        os.chown(path, 0, -1)
+        strict_check(path)
+    forged = etc / "forged.pem"
+    shutil.copy(path, forged)
+    os.chown(forged, STRANGER, -1)
+    os.rename(forged, path)  # same path, another file
+    with pytest.raises(Refused, match=f"owned by uid {STRANGER}"):
+        strict_check(path)
+
+
+def test_a_directory_opened_above_an_unchanged_file_is_seen_within_the_bound_and_a_fix_at_once(etc: Path) -> None:
+    path = str(etc / "server.key")
+    strict_check(path, secret=True)
+    os.chmod(etc, 0o757)
+    time.sleep(filetrust.CLEAN_FOR)
+    with pytest.raises(Refused, match="is writable by others"):
+        strict_check(path, secret=True)
+    os.chmod(etc, 0o755)
+    strict_check(path, secret=True)  # fixed: accepted at the very next use
+
+
 def write_config(path: Path, text: str, mode: int = 0o644) -> str:
     path.write_text(text)
     os.chmod(path, mode)
