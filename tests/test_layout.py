@@ -110,3 +110,27 @@ def test_the_pytest_plugin_is_inert_until_a_fixture_is_used(tmp_path: Path) -> N
         [sys.executable, "-m", "pytest", "--trace-config", "--co", "-q", "-p", "no:cacheprovider", str(tmp_path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120).stdout, "the plugin was not loaded"
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("argv", [["bench", "--quick"], ["bench", "startup"], ["demo"]])
+def test_the_kit_commands_say_so_in_one_line_where_the_kit_is_missing(argv: list[str]) -> None:
+    """A packager may ship the daemon without the kit: hsd bench/demo then fail with one clear line
+    and exit 2, and the daemon's own commands still work (hsd --version imports nothing of the kit)."""
+    blocker = textwrap.dedent(f"""
+        import sys
+        class NoKit:
+            def find_spec(self, name, path=None, target=None):
+                if name == "hsd_kit" or name.startswith("hsd_kit."):
+                    raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+        sys.meta_path.insert(0, NoKit())
+        from hsd.cli import main
+        sys.exit(main({argv!r}))
+    """)
+    run = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert run.stderr.strip().splitlines() == ["hsd: this command needs hsd's kit (the Python package hsd_kit), "
+                                               "which is not installed"], run.stderr
+    assert "Traceback" not in run.stderr
+    version = subprocess.run([sys.executable, "-c", blocker.replace(repr(argv), "['--version']")],
+                             capture_output=True, text=True, timeout=120)
+    assert version.returncode == 0 and version.stdout.startswith("hsd "), version.stdout + version.stderr
