@@ -64,6 +64,10 @@ SIMCALL_ATTR_ERRNO = 2
 MAX_DATAGRAM = 65536
 MAX_FDS = 8
 REPLY_TIMEOUT = 10.0  # an agent edge waits this long for the "kernel" before giving up
+# plain ints, computed once: `|` on socket's IntFlag members costs microseconds per reply
+_RECV_WAIT = int(socket.MSG_CMSG_CLOEXEC)
+_RECV_NOWAIT = int(socket.MSG_CMSG_CLOEXEC) | int(socket.MSG_DONTWAIT)
+_ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * 4)
 
 
 def fds_from_ancdata(ancdata: list) -> list[int]:
@@ -163,12 +167,12 @@ class _Endpoint:
 
         The socket stays blocking: poll() and MSG_DONTWAIT instead of settimeout(), which costs two
         fcntl/ioctl calls around every reply (docs/performance.md, "Per-handshake cost")."""
-        flags = socket.MSG_CMSG_CLOEXEC
+        flags = _RECV_WAIT
         if timeout is not None:
-            flags |= socket.MSG_DONTWAIT
+            flags = _RECV_NOWAIT
             if timeout > 0 and not self.poller.poll(timeout * 1000):
                 raise socket.timeout("timed out")
-        data, ancdata, _, _ = self.sock.recvmsg(MAX_DATAGRAM, socket.CMSG_SPACE(MAX_FDS * 4), flags)
+        data, ancdata, _, _ = self.sock.recvmsg(MAX_DATAGRAM, _ANCILLARY_SPACE, flags)
         if not data:
             raise ConnectionError("the simulator closed the connection")
         return data, fds_from_ancdata(ancdata)
