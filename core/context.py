@@ -119,7 +119,7 @@ def _no_delegation(ctx: "HandshakeContext", backend: str, offer: "PskOffer | Non
 @dataclass
 class HandshakeContext:
     request: HandshakeRequest  # the ACCEPT: message type, auth mode, peer name, timeout, keys by serial
-    sock: socket.socket  # non-blocking, connected; owned by the core, never close it
+    sock: socket.socket  # non-blocking, connected; owned by the core: never close it, read it via records()
     deadline: float  # time.monotonic() by which the handshake must be over
     backend: str  # BackendInfo.name of the backend running this handshake
     x509: X509Credentials = field(default_factory=X509Credentials)  # ours and the trust policy (empty for PSK)
