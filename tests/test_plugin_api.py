@@ -245,24 +245,6 @@ def test_api_version_is_2() -> None:
     assert API_VERSION == 2
 
 
-def test_the_architecture_module_map_lists_every_module() -> None:
-    root = Path(__file__).resolve().parent.parent
-    text = (root / "docs" / "architecture.md").read_text(encoding="utf-8")
-    rows = [line for line in text.splitlines() if line.startswith("| `")]
-    missing = []
-    for path in sorted((root / "core").rglob("*.py")):
-        rel = path.relative_to(root / "core").as_posix()
-        if not any(f"`{rel}`" in row for row in rows):
-            missing.append(f"core/{rel}")
-    for path in sorted((root / "plugins").rglob("*.py")):
-        package = path.parent.relative_to(root).as_posix()
-        listed = [row for row in rows if f"`{package}/" in row]
-        if not any(f"{package}/{path.name}" in row or f"`{path.name}`" in row or f", {path.name}" in row
-                   or f"`{package}/{path.name}`" in row for row in listed):
-            missing.append(path.relative_to(root).as_posix())
-    assert not missing, f"docs/architecture.md's module map omits {missing}"
-
-
 def test_a_plugin_exception_is_one_error_line_naming_the_plugin(caplog: pytest.LogCaptureFixture) -> None:
     class Buggy(Greedy):
         @hookimpl
