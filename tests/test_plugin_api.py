@@ -15,7 +15,6 @@ import logging
 import re
 import socket
 import typing
-from pathlib import Path
 
 import pytest
 
