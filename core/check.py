@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from cryptography import x509
 from cryptography.utils import CryptographyDeprecationWarning
 
-from . import credentials, expiry, filetrust, sni, x509verify
+from . import credentials, expiry, filetrust, pkcs11, sni, x509verify
 from .config import MODES, Config, RoleConfig, nearest
 from .errors import CredentialError
 from .plugins import PluginHost
@@ -53,6 +53,8 @@ def inspect(cfg: Config, host: PluginHost, *, backend_option: bool = False) -> F
     backend_option: cfg.backend came from --backend (the messages name the option, not [hsd] backend)."""
     found = Findings(warnings=list(cfg.warnings))
     _backends(cfg, host, found, backend_option)
+    pkcs11.forget()  # start and reload open token keys afresh (a key replaced in the token is seen)
+    _token_backends(cfg, found)
     now = datetime.datetime.now(datetime.timezone.utc)
     for role in ("client", "server"):
         _role_files(cfg, role, found, now)
@@ -113,6 +115,21 @@ def _backends(cfg: Config, host: PluginHost, found: Findings, backend_option: bo
         found.errors.append("no mode has a backend that can serve it (hsd plugins shows why)")
 
 
+def _token_backends(cfg: Config, found: Findings) -> None:
+    """A key in a token works through OpenSSL alone: a mode it serves on another backend is refused."""
+    for role in ("client", "server"):
+        rc = cfg.role(role)
+        uris = [(_key_name(role, attr), getattr(rc, attr)) for attr in ("private_key", "certificate")]
+        if role == "server":
+            uris += [(expiry.sni_key(pair), pair.private_key) for pair in cfg.sni]
+        backend = cfg.backend_for(role, "x509")
+        uri = next(((key, value) for key, value in uris if pkcs11.is_uri(value)), None)
+        if uri and backend != "openssl":
+            found.errors.append(f"{uri[0]} = {pkcs11.redact(uri[1])}: the {backend} backend (selected for "
+                                f"{role}/x509) cannot use a key or certificate in a token, only the openssl "
+                                f"backend can: set [hsd.backends] {role}.x509 = openssl")
+
+
 # ---------------------------------------------------------------- credential files
 
 _WHAT = {"truststore": "trust store", "crl": "CRL", "certificate": "certificate", "private_key": "private key",
@@ -130,9 +147,13 @@ def _read(cfg: Config, role: str, attr: str, found: Findings) -> bytes | bytearr
 def _read_file(cfg: Config, key: str, path: str, what: str, found: Findings) -> bytes | bytearray | None:
     """_read for any configured file: key names it in messages, what says what it is ("private key": secret)."""
     secret = what == "private key"
-    if path.startswith(("pkcs11:", "tpmkey:")):  # tlshd 1.x takes these URLs for private keys; hsd does not
-        found.errors.append(f"{key} = {path}: hsd reads keys from PEM or DER files only, not from "
-                            f"{path.split(':', 1)[0]}: URLs; export the key to a file (mode 0600)")
+    if path.startswith("pkcs11:"):  # only x509.certificate / x509.private_key (and SNI pairs) reach a token
+        found.errors.append(f"{key} = {pkcs11.redact(path)}: only x509.certificate and x509.private_key may name "
+                            "a token object; this key takes a PEM or DER file")
+        return None
+    if path.startswith("tpmkey:"):  # tlshd 1.x takes these URLs for private keys; hsd does not
+        found.errors.append(f"{key} = {path}: hsd reads keys from PEM or DER files or pkcs11: URIs, not from "
+                            "tpmkey: URLs; export the key to a file (mode 0600)")
         return None
     try:
         warning = filetrust.enforce(path, what, cfg.strict_permissions, refuse=_Refused, secret=secret)
@@ -264,10 +285,14 @@ def _check_pair(cfg: Config, cert: tuple[str, str | None], key_file: tuple[str, 
                 now: datetime.datetime, *, pq: bool = False) -> None:
     """The certificate file and key file (config key, path) of one identity: each read, parsed and matched."""
     (name, cert_path), (key_name, key_path) = cert, key_file
-    chain = _parse_file(credentials.parse_certificates, _read_file(cfg, name, cert_path, "certificate", found),
-                        name, cert_path, found) if cert_path else None
-    key = _parse_file(credentials.parse_private_key, _read_file(cfg, key_name, key_path, "private key", found),
-                      key_name, key_path, found) if key_path else None
+    if not pq and (pkcs11.is_uri(cert_path) or pkcs11.is_uri(key_path)):
+        chain, key = _token_pair(cfg, cert, key_file, found)
+    else:
+        chain = _parse_file(credentials.parse_certificates, _read_file(cfg, name, cert_path, "certificate", found),
+                            name, cert_path, found) if cert_path else None
+        key = _parse_file(credentials.parse_private_key, _read_file(cfg, key_name, key_path, "private key", found),
+                          key_name, key_path, found) if key_path else None
+    cert_path, key_path = pkcs11.redact(cert_path or ""), pkcs11.redact(key_path or "")  # no PIN in messages
     if chain:
         if len(chain) > credentials.MAX_CHAIN:
             found.errors.append(f"{name} = {cert_path}: {len(chain)} certificates, at most {credentials.MAX_CHAIN}")
@@ -286,3 +311,34 @@ def _check_pair(cfg: Config, cert: tuple[str, str | None], key_file: tuple[str, 
     if chain and key is not None and not credentials.key_belongs_to(key, chain[0]):
         found.errors.append(f"{key_name} = {key_path} is not the private key of {name} = {cert_path} "
                             "(their public keys differ): configure the key the certificate was issued for")
+
+
+def _token_pair(cfg: Config, cert: tuple[str, str | None], key_file: tuple[str, str | None],
+                found: Findings) -> tuple[list | None, object | None]:
+    """An identity with its key (or certificate) in a PKCS#11 token, opened as a handshake would open it;
+    the other half, if a file, read as usual.  Where this OpenSSL cannot load pkcs11-provider, one line
+    says so (not one per URI)."""
+    why = pkcs11.unavailable()
+    loaded: list = []
+    for (name, path), what, parse, load in ((key_file, "private key", credentials.parse_private_key, pkcs11.load_key),
+                                            (cert, "certificate", credentials.parse_certificates,
+                                             pkcs11.load_certificates)):  # the key first: its line is the one
+        if not path:
+            loaded.append(None)
+        elif not pkcs11.is_uri(path):
+            loaded.append(_parse_file(parse, _read_file(cfg, name, path, what, found), name, path, found))
+        elif why:
+            if not any(why in error for error in found.errors):
+                found.errors.append(f"{name} = {pkcs11.redact(path)}: {why}")
+            loaded.append(None)
+        else:
+            try:
+                loaded.append(load(path))
+            except CredentialError as exc:
+                found.errors.append(f"{name}: {exc}")
+                loaded.append(None)
+    key, chain = loaded
+    if key is not None and pkcs11.is_uri(key_file[1]):
+        found.notes.append(f"{key_file[0]}: a key in a token ({pkcs11.redact(key_file[1] or '')}), "
+                           "used through pkcs11-provider")
+    return chain, key

@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from . import filetrust, keyring
+from . import filetrust, keyring, pkcs11
 from .config import Config, RoleConfig, SniPair
 from .errors import CredentialError
 from .protocol import HandshakeRequest
@@ -40,7 +40,7 @@ log = logging.getLogger("hsd")
 @dataclass
 class X509Credentials:
     chain: list[x509.Certificate] = field(default_factory=list)  # ours, leaf first
-    key: PrivateKeyTypes | None = None
+    key: PrivateKeyTypes | pkcs11.TokenKey | None = None  # TokenKey: a handle to a key in a PKCS#11 token
     trust: list[x509.Certificate] | None = None  # None: the system trust store
     crls: list[x509.CertificateRevocationList] = field(default_factory=list)
     verify_peer: bool = True  # client: verify the server; server: verify a client cert if sent
@@ -274,7 +274,7 @@ def load_x509(config: Config, request: HandshakeRequest, sni: SniPair | None = N
     creds = X509Credentials()
     for trusted, what in ((rc.truststore, "trust store"), (rc.crl, "CRL"), (rc.certificate, "certificate"),
                           (rc.pq_certificate, "certificate")):
-        if trusted:
+        if trusted and not pkcs11.is_uri(trusted):
             check_trusted_file(trusted, config.strict_permissions, what)
     if rc.truststore:
         creds.trust = list(_cache.get(rc.truststore, "trust", parse_certificates))
@@ -282,20 +282,24 @@ def load_x509(config: Config, request: HandshakeRequest, sni: SniPair | None = N
         creds.crls = list(_cache.get(rc.crl, "crl", parse_crls))
     if request.certificate:
         creds.chain = _from_keyring(request.certificate, parse_certificates, "certificate")
+    elif pkcs11.is_uri(rc.certificate):
+        creds.chain = pkcs11.load_certificates(rc.certificate)
     elif rc.certificate:
         creds.chain = list(_cache.get(rc.certificate, "chain", parse_certificates))
     if len(creds.chain) > MAX_CHAIN:
         raise CredentialError(f"certificate chain has {len(creds.chain)} certificates, at most {MAX_CHAIN}")
     if request.privkey:
         creds.key = _from_keyring(request.privkey, parse_private_key, "private")
+    elif pkcs11.is_uri(rc.private_key):
+        creds.key = pkcs11.load_key(rc.private_key)  # a handle: the key stays in the token
     elif rc.private_key:
         check_private_key_file(rc.private_key, config.strict_permissions)
         creds.key = _cache.get(rc.private_key, "key", parse_private_key)
     if bool(creds.chain) != bool(creds.key):
         raise CredentialError(f"{role} certificate and private key must be configured together")
     if creds.key is not None and not key_belongs_to(creds.key, creds.chain[0]):
-        key_from = f"private key {request.privkey}" if request.privkey else rc.private_key
-        cert_from = f"certificate key {request.certificate}" if request.certificate else rc.certificate
+        key_from = f"private key {request.privkey}" if request.privkey else pkcs11.redact(rc.private_key)
+        cert_from = f"certificate key {request.certificate}" if request.certificate else pkcs11.redact(rc.certificate)
         raise CredentialError(f"{key_from} is not the private key of {cert_from} (their public keys differ): "
                               "configure the key the certificate was issued for")
     creds.pq_chain, creds.pq_key = _load_pq_pair(rc, config, request)

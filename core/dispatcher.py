@@ -32,6 +32,7 @@ from .ktls import install_session
 from .nltrace import TracedChannel
 from .plugins import PluginHost
 from .peerlog import truncate
+from .pkcs11 import redact
 from .protocol import AuthMode, Done, HandshakeRequest, MessageType, ProtocolError, errno_name
 from .session import Session
 from .tls13 import refuse_handshake
@@ -487,8 +488,8 @@ def credentials_line(config: Config, request: HandshakeRequest, ctx: HandshakeCo
     if sni_pair is not None:  # the pair the client's server_name chose
         role = replace(role, certificate=sni_pair.certificate, private_key=sni_pair.private_key)
     creds = ctx.x509
-    cert = (f"keyring key {request.certificate}" if request.certificate else role.certificate or "none")
-    key = (f"keyring key {request.privkey}" if request.privkey else role.private_key or "none")
+    cert = (f"keyring key {request.certificate}" if request.certificate else redact(role.certificate or "none"))
+    key = (f"keyring key {request.privkey}" if request.privkey else redact(role.private_key or "none"))
     trust = (f"{len(creds.trust)} anchors from {role.truststore}" if creds.trust is not None else "the system store")
     return (f"certificate {cert} ({len(creds.chain)} in chain), private key {key}, trust {trust}, "
             f"{len(creds.crls)} CRLs, verify_peer={creds.verify_peer}, require_peer_cert={creds.require_peer_cert}, "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import fields
 
+from . import pkcs11
 from .check import inspect
 from .config import Config, RoleConfig
 from .plugins import PluginHost
@@ -29,6 +30,8 @@ def print_config(cfg: Config, *, strict: bool = False, backend_option: bool = Fa
             value = getattr(rc, f.name)
             if f.name == "truststore" and value is None:
                 value = "(system trust store)"
+            elif value is not None:
+                value = pkcs11.redact(value)  # a pkcs11: URI's pin-value is a secret
             print(f"[authenticate.{role}] x509.{f.name.replace('pq_', 'pq.')}={value if value is not None else '(unset)'}")
     print(f"[hsd] backend={cfg.backend}{' (--backend)' if backend_option else ''} max_inflight={cfg.max_inflight} "
           f"handshake_timeout={cfg.handshake_timeout_ms}ms workers={cfg.workers} isolation={cfg.isolation}")
@@ -45,7 +48,7 @@ def print_config(cfg: Config, *, strict: bool = False, backend_option: bool = Fa
           f"allowed_client_sans={';'.join(cfg.allowed_client_sans) or '(any)'}")
     print(f"[hsd.psk] modes={';'.join(cfg.psk_modes)}")
     for pair in cfg.sni:
-        print(f"[hsd.server.sni] {pair.name}={pair.certificate};{pair.private_key}")
+        print(f"[hsd.server.sni] {pair.name}={pkcs11.redact(pair.certificate)};{pkcs11.redact(pair.private_key)}")
     print_mode_statuses(host)
     for note in found.notes:
         print(f"[loaded] {note}")

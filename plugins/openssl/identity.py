@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from OpenSSL import SSL, crypto
 
+from hsd import pkcs11
 from hsd.credentials import X509Credentials
 from hsd.errors import CredentialError
 
@@ -24,7 +25,10 @@ def install_identity(context: SSL.Context, creds: X509Credentials, role: str) ->
         context.use_certificate(creds.chain[0])
         for extra in creds.chain[1:]:
             context.add_extra_chain_cert(extra)
-        context.use_privatekey(creds.key)
+        if isinstance(creds.key, pkcs11.TokenKey):
+            pkcs11.install(context, creds.key)  # OpenSSL signs through pkcs11-provider, inside the token
+        else:
+            context.use_privatekey(creds.key)
         context.check_privatekey()
     except (SSL.Error, crypto.Error, TypeError, ValueError) as exc:
         raise CredentialError(f"{role} certificate/private key unusable: {_reason(exc)}") from None
