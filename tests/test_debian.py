@@ -44,6 +44,9 @@ PACKAGING_DOC = REPO / "docs" / "packaging.md"
 # Once on Debian's libraries alone; after `pip install tlslite-ng` only the tests that run left out.
 PYTEST = f"cd {TESTS_DIR} && sh debian/tests/unit"
 PYTEST_TLSLITE_ONLY = f"{PYTEST} --only-needing tlslite"
+# A client key generated in a SoftHSM2 token serves mutual TLS through pkcs11-provider (the system OpenSSL
+# only: test_pkcs11.py covers the wheel's refusal); not a test_*.py file, so it runs here alone.
+TOKEN_TESTS = f"cd {TESTS_DIR} && python3 -m pytest -q -p no:cacheprovider -rA tests/debian/token_mtls.py"
 STEP_TIMEOUT = 1500
 SELECT_TLSLITE_CONF = "[hsd]\nbackend=tlslite\n"
 
@@ -77,6 +80,7 @@ STEPS: tuple[tuple[str, str], ...] = (
                         "rc=0; hsd -c /tmp/tlslite.conf -s 2>/tmp/start.err || rc=$?; echo \"start rc=$rc\"\n"
                         "grep '^hsd: ' /tmp/start.err || true"),
     ("tests-without-tlslite", PYTEST),
+    ("token", TOKEN_TESTS),
     ("pip-tlslite", f"pip install --break-system-packages '{tlslite_requirement()}'\n"
                     "python3 -c 'import tlslite, sys; print(\"tlslite-ng\", tlslite.__version__, tlslite.__file__)'"),
     ("tests-with-tlslite", PYTEST_TLSLITE_ONLY),
@@ -257,6 +261,17 @@ def test_without_tlslite_hsd_reports_it_unavailable_and_refuses_to_start_on_it(s
     assert "start rc=2" in output, output
     start_errors = re.findall(r"^hsd: .*$", output, re.M)
     assert len(start_errors) == 1 and "'tlslite' is unavailable" in start_errors[0], output
+
+
+def test_a_client_key_in_a_softhsm2_token_serves_mutual_tls_and_never_leaves_it(suite_run: SuiteRun) -> None:
+    """x509.private_key = pkcs11:... on Debian's python3-cryptography (system OpenSSL) with pkcs11-provider."""
+    output = suite_run.ok("token").output
+    passed = re.findall(r"^PASSED tests/debian/token_mtls.py::(\S+)", output, re.M)
+    assert len(passed) == 3 and "failed" not in output.splitlines()[-1], output[-6000:]
+    assert re.search(r"kTLS verified: \d+ records each way", output), output[-3000:]
+    verdict = re.search(r"token key: (.*never extractable.*)$", output, re.M)
+    assert verdict, output[-3000:]
+    print(f"{suite_run.suite}: {verdict.group(0)}")
 
 
 def _failures(output: str, limit: int = 12000) -> str:

@@ -32,7 +32,7 @@ RUNTIME_PACKAGES = ("python3-openssl", "python3-cryptography", "python3-pyroute2
                     "python3-stevedore")
 TEST_PACKAGES = ("python3-pytest", "python3-hypothesis", "python3-prometheus-client", "python3-pip", "openssl",
                  "gnutls-bin", "keyutils", "iproute2", "procps", "ca-certificates", "lintian", "systemd", "ktls-utils",
-                 "python3-venv")
+                 "python3-venv", "softhsm2", "pkcs11-provider", "opensc")  # the last three: tests/debian/token_mtls.py
 
 
 @dataclass(frozen=True)
