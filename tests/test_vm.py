@@ -31,7 +31,7 @@ BACKENDS = ("openssl", "tlslite")
 PARITY = ("ktls-matrix", "hsd-nfs", "nvme-psk", "systemd-service")  # each runs once per backend
 # systemd-boot reads what the boot did, so it runs first
 SCENARIOS = ("systemd-boot", "tlshd-nfs", "tlshd-config", *(f"{name}@{b}" for name in PARITY for b in BACKENDS),
-             "nvme-psk@mixed", "nvme-psk@tlshd", "record-limit", "bench-nfs", "bench-nvme")
+             "nvme-psk@mixed", "nvme-psk@tlshd", "record-limit", "netns-nfs", "bench-nfs", "bench-nvme")
 # the file each guest's ktls-utils ships (1.0.0: /etc/tlshd.conf; 1.4.0: /etc/tlshd/config)
 SHIPPED_CONFIG = {"trixie": "/etc/tlshd.conf", "forky": "/etc/tlshd/config"}
 HARNESS_TIMEOUT = 3600  # the harness bounds every boot itself; this only guards against a hung host
@@ -287,6 +287,32 @@ def test_systemd_reload_kill_and_stop_on_each_backend(vm_run: VmRun, backend: st
     assert re.search(r"ok: systemctl stop took \d+ ms: hsd \d+ exited 0", log)
     assert re.search(rf"handshake peer=\S+ role=client auth=\w+ backend={backend} ", log) or \
         f"handshakes on backend={backend}" in log, f"{scenario}: no handshake on {backend}"
+
+
+def test_each_network_namespace_is_served_by_its_own_hsd(vm_run: VmRun) -> None:
+    """hsd@tenant1 (the package's template) serves the NFS client inside netns tenant1, hsd.service
+    the root namespace: nfsd's side of that mount and both sides of a root-namespace mount."""
+    _require_pass(vm_run, "netns-nfs")
+    log = vm_run.log("netns-nfs")
+    print("\n".join(line for line in log.splitlines() if " ok: " in line))
+    assert re.search(r"ok: hsd: /usr/lib/systemd/system/hsd@\.service; is-enabled: (?!enabled$)\S+$", log, re.M), \
+        "the template is not the package's, or the install enabled it"
+    assert re.search(r"ok: mount in tenant1 failed \(exit \d+\) .*; hsd\.service logged no handshake towards 10\.99\.0\.1$",
+                     log, re.M), "a mount in tenant1 worked, or hsd.service served it, with no agent in tenant1"
+    assert re.search(r"ok: hsd@tenant1 \d+ runs in netns tenant1, hsd\.service \d+ in the root namespace$", log, re.M)
+    assert re.search(r"ok: in tenant1: kTLS sockets TlsCurrTxSw=[1-9]", log), "no kTLS socket inside tenant1"
+    served = re.search(r"ok: hsd@tenant1: (\d+) client handshake\(s\) towards 10\.99\.0\.1:2049 and nothing else: "
+                       r"peer=10\.99\.0\.1:2049 role=client .* status=0 \(ok\)$", log, re.M)
+    assert served and int(served.group(1)) >= 1, "hsd@tenant1 did not serve (only) tenant1's client handshake"
+    assert re.search(r"ok: hsd\.service, server side of tenant1's mount: peer=10\.99\.0\.2:\d+ role=server .* "
+                     r"status=0 \(ok\)$", log, re.M), "hsd.service did not serve nfsd's side of tenant1's mount"
+    for role in ("client", "server"):
+        assert re.search(rf"ok: hsd\.service, root namespace's mount, {role}: peer=127\.0\.0\.1:\d+ role={role} .* "
+                         r"status=0 \(ok\)$", log, re.M), f"hsd.service did not serve the root mount's {role} side"
+    assert re.search(r"ok: hsd status --socket /run/hsd-netns/tenant1/control: pid \d+, config /etc/hsd/tenant1\.conf, "
+                     rf"served {served.group(1)}, failed 0$", log, re.M)
+    assert "ok: hsd.service stopped: hsd@tenant1.service still active, /run/hsd-netns/tenant1/control still answers" in log
+    assert "ok: hsd@tenant1.service stopped (Result=success), its control socket removed" in log
 
 
 # what the kernel says on hsd's kTLS sockets: 6.12 has no TLS_TX_MAX_PAYLOAD_LEN, 7.2 has it and
