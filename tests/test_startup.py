@@ -31,7 +31,8 @@ from hsd_kit.pki import TestPki
 
 # imported before the join, none of these may be: TLS libraries, pyroute2, the plugin machinery, the dispatcher
 HEAVY = ("OpenSSL", "tlslite", "cryptography", "pyroute2", "stevedore", "pluggy", "hsd.plugins", "hsd.dispatcher",
-         "hsd.daemon", "hsd.config", "hsd.credentials", "hsd_kit.simulator", "hsd.ktls", "logging", "dataclasses")
+         "hsd.daemon", "hsd.config", "hsd.credentials", "hsd_kit.simulator", "hsd.ktls", "logging", "dataclasses",
+         "hsd_openssl", "hsd_tlslite", "hsd_psk")
 
 SPY = textwrap.dedent("""
     import json, sys
