@@ -36,6 +36,8 @@ PACKAGES = (
     "ca-certificates", "systemd", "systemd-sysv",
     # what hsd's .deb Depends on (${python3:Depends}): Debian's libraries, from the mirror
     "python3-openssl", "python3-cryptography", "python3-pyroute2", "python3-pluggy", "python3-stevedore",
+    # nfs-token: a SoftHSM2 token, pkcs11-provider for the system OpenSSL, pkcs11-tool to prove non-extractable
+    "softhsm2", "pkcs11-provider", "opensc",
 )
 # modules the initramfs needs to reach the 9p root and lay a writable overlay over it
 INITRAMFS_MODULES = ("netfs", "9pnet", "9pnet_virtio", "9p", "overlay")
