@@ -49,6 +49,7 @@ class X509Credentials:
     # x509.pq.*: a second, ML-DSA identity offered next to the classic one to peers that sign with ML-DSA
     pq_chain: list[x509.Certificate] = field(default_factory=list)  # leaf first
     pq_key: PrivateKeyTypes | None = None
+    from_files: bool = False  # chain and key are _FileCache's objects (not a request's keyring, not a token)
 
     def __repr__(self) -> str:
         pq = f", pq_chain={len(self.pq_chain)}, pq_key={'yes' if self.pq_key else 'no'}" if self.pq_chain else ""
@@ -69,8 +70,8 @@ def parse_certificates(data: bytes | bytearray, what: str) -> list[x509.Certific
     return certs
 
 
-# Fully validating an RSA key (primality of p and q) costs ~60 ms of CPU on every load; keys are
-# never cached, so each key is validated on first sight only, remembered by a keyed digest.
+# Fully validating an RSA key (primality of p and q) costs ~60 ms of CPU on every load; a key is
+# validated on first sight only, remembered by a keyed digest (a re-read changed file, a keyring key).
 _VALIDATED_SALT = os.urandom(32)
 _validated_keys: set[bytes] = set()
 
@@ -130,18 +131,25 @@ def parse_crls(data: bytes, what: str) -> list[x509.CertificateRevocationList]:
 
 
 class _FileCache:
-    """Parsed files keyed by (path, mtime, size): a changed file is re-read, an unchanged one is not."""
+    """Parsed files keyed by path and file identity: a changed file is re-read, an unchanged one is not.
+
+    The identity is filetrust's (device, inode, size, mode, owner, mtime, ctime): nobody can
+    replace, rewrite, chmod or chown the file without changing it.  Private keys are kept too,
+    as the library's parsed objects only (never their text, never written anywhere): the same
+    key already lives inside every cached OpenSSL context (hsd_openssl.contexts); parsing it
+    per request cost about 5% of a handshake's daemon CPU (docs/performance.md)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._items: dict[tuple[str, str], tuple[tuple[int, int], object]] = {}
+        self._items: dict[tuple[str, str], tuple[tuple[int, ...], object]] = {}
 
     def get(self, path: str, kind: str, parse) -> object:
         try:
             st = os.stat(path)
         except OSError as exc:
             raise CredentialError(f"{path}: {exc.strerror}") from None
-        stamp = (st.st_mtime_ns, st.st_size)
+        stamp = (st.st_dev, st.st_ino, st.st_size, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns,
+                 st.st_ctime_ns)
         with self._lock:
             hit = self._items.get((path, kind))
             if hit and hit[0] == stamp:
@@ -154,9 +162,11 @@ class _FileCache:
             value = parse(data, path)
         finally:
             wipe(data)  # a key file's text is zeroed once parsed (others: a no-op on bytes)
-        if kind != "key":  # private keys are never cached beyond the request
-            with self._lock:
-                self._items[(path, kind)] = (stamp, value)
+        with self._lock:
+            old = self._items.get((path, kind))
+            self._items[(path, kind)] = (stamp, value)
+        if old is not None:  # a replaced (rotated) key must not live on in the public-half memo
+            _forget_public(old[1])
         return value
 
 
@@ -204,11 +214,45 @@ def _from_keyring(serial: int, parse, what: str):
         wipe(payload)
 
 
-def key_belongs_to(key: PrivateKeyTypes, cert: x509.Certificate) -> bool:
+_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+_public_ders: dict[int, tuple[object, bytes]] = {}  # id(obj) -> (obj, its SPKI DER); obj held, so id stays its
+_public_ders_lock = threading.Lock()
+
+
+def public_der(obj: PrivateKeyTypes | x509.Certificate, remember: bool = False) -> bytes:
+    """The SubjectPublicKeyInfo DER of a private key or certificate; remember: of an object _FileCache keeps.
+
+    Every request asks it of the same cached key and certificate (the match check here, the
+    OpenSSL context cache's key).  Only objects the file cache holds anyway are remembered: a
+    key from a request's keyring or a token handle is never kept beyond its request.
+    TypeError/ValueError: a key type cryptography cannot serialise."""
+    if not remember:
+        return obj.public_key().public_bytes(*_SPKI)
+    with _public_ders_lock:
+        hit = _public_ders.get(id(obj))
+    if hit is not None and hit[0] is obj:
+        return hit[1]
+    der = obj.public_key().public_bytes(*_SPKI)
+    with _public_ders_lock:
+        if len(_public_ders) >= 256:
+            _public_ders.clear()
+        _public_ders[id(obj)] = (obj, der)
+    return der
+
+
+def _forget_public(value: object) -> None:
+    """Drop the memo entries of a file cache value (a key, or a list of certificates) it no longer holds."""
+    with _public_ders_lock:
+        for obj in (value if isinstance(value, list) else [value]):
+            hit = _public_ders.get(id(obj))
+            if hit is not None and hit[0] is obj:
+                del _public_ders[id(obj)]
+
+
+def key_belongs_to(key: PrivateKeyTypes, cert: x509.Certificate, remember: bool = False) -> bool:
     """Whether key is cert's private key: their public keys (SubjectPublicKeyInfo DER) are the same."""
-    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     try:
-        return key.public_key().public_bytes(*spki) == cert.public_key().public_bytes(*spki)
+        return public_der(key, remember) == public_der(cert, remember)
     except (TypeError, ValueError):  # a key type cryptography cannot serialise: not provably the same
         return False
 
@@ -297,7 +341,10 @@ def load_x509(config: Config, request: HandshakeRequest, sni: SniPair | None = N
         creds.key = _cache.get(rc.private_key, "key", parse_private_key)
     if bool(creds.chain) != bool(creds.key):
         raise CredentialError(f"{role} certificate and private key must be configured together")
-    if creds.key is not None and not key_belongs_to(creds.key, creds.chain[0]):
+    from_files = not (request.privkey or request.certificate or pkcs11.is_uri(rc.private_key)
+                      or pkcs11.is_uri(rc.certificate))
+    creds.from_files = from_files
+    if creds.key is not None and not key_belongs_to(creds.key, creds.chain[0], from_files):
         key_from = f"private key {request.privkey}" if request.privkey else pkcs11.redact(rc.private_key)
         cert_from = f"certificate key {request.certificate}" if request.certificate else pkcs11.redact(rc.certificate)
         raise CredentialError(f"{key_from} is not the private key of {cert_from} (their public keys differ): "

@@ -136,6 +136,7 @@ class PeerName:
         return self.text
 
 
+@functools.lru_cache(maxsize=256)  # a pure function of the string, asked once per client request
 def normalize_peer_name(name: str) -> PeerName:
     """name as a DNS name or IP address, or PeerRejected (EACCES) saying why it is neither.
 

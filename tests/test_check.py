@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from hsd import credentials
 from hsd.config import Config
 from hsd.credentials import load_x509
 from hsd.errors import CredentialError
@@ -257,6 +258,23 @@ def test_a_key_that_stops_matching_after_start_fails_the_handshake_in_words(etc:
                                  "(their public keys differ): configure the key the certificate was issued for")
     config.server.private_key = str(etc / "server.key")
     assert load_x509(config, request).key is not None
+
+
+def test_a_private_key_is_parsed_once_while_its_file_is_unchanged_and_a_rewrite_is_seen(etc: Path) -> None:
+    """The parsed key is kept by file identity: the same object while unchanged; a key rewritten in place
+    with its old mtime put back (the size may match too) is still re-read, and its mismatch caught."""
+    config = Config()
+    config.server.certificate, config.server.private_key = str(etc / "server.pem"), str(etc / "server.key")
+    request = HandshakeRequest(sockfd=-1, message_type=MessageType.SERVERHELLO, auth_mode=AuthMode.X509)
+    first = load_x509(config, request).key
+    assert load_x509(config, request).key is first
+    st = os.stat(etc / "server.key")
+    time.sleep(0.01)  # a ctime the rewrite cannot share with the first write
+    (etc / "server.key").write_bytes((etc / "client.key").read_bytes())
+    os.utime(etc / "server.key", ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(CredentialError, match="is not the private key of"):
+        load_x509(config, request)
+    assert not any(held is first for held, _ in credentials._public_ders.values()), "the replaced key lives on"
 
 
 # ---------------------------------------------------------------- the configs the VM scenarios use

@@ -19,7 +19,7 @@ Requests that name their own key material in a keyring are never cached:
 their contexts are built, used once and dropped, as before.
 
 A cached context keeps our private key inside OpenSSL between handshakes (the
-same key the daemon re-reads from its file for every request); it never holds
+same key hsd.credentials keeps parsed while its file is unchanged); it never holds
 a peer's data or any traffic secret.
 """
 
@@ -33,11 +33,10 @@ from collections import OrderedDict
 from typing import Any, Callable, Hashable
 
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from OpenSSL import SSL
 
 from hsd.context import HandshakeContext
-from hsd.credentials import X509Credentials
+from hsd.credentials import X509Credentials, public_der
 
 CACHE_SIZE = 32
 SYSTEM_TRUST_TTL = 300
@@ -106,10 +105,10 @@ contexts = ContextCache()
 os.register_at_fork(after_in_child=contexts.forget_after_fork)  # [hsd] isolation = process forks per handshake
 
 
-def _public_half(key: PrivateKeyTypes | None) -> bytes | None:
+def _public_half(key: PrivateKeyTypes | None, remember: bool) -> bytes | None:
     if key is None:
         return None
-    return key.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return public_der(key, remember)  # remembered for the file cache's keys: asked of the same key every request
 
 
 def _stamp(path: str | None) -> tuple[str, int, int] | None:
@@ -144,10 +143,10 @@ def context_key(ctx: HandshakeContext, creds: X509Credentials) -> Hashable | Non
         creds.require_peer_cert,
         tuple(creds.allowed_sans),
         tuple(creds.chain),
-        _public_half(creds.key),
+        _public_half(creds.key, creds.from_files),
         trust,
         tuple(_Same(crl) for crl in creds.crls),
         tuple(creds.pq_chain),
-        _public_half(creds.pq_key),
+        _public_half(creds.pq_key, True),  # x509.pq.* keys come from files only
         ctx.tls_trace is not None,  # a traced handshake's context has the message callback
     )

@@ -91,6 +91,8 @@ def set_keylog_sink(context: SSL.Context, sink: LineSink) -> None:
     def on_line(ssl, line) -> None:
         copy = bytearray()
         try:
+            if not _wanted(line):
+                return  # a handshake, early or exporter secret: never copied
             size = _strnlen(int(ffi.cast("uintptr_t", line)), MAX_LINE + 1)
             if size > MAX_LINE:
                 return
@@ -106,6 +108,20 @@ def set_keylog_sink(context: SSL.Context, sink: LineSink) -> None:
 
     context._hsd_keylog_callback = on_line  # the cdata must live as long as the context uses it
     lib.SSL_CTX_set_keylog_callback(context._context, on_line)
+
+
+def _wanted(line) -> bool:
+    """False for a line that cannot name an application traffic secret, read from its label alone.
+
+    Of the five lines of a TLS 1.3 handshake only CLIENT_/SERVER_TRAFFIC_SECRET_0
+    are kept (their full label is checked on the copy); the label is not secret
+    and is read one character at a time, so a short line is never overrun.
+    Skipping the other three spares their copy, wipe and routing."""
+    for index in range(8):
+        char = line[index]
+        if char == b"\0":
+            return False
+    return char == b"T"  # "CLIENT_T" / "SERVER_T"; the handshake, early and exporter labels differ here
 
 
 def route_keylog(context: SSL.Context) -> None:
