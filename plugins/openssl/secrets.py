@@ -114,14 +114,11 @@ def _wanted(line) -> bool:
     """False for a line that cannot name an application traffic secret, read from its label alone.
 
     Of the five lines of a TLS 1.3 handshake only CLIENT_/SERVER_TRAFFIC_SECRET_0
-    are kept (their full label is checked on the copy); the label is not secret
-    and is read one character at a time, so a short line is never overrun.
-    Skipping the other three spares their copy, wipe and routing."""
-    for index in range(8):
-        char = line[index]
-        if char == b"\0":
-            return False
-    return char == b"T"  # "CLIENT_T" / "SERVER_T"; the handshake, early and exporter labels differ here
+    are kept (their full label is checked on the copy).  Only the first 8
+    characters are read (ffi.string stops at a NUL, so a short line is never
+    overrun): label text, never secret.  Skipping the other three lines spares
+    their copy, wipe and routing."""
+    return ffi.string(line, 8)[7:] == b"T"  # "CLIENT_T" / "SERVER_T"; handshake, early, exporter differ here
 
 
 def route_keylog(context: SSL.Context) -> None:
