@@ -186,6 +186,8 @@ class TlsTrace:
         text = f"{arrow} {name}"
         if self.level >= LEVEL_DETAILS:
             text += f" ({len(body) + 4} bytes)" + (f": {detail}" if detail else "")
+        if sent and all(self._finished.values()):  # the library wrote it after the handshake (a ticket)
+            text += " - dropped, never sent: the socket is kTLS's from here"
         self._emit(LEVEL_MESSAGES, text)
         if kind == FINISHED:
             self._finished[sent] = True
