@@ -13,8 +13,10 @@
 # - hsd's journal: the client x509 handshake's debug credentials line names the pkcs11: URIs with
 #   the PIN as ***, the PIN itself nowhere; the server side's remote-auth is 4294967295 (nfsd's
 #   "peer authenticated": it verified the token's certificate);
-# - the key is not extractable: pkcs11-tool lists it sensitive and never extractable, and
-#   --read-object for it fails.
+# - the key is not extractable: the token lists it sensitive, always sensitive, never extractable
+#   (CKA_EXTRACTABLE false), and `pkcs11-tool --read-object` writes nothing that loads as a private
+#   key (opensc answers "reading private keys not (yet) supported": the tool's refusal, not the
+#   token's; tests/debian/token_mtls.py has OpenSSL ask the provider for the private DER).
 # limit: 600
 set -eu
 . ./_lib.sh
