@@ -31,7 +31,8 @@ BACKENDS = ("openssl", "tlslite")
 PARITY = ("ktls-matrix", "hsd-nfs", "nvme-psk", "systemd-service")  # each runs once per backend
 # systemd-boot reads what the boot did, so it runs first
 SCENARIOS = ("systemd-boot", "tlshd-nfs", "tlshd-config", *(f"{name}@{b}" for name in PARITY for b in BACKENDS),
-             "nvme-psk@mixed", "nvme-psk@tlshd", "record-limit", "netns-nfs", "bench-nfs", "bench-nvme")
+             "nvme-psk@mixed", "nvme-psk@tlshd", "record-limit", "netns-nfs", "nfs-token",
+             "bench-nfs", "bench-nvme")
 # the file each guest's ktls-utils ships (1.0.0: /etc/tlshd.conf; 1.4.0: /etc/tlshd/config)
 SHIPPED_CONFIG = {"trixie": "/etc/tlshd.conf", "forky": "/etc/tlshd/config"}
 HARNESS_TIMEOUT = 3600  # the harness bounds every boot itself; this only guards against a hung host
@@ -313,6 +314,30 @@ def test_each_network_namespace_is_served_by_its_own_hsd(vm_run: VmRun) -> None:
                      rf"served {served.group(1)}, failed 0$", log, re.M)
     assert "ok: hsd.service stopped: hsd@tenant1.service still active, /run/hsd-netns/tenant1/control still answers" in log
     assert "ok: hsd@tenant1.service stopped (Result=success), its control socket removed" in log
+
+
+def test_an_nfs_mtls_mount_signs_with_a_key_that_never_leaves_a_token(vm_run: VmRun) -> None:
+    """hsd.service (the .deb, on the system OpenSSL with pkcs11-provider) serves an xprtsec=mtls mount
+    whose client key was generated in a SoftHSM2 token: the URIs in the credentials line with the PIN
+    masked, nfsd's side saw a verified client certificate, and the token refuses to hand the key out."""
+    _require_pass(vm_run, "nfs-token")
+    log = vm_run.log("nfs-token")
+    print("\n".join(line for line in log.splitlines() if " ok: " in line or " INFO " in line))
+    uri = "pkcs11:token=hsd-vm;object=nfs-client"
+    assert re.search(r"ok: hsd check: OK, .*x509\.private_key: a key in a token \(" + re.escape(uri)
+                     + r";type=private\?pin-value=\*\*\*\)", log), "hsd check did not load the token key"
+    assert re.search(r"ok: hsd\.service active, pid \d+, ProtectSystem=strict, ReadWritePaths=/var/lib/softhsm/tokens$",
+                     log, re.M), "hsd.service does not run sandboxed with the drop-in"
+    assert re.search(r"ok: mounted in \d+ ms: localhost:/ nfs4 ", log) and "ok: 1 MiB written and read back identical" in log
+    assert re.search(r"ok: xprtsec=tls mount refused \(exit [1-9]\d*\)", log), "the export took a mount with no client certificate"
+    assert f"ok: credentials: certificate {uri};type=cert (1 in chain), private key {uri};type=private?pin-value=***," in log
+    assert "731946" not in log, "the PIN reached the scenario's log"
+    assert re.search(r"ok: client side, key in the token: peer=127\.0\.0\.1:2049 role=client auth=x509 backend=openssl "
+                     r".* status=0 \(ok\)$", log, re.M), "no successful client x509 handshake with the token key"
+    assert re.search(r"ok: server side: remote-auth 4294967295(,4294967295)* ", log), "nfsd's side saw no verified client certificate"
+    assert re.search(r"ok: private key object: Access: .*sensitive.*never extractable", log), "the key is extractable"
+    assert re.search(r"ok: pkcs11-tool --read-object --type privkey: exit \d+, \d+ bytes written, none of them a private key",
+                     log), "the private key was read out"
 
 
 # what the kernel says on hsd's kTLS sockets: 6.12 has no TLS_TX_MAX_PAYLOAD_LEN, 7.2 has it and
