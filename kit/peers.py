@@ -21,7 +21,7 @@ import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 LOOPBACK = "127.0.0.1"
 
@@ -189,14 +189,18 @@ class PeerProcess:
                 except ProcessLookupError:
                     pass
                 self.proc.wait(3)
-        for stream in (self.proc.stdin, self.proc.stdout):
-            try:
-                if stream is not None:
-                    stream.close()
-            except OSError:
-                pass
-        if self._reader is not None:
+        self._close(self.proc.stdin)
+        if self._reader is not None:  # the group is gone: the reader ends at EOF with the last lines read
             self._reader.join(3)
+        self._close(self.proc.stdout)
+
+    @staticmethod
+    def _close(stream: Any) -> None:
+        try:
+            if stream is not None:
+                stream.close()
+        except OSError:
+            pass
 
     def __enter__(self) -> "PeerProcess":
         return self if self.proc is not None else self.start()
