@@ -276,6 +276,10 @@ def run_soak(requests: int, *, real_every: int = 100, window: int = 32, seed: in
                     abort(theirs)
                 finished += 1
                 if finished % sample_every == 0 and daemon.proc.poll() is None:
+                    if finished == requests:  # DONE precedes the daemon's close of its fd: let the last ones close
+                        settle = time.monotonic() + 5
+                        while daemon.sample()[1] > result.samples[0][2] + 2 and time.monotonic() < settle:
+                            time.sleep(0.05)
                     result.samples.append((finished, *daemon.sample()))
 
         try:
