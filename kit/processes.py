@@ -8,6 +8,7 @@ The in-process runner is hsd_kit.harness.DaemonHarness; these two are the only o
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -23,25 +24,40 @@ class DaemonProcesses:
     installed) or a kit child that calls serve() with in-test plugins.  Several processes all
     join the group; each READY reaches all of them and the kernel hands every request to exactly
     one ACCEPT.  stdout and stderr go to log_path (appended) or nowhere.  wait=True returns once
-    every process has joined (start_to_ready is then set) and raises if one exits first."""
+    every process has joined (start_to_ready is then set) and raises if one exits first.
+
+    notify_socket: a path where this runner plays systemd: it binds a datagram socket there
+    (`notify`, for the test to read STATUS= and the like), gives the daemon NOTIFY_SOCKET, and
+    wait=True then also waits for READY=1 (the first message).  env and cwd go to the processes."""
 
     def __init__(self, sim: Any, argv: list[str], *, processes: int = 1, log_path: str | None = None,
-                 wait: bool = True, timeout: float = 30) -> None:
+                 wait: bool = True, timeout: float = 30, env: dict[str, str] | None = None,
+                 cwd: str | None = None, notify_socket: str | None = None) -> None:
         self.sim = sim
         self.log_path = log_path
         self.start_to_ready: float | None = None
+        self.notify: socket.socket | None = None
+        environment = {**os.environ, **(env or {})}
+        if notify_socket is not None:
+            self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            self.notify.bind(notify_socket)
+            self.notify.settimeout(timeout)
+            environment["NOTIFY_SOCKET"] = notify_socket
         started = time.perf_counter()
         before = sim.listeners()
         log: IO[bytes] | int = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
         try:
             self.procs = [subprocess.Popen([sys.executable, "-m", *argv, "--simulator", sim.address],
-                                           stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                                           stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=environment,
+                                           cwd=cwd)
                           for _ in range(processes)]
         finally:
             if not isinstance(log, int):
                 log.close()  # each child has its own copy
         if wait:
             self.wait_joined(before + processes, timeout)
+            if self.notify is not None:
+                self.wait_notified(b"READY=1")
             self.start_to_ready = time.perf_counter() - started
 
     @property
@@ -56,9 +72,36 @@ class DaemonProcesses:
                 self.stop()
                 what = "exited before joining the group" if time.monotonic() <= end else \
                     f"did not join the group in {timeout:g} s"
-                tail = f": {open(self.log_path).read()[-2000:]}" if self.log_path else ""
+                tail = f": {self.text()[-2000:]}" if self.log_path else ""
                 raise RuntimeError(f"hsd {what}{tail}")
             time.sleep(0.001)
+
+    def wait_notified(self, message: bytes) -> None:
+        """The next sd_notify datagram must be `message` (raises with the log otherwise)."""
+        assert self.notify is not None
+        try:
+            got = self.notify.recv(4096)
+        except OSError as exc:
+            got = f"nothing ({exc})".encode()
+        if got != message:
+            self.stop()
+            raise RuntimeError(f"hsd notified {got!r}, expected {message!r}:\n{self.text()}")
+
+    def wait_logged(self, fragment: str, timeout: float = 30) -> None:
+        """Until the log holds fragment (e.g. "hsd ready:"); raises with the log if the daemon exits first."""
+        end = time.monotonic() + timeout
+        while fragment not in self.text():
+            if self.proc.poll() is not None or time.monotonic() > end:
+                what = "exited" if self.proc.poll() is not None else f"logged no {fragment!r} in {timeout:g} s"
+                raise RuntimeError(f"hsd {what}:\n{self.text()}")
+            time.sleep(0.05)
+
+    def text(self) -> str:
+        """The daemon's log so far ("" without a log)."""
+        if not self.log_path:
+            return ""
+        with open(self.log_path, errors="replace") as handle:
+            return handle.read()
 
     def _status(self, proc: subprocess.Popen) -> dict[str, str]:
         with open(f"/proc/{proc.pid}/status") as handle:
@@ -96,6 +139,8 @@ class DaemonProcesses:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self.notify is not None:
+            self.notify.close()
         return self.proc.returncode
 
     def __enter__(self) -> "DaemonProcesses":

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from hsd_kit.processes import DaemonProcesses
 from hsd_kit.simulator import Simulator
 from hsd_kit import peers
 from hsd_kit.pki import TestPki
@@ -29,27 +30,13 @@ def write_config(path: Path, truststore: str) -> str:
     return str(path)
 
 
-class Daemon:
+class Daemon(DaemonProcesses):
+    """`hsd -c CONF -s` as installed, against the simulator: joined first (requests queue from
+    then on), then ready once loaded, hardened and serving (its "hsd ready:" line)."""
+
     def __init__(self, sim: Simulator, config: str, log: Path, env: dict[str, str] | None = None) -> None:
-        self.log = log
-        with open(log, "wb") as handle:
-            self.proc = subprocess.Popen([sys.executable, "-m", "hsd.cli", "-c", config, "--simulator", sim.address, "-s"],
-                                         stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
-                                         env={**os.environ, **(env or {})})
-        deadline = time.monotonic() + 30
-        # joined comes first (requests queue from then on), ready once loaded, hardened and serving
-        while sim.listeners() < 1 or "hsd ready:" not in self.text():
-            assert self.proc.poll() is None, f"hsd exited early:\n{self.text()}"
-            assert time.monotonic() < deadline, f"hsd never became ready:\n{self.text()}"
-            time.sleep(0.05)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
+        super().__init__(sim, ["hsd.cli", "-c", config, "-s"], log_path=str(log), env=env)
+        self.wait_logged("hsd ready:")
 
 
 @pytest.fixture

@@ -13,13 +13,9 @@ from __future__ import annotations
 import base64
 import errno
 import logging
-import os
 import re
 import secrets
-import signal
 import socket
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +28,7 @@ from hsd.tlstrace import HELLO_RETRY_RANDOM, TlsTrace
 from hsd_kit import peers
 from hsd_kit.keyrings import ThrowawayKeyring
 from hsd_kit.pki import TestPki
+from hsd_kit.processes import DaemonProcesses
 from hsd_kit.simulator import Simulator
 
 BACKENDS = ["openssl", "tlslite"]
@@ -56,21 +53,14 @@ def daemon(tmp_path: Path, pki: TestPki, backend: str, debug: str, hsd: str = ""
                       f"[authenticate.server]\nx509.truststore={pki.ca}\n"
                       f"x509.certificate={pki.server.chain}\nx509.private_key={pki.server.key}\n"
                       f"[hsd]\nbackend={backend}\ncontrol_socket={tmp_path / 'control'}\n{hsd}\n")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify"))
-    notify.settimeout(30)
     log = tmp_path / "hsd.log"
-    with Simulator() as sim, open(log, "wb") as handle:
-        proc = subprocess.Popen([sys.executable, "-m", "hsd.cli", "-c", str(config), "--simulator", sim.address, "-s"],
-                                stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
-                                env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")})
+    with Simulator() as sim:
+        daemon = DaemonProcesses(sim, ["hsd.cli", "-c", str(config), "-s"], log_path=str(log),
+                                 notify_socket=str(tmp_path / "notify"))  # returns at READY=1
         try:
-            assert notify.recv(4096) == b"READY=1", log.read_text()
             yield sim, log
         finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(30) == 0, log.read_text()
-            notify.close()
+            assert daemon.stop() == 0, log.read_text()
 
 
 def handshake_lines(log: Path, count: int) -> str:

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import stat
 import subprocess
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -26,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families as text_form
 from hsd.config import Config
 from hsd.metrics import render, replace_atomically
 from hsd_kit.pki import TestPki
+from hsd_kit.processes import DaemonProcesses
 from hsd_kit.simulator import Simulator
 from test_status import hsd, one_success_one_failure
 
@@ -47,22 +46,14 @@ def daemon(tmp_path: Path, pki: TestPki, hsd_section: str, cwd: Path | None = No
     """hsd -s against a fresh simulator until READY=1; SIGTERM at the end must exit 0."""
     config = tmp_path / "hsd.conf"
     config.write_text(f"[authenticate.client]\nx509.truststore={pki.ca}\n[hsd]\nbackend=openssl\n{hsd_section}")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify"))
-    notify.settimeout(30)
     log = tmp_path / "hsd.log"
-    with Simulator() as sim, open(log, "wb") as handle:
-        proc = subprocess.Popen([sys.executable, "-m", "hsd.cli", "-c", str(config), "--simulator", sim.address, "-s"],
-                                stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd,
-                                env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")})
+    with Simulator() as sim:
+        daemon = DaemonProcesses(sim, ["hsd.cli", "-c", str(config), "-s"], log_path=str(log),
+                                 cwd=str(cwd) if cwd else None, notify_socket=str(tmp_path / "notify"))
         try:
-            assert notify.recv(4096) == b"READY=1", log.read_text()
-            yield sim, log, proc
+            yield sim, log, daemon.proc
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            assert proc.wait(30) == 0, log.read_text()
-            notify.close()
+            assert daemon.stop() == 0, log.read_text()
 
 
 def wait_for(predicate, what: str, log: Path, timeout: float = 15):  # type: ignore[no-untyped-def]

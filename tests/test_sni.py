@@ -29,6 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hsd import sni, tls13
 from hsd.config import ConfigError, parse
 from hsd_kit import peers
+from hsd_kit.processes import DaemonProcesses
 from hsd_kit.simulator import Simulator
 
 pytestmark = pytest.mark.skipif(not (peers.tool_available("openssl") and peers.tool_available("gnutls-cli")),
@@ -99,28 +100,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # ---------------------------------------------------------------- the daemon
 
-class Daemon:
-    """`hsd` as its own process against this test's kernel simulator."""
+class Daemon(DaemonProcesses):
+    """`hsd --debug` as its own process against this test's kernel simulator, once it logged ready."""
 
     def __init__(self, sim: Simulator, config: Path, log: Path) -> None:
-        self.sim, self.log, self.config, self.control = sim, log, config, Path()
-        with open(log, "wb") as handle:
-            self.proc = subprocess.Popen([sys.executable, "-m", "hsd.cli", "-c", str(config), "--simulator",
-                                          sim.address, "-s", "--debug"],
-                                         stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while sim.listeners() < 1 or "hsd ready:" not in self.text():
-            assert self.proc.poll() is None, f"hsd exited early:\n{self.text()}"
-            assert time.monotonic() < deadline, f"hsd never became ready:\n{self.text()}"
-            time.sleep(0.05)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(30)
+        super().__init__(sim, ["hsd.cli", "-c", str(config), "-s", "--debug"], log_path=str(log))
+        self.config, self.control = config, Path()
+        self.wait_logged("hsd ready:")
 
 
 def _config(pki: Path, backend: str, sni_section: str = SNI_SECTION, hsd_extra: str = "") -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from hsd_kit.processes import DaemonProcesses
 from hsd_kit.simulator import Simulator
 from hsd_kit import peers
 from hsd_kit.pki import TestPki
@@ -35,21 +36,14 @@ def running(tmp_path: Path, hsd_pki: TestPki):
     config = tmp_path / "hsd.conf"
     config.write_text(f"[authenticate.client]\nx509.truststore={hsd_pki.ca}\n"
                       f"[hsd]\nbackend=openssl\ncontrol_socket={control}\n")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify"))
-    notify.settimeout(30)
     log = tmp_path / "hsd.log"
-    with Simulator() as sim, open(log, "wb") as handle:
-        proc = subprocess.Popen([sys.executable, "-m", "hsd.cli", "-c", str(config), "--simulator", sim.address, "-s"],
-                                stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT,
-                                env={**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify")})
+    with Simulator() as sim:
+        daemon = DaemonProcesses(sim, ["hsd.cli", "-c", str(config), "-s"], log_path=str(log),
+                                 notify_socket=str(tmp_path / "notify"))  # returns at READY=1
         try:
-            assert notify.recv(4096) == b"READY=1"
-            yield sim, config, control, notify, log
+            yield sim, config, control, daemon.notify, log
         finally:
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(30) == 0, log.read_text()
-            notify.close()
+            assert daemon.stop() == 0, log.read_text()
     assert not control.exists(), "the control socket outlived the daemon"
 
 
