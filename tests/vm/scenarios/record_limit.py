@@ -38,6 +38,7 @@ from hsd.context import HandshakeContext
 from hsd.credentials import load_x509
 from hsd.protocol import AuthMode, HandshakeRequest, MessageType
 from hsd.session import Session
+from ktls_matrix import connect_with_retry, free_port  # the same guest's helpers, beside this file
 
 PKI = Path("/tmp/pki")
 RECORDSIZE = 512  # gnutls --recordsize: the plaintext the peer takes per record
@@ -102,23 +103,6 @@ class Relay:
 
     def close(self) -> None:
         self.listener.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def connect_with_retry(port: int) -> socket.socket:
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            return socket.create_connection(("127.0.0.1", port), timeout=5)
-        except ConnectionRefusedError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def handshake(sock: socket.socket, role: str) -> Session:
