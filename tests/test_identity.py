@@ -1,7 +1,7 @@
 """remote-auth identities: the verified server leaf (client), the sentinel (server), nothing for unverified peers.
 
 The end-to-end tests use a real `openssl s_server` that sends a three-certificate
-chain (leaf + two intermediates) to hsd's OpenSSL client backend, and look in
+chain (leaf + two intermediates) to hsd's client role on each backend, and look in
 root's real user keyring afterwards: exactly one key may name the server, and
 it must hold the leaf - never an intermediate, never an unverified certificate.
 """
@@ -30,6 +30,8 @@ from hsd.session import Session
 from hsd_kit.harness import DaemonHarness
 from hsd_kit.peers import PeerOptions, openssl_server
 from hsd_kit.pki import TestPki
+
+BACKENDS = ("openssl", "tlslite")  # the rule is the core's; each backend says what it verified
 
 
 def ders(path: str) -> tuple[bytes, ...]:
@@ -151,7 +153,12 @@ def _cert(subject: str, issuer: x509.Name, key, issuer_key, ca: bool, sans: list
                .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False))
+               .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+               .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()),
+                              critical=False))  # the core verifier (tlslite's) requires it (RFC 5280 4.2.1.1)
+    if ca:  # a CA's key usage, as RFC 5280's path validation (the core verifier's) wants it
+        builder = builder.add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                                        critical=True)
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(s) for s in sans]), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
@@ -198,14 +205,14 @@ class ChainWitness:
         self.seen.append(len(session.peer_certificates) if session is not None else -1)
 
 
-def handshake_with_chain_server(chain: Chain, verify: bool) -> tuple[int, ...]:
-    """hsd (OpenSSL backend, client unauth) against s_server sending all three certificates; the remote-auth."""
+def handshake_with_chain_server(chain: Chain, verify: bool, backend: str) -> tuple[int, ...]:
+    """hsd (this backend, client unauth) against s_server sending all three certificates; the remote-auth."""
     config = Config(handshake_timeout_ms=10000)
     config.client.truststore = chain.root
     config.verify_server = verify
     opts = PeerOptions(cert=chain.leaf, key=chain.key, extra=["-cert_chain", chain.intermediates])
     witness = ChainWitness()
-    with DaemonHarness("openssl", config, extra_plugins={"chain-witness": witness}) as harness, \
+    with DaemonHarness(backend, config, extra_plugins={"chain-witness": witness}) as harness, \
             openssl_server(opts).start() as server:
         mine = socket.create_connection(server.address)
         try:
@@ -217,9 +224,10 @@ def handshake_with_chain_server(chain: Chain, verify: bool) -> tuple[int, ...]:
     return finished.remote_auth
 
 
-def test_three_certificate_chain_from_a_real_server_stores_exactly_the_leaf(three_cert_chain: Chain):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_three_certificate_chain_from_a_real_server_stores_exactly_the_leaf(three_cert_chain: Chain, backend: str):
     chain = three_cert_chain
-    remote_auth = handshake_with_chain_server(chain, verify=True)
+    remote_auth = handshake_with_chain_server(chain, verify=True, backend=backend)
     stored = keys_naming(chain.peername)
     try:
         assert len(stored) == 1, f"{len(stored)} keys name the server: {stored}"
@@ -231,11 +239,12 @@ def test_three_certificate_chain_from_a_real_server_stores_exactly_the_leaf(thre
         drop(stored)
 
 
-def test_unverified_chain_from_a_real_server_leaves_no_key(three_cert_chain: Chain):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unverified_chain_from_a_real_server_leaves_no_key(three_cert_chain: Chain, backend: str):
     """verify_server = false: the server's certificates are claims, not identities (tlshd stores keys
     only after verification): no key in the keyring, no remote-auth in DONE."""
     chain = three_cert_chain
-    remote_auth = handshake_with_chain_server(chain, verify=False)
+    remote_auth = handshake_with_chain_server(chain, verify=False, backend=backend)
     stored = keys_naming(chain.peername)
     drop(stored)
     assert remote_auth == ()
