@@ -68,8 +68,14 @@ def sslv2_client_hello() -> bytes:
     return bytes([0x80 | len(msg) >> 8, len(msg) & 0xFF]) + msg
 
 
+# A zero-length application_data record with padding (RFC 8446 5.4) as it is on the wire: the
+# encrypted TLSInnerPlaintext of no content, its type byte and 15 zero bytes of padding, plus the
+# 16-byte AEAD tag - 32 bytes the server cannot decrypt (no keys yet) and must not take as handshake.
+PADDED_EMPTY_APPDATA = bytes.fromhex("9f0c6d2a7e51b3c8d4f60a19e2873b5c" "41d8a06f3e9c27b5d1480fa6c3e95b72")
+
 CASES = {  # what a hostile client sends to a server
     "empty-appdata-between-hello-fragments": interleaved(record(APPLICATION_DATA, b"")),
+    "padded-empty-appdata-between-hello-fragments": interleaved(record(APPLICATION_DATA, PADDED_EMPTY_APPDATA)),
     "empty-handshake-between-hello-fragments": interleaved(record(HANDSHAKE, b"")),
     "empty-appdata-before-the-hello": record(APPLICATION_DATA, b"") + client_hello(),
     "empty-handshake-before-the-hello": record(HANDSHAKE, b"") + client_hello(),
@@ -173,6 +179,8 @@ def test_the_peer_gets_the_libraries_own_answer(pki, backend: str, case: str) ->
 @pytest.mark.parametrize("backend,case,answer", [
     ("openssl", "empty-appdata-between-hello-fragments", [(ALERT, UNEXPECTED_MESSAGE_ALERT)]),
     ("tlslite", "empty-appdata-between-hello-fragments", [(ALERT, UNEXPECTED_MESSAGE_ALERT)]),
+    ("openssl", "padded-empty-appdata-between-hello-fragments", [(ALERT, UNEXPECTED_MESSAGE_ALERT)]),
+    ("tlslite", "padded-empty-appdata-between-hello-fragments", [(ALERT, UNEXPECTED_MESSAGE_ALERT)]),
     ("tlslite", "empty-handshake-between-hello-fragments", [(ALERT, UNEXPECTED_MESSAGE_ALERT)]),
     ("tlslite", "sslv2-client-hello", [(ALERT, PROTOCOL_VERSION_ALERT)]),
     # OpenSSL 4.0 (cryptography 50's wheel) sends nothing to an SSLv2-compatible ClientHello; 3.x
