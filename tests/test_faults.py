@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator
 
 import pytest
@@ -752,11 +753,12 @@ def test_sigterm_exits_a_real_daemon_whose_plugin_never_returns(tmp_path, no_lea
                 time.sleep(0.02)
             proc.send_signal(signal.SIGTERM)
             bound = 1.0 + WATCHDOG_GRACE + SHUTDOWN_GRACE  # the longest deadline, the watchdog, the drain
-            try:
-                code = proc.wait(bound + WAIT)  # WAIT: start-up slack of a loaded machine, not a timing claim
-            except subprocess.TimeoutExpired:
-                code = None
+            stopping = cpu_while_running(proc, bound + WAIT)  # WAIT: slack of a loaded machine, not a timing claim
+            code = proc.poll()
             assert code == 0, log_path.read_text()
+            # every watchdog iteration sleeps: waiting out the deadlines is idle time, not a spinning core
+            assert stopping.wall > 1.0 and stopping.cpu < 0.25 * stopping.wall, (stopping, log_path.read_text())
+            print(f"stopping: {stopping}")
             assert [r.wait(0)[0] for r in reqs] == [errno.ETIMEDOUT] * 3
             assert [r.done_calls for r in reqs] == [1, 1, 1]
         finally:
@@ -768,6 +770,32 @@ def test_sigterm_exits_a_real_daemon_whose_plugin_never_returns(tmp_path, no_lea
     text = log_path.read_text()
     assert "Traceback" not in text, text
     assert text.count("overran its deadline in the plugin") == 3, text
+
+
+@dataclass
+class CpuUse:
+    cpu: float = 0.0  # seconds of CPU (user + system, all threads) the process used ...
+    wall: float = 0.0  # ... in this many seconds of wall time
+
+
+def cpu_while_running(proc: subprocess.Popen, timeout: float) -> CpuUse:
+    """Sample the process's CPU time (/proc/PID/stat utime + stime) until it exits or timeout passes."""
+    tick = os.sysconf("SC_CLK_TCK")
+    first: tuple[float, float] | None = None
+    use = CpuUse()
+    end = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < end:
+        try:
+            with open(f"/proc/{proc.pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            break  # gone between poll() and open()
+        now, cpu = time.monotonic(), (int(fields[11]) + int(fields[12])) / tick  # stat fields 14 and 15
+        if first is None:
+            first = (now, cpu)
+        use = CpuUse(cpu - first[1], now - first[0])
+        time.sleep(0.05)
+    return use
 
 
 def _wait_listening_proc(sim: Simulator, proc: subprocess.Popen, log_path) -> None:
