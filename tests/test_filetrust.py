@@ -247,3 +247,34 @@ def test_hsd_refuses_to_start_with_an_other_writable_crl_when_strict_and_warns_o
             assert proc.wait(30) == 0
         text = (tmp_path / "relaxed.log").read_text()
         assert text.count("CRL file is writable by others") == 1, text
+
+
+@pytest.mark.parametrize("which", ["certificate", "private key", "sni certificate", "sni private key"])
+@pytest.mark.parametrize("strict", [False, True], ids=["warn", "strict"])
+def test_a_stranger_owned_certificate_or_key_is_refused_when_strict(etc: Path, caplog, which: str,
+                                                                     strict: bool) -> None:
+    """The server's own certificate and key, [authenticate.server]'s and an [hsd.server.sni] pair's,
+    through the credentials loader a handshake uses: the same rule as the trust store and the CRL."""
+    from hsd.config import SniPair
+    from hsd.credentials import CredentialError, load_x509
+    from hsd.protocol import AuthMode, HandshakeRequest, MessageType
+
+    for name in ("sni.pem", "sni.key"):
+        shutil.copy(etc / name.replace("sni", "server"), etc / name)
+    os.chmod(etc / "sni.key", 0o600)
+    path = etc / {"certificate": "server.pem", "private key": "server.key", "sni certificate": "sni.pem",
+                  "sni private key": "sni.key"}[which]
+    os.chown(path, STRANGER, -1)
+    config = Config(strict_permissions=strict)
+    config.server.certificate, config.server.private_key = str(etc / "server.pem"), str(etc / "server.key")
+    sni = SniPair("sni.example", str(etc / "sni.pem"), str(etc / "sni.key"), "hsd.conf:9") if "sni" in which else None
+    request = HandshakeRequest(sockfd=3, message_type=MessageType.SERVERHELLO, auth_mode=AuthMode.X509)
+    caplog.set_level(logging.WARNING, logger="hsd")
+    if strict:
+        with pytest.raises(CredentialError, match="strict_permissions") as info:
+            load_x509(config, request, sni)
+        assert str(path) in str(info.value) and f"owned by uid {STRANGER}" in str(info.value)
+    else:
+        assert load_x509(config, request, sni).key is not None
+        assert [r.getMessage() for r in caplog.records if r.getMessage().startswith(f"{path}: ")] == [
+            f"{path}: {which.removeprefix('sni ')} file is owned by uid {STRANGER}, not root; chown root it"]
