@@ -103,8 +103,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Daemon(DaemonProcesses):
     """`hsd --debug` as its own process against this test's kernel simulator, once it logged ready."""
 
-    def __init__(self, sim: Simulator, config: Path, log: Path) -> None:
-        super().__init__(sim, ["hsd.cli", "-c", str(config), "-s", "--debug"], log_path=str(log))
+    def __init__(self, sim: Simulator, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+        super().__init__(sim, ["hsd.cli", "-c", str(config), "-s", "--debug"], log_path=str(log), env=env)
         self.config, self.control = config, Path()
         self.wait_logged("hsd ready:")
 
@@ -580,13 +580,18 @@ def test_after_a_hello_retry_request_the_pair_chosen_from_the_first_client_hello
     """The server asks for another key share: the library reads the second ClientHello itself, after the
     replayed first one, and the certificate is still the one the first ClientHello's name chose.
 
-    The openssl backend only: OpenSSL >= 3.5 retries a P-521 key share for X25519 (its first preference
-    tuple); tlslite-ng serves every group an OpenSSL or GnuTLS client can offer and takes the client's
-    key share, so no real client makes it retry."""
+    The openssl backend only: the daemon's OpenSSL is given X25519 as its only group (an OpenSSL config
+    file, OPENSSL_CONF), so the client's P-521 key share makes it retry on every OpenSSL, the 3.3 of
+    cryptography 43's wheel (the lowest-versions run) included, which would otherwise take P-521 (3.5
+    and later retry it for X25519 by their own preference); tlslite-ng serves every group an OpenSSL or
+    GnuTLS client can offer and takes the client's key share, so no real client makes it retry."""
     config = tmp_path / "hsd.conf"
     config.write_text(_config(pki, "openssl"))
+    openssl_conf = tmp_path / "openssl.cnf"
+    openssl_conf.write_text("openssl_conf = init\n[init]\nssl_conf = ssl\n[ssl]\nsystem_default = groups\n"
+                            "[groups]\nGroups = X25519\n")
     with Simulator() as sim:
-        daemon = Daemon(sim, config, tmp_path / "hsd.log")
+        daemon = Daemon(sim, config, tmp_path / "hsd.log", env={"OPENSSL_CONF": str(openssl_conf)})
         try:
             client = Client("openssl", ("-groups", "P-521:X25519", "-msg"))
             status, output = handshake(daemon, client, "nfs2.example.org", pki / "ca.pem")
