@@ -32,7 +32,7 @@ PARITY = ("ktls-matrix", "hsd-nfs", "nvme-psk", "systemd-service")  # each runs 
 # systemd-boot reads what the boot did, so it runs first
 SCENARIOS = ("systemd-boot", "tlshd-nfs", "tlshd-config", *(f"{name}@{b}" for name in PARITY for b in BACKENDS),
              "nvme-psk@mixed", "nvme-psk@tlshd", "record-limit", "netns-nfs", "nfs-token",
-             "bench-nfs", "bench-nvme")
+             "bench-nfs", "bench-nvme", "bench-nvme-many")
 # the file each guest's ktls-utils ships (1.0.0: /etc/tlshd.conf; 1.4.0: /etc/tlshd/config)
 SHIPPED_CONFIG = {"trixie": "/etc/tlshd.conf", "forky": "/etc/tlshd/config"}
 HARNESS_TIMEOUT = 3600  # the harness bounds every boot itself; this only guards against a hung host
@@ -211,7 +211,12 @@ def _to_ci_log(capsys: pytest.CaptureFixture[str], guest: str, text: str) -> Non
         print(f"\nvm {guest}: {text}", flush=True)
 
 
-@pytest.mark.parametrize("scenario", ["bench-nfs", "bench-nvme"])
+# the agents each benchmark times, in the same boot (bench-nvme-many adds hsd with --workers)
+BENCH_AGENTS = {"bench-nfs": ("hsd", "tlshd"), "bench-nvme": ("hsd", "tlshd"),
+                "bench-nvme-many": ("hsd", "hsd-workers", "tlshd")}
+
+
+@pytest.mark.parametrize("scenario", sorted(BENCH_AGENTS))
 def test_bench_prints_figures_for_both_agents(vm_run: VmRun, scenario: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Figures only: every cycle worked (the scenario's PASS); the times and ratio are printed."""
     _require_pass(vm_run, scenario)
@@ -221,8 +226,9 @@ def test_bench_prints_figures_for_both_agents(vm_run: VmRun, scenario: str, caps
     for key in ("cycles", "tlshd_mean_ms", "hsd_mean_ms", "ratio_hsd_over_tlshd"):
         assert key in fields, f"{scenario}: no {key} in {match.group(0)}"
     cycles = int(fields["cycles"])
-    counted = re.findall(r" (hsd|tlshd) cycle (\d+): \d+ ms", vm_run.log(scenario))
-    assert sorted(counted) == sorted((a, str(i)) for a in ("hsd", "tlshd") for i in range(1, cycles + 1)), counted
+    counted = re.findall(r" (hsd|hsd-workers|tlshd) cycle (\d+): \d+ ms", vm_run.log(scenario))
+    agents = BENCH_AGENTS[scenario]
+    assert sorted(counted) == sorted((a, str(i)) for a in agents for i in range(1, cycles + 1)), counted
     _to_ci_log(capsys, vm_run.guest, match.group(0).split(" BENCH ", 1)[1])
 
 
