@@ -234,10 +234,27 @@ def build_initramfs(root: Path, release: str, out: Path) -> None:
     write_initramfs(out, Path(busybox).read_bytes(), modules)
 
 
+def _mounts_under(path: Path) -> list[str]:
+    prefix = str(path.resolve()) + "/"
+    return [point for line in Path("/proc/self/mounts").read_text().splitlines()
+            if (point := line.split()[1]).startswith(prefix)]
+
+
 def _has_mounts(path: Path) -> bool:
     """A failed mmdebstrap can leave /proc mounted inside a root: never rmtree through it."""
-    prefix = str(path.resolve()) + "/"
-    return any(line.split()[1].startswith(prefix) for line in Path("/proc/self/mounts").read_text().splitlines())
+    return bool(_mounts_under(path))
+
+
+def _unmount_leftovers(root: Path, log_to) -> None:
+    """Even a successful mmdebstrap can fail to unmount the root's /proc ("W: umount /proc failed").
+
+    Left mounted, the cache holds a live /proc: `cp -r` or `grep -r` over tests/ then reads
+    every process's pagemap (tens of GB) and fills the disk.  Deepest first, lazily."""
+    for point in sorted(_mounts_under(root), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False)
+        print(f"vm: unmounted {point}, left mounted by mmdebstrap", file=log_to)
+    if _has_mounts(root):
+        raise BuildError(f"{root} still has mounts after the build; unmount them")
 
 
 def ensure_image(guest: Guest, log_to=sys.stderr) -> Image:
@@ -262,6 +279,7 @@ def ensure_image(guest: Guest, log_to=sys.stderr) -> Image:
         started = time.monotonic()
         print(f"vm: building guest {key} (mmdebstrap {guest.name}, a few minutes); log {log}", file=log_to)
         build_root(guest, root, log)
+        _unmount_leftovers(base, log_to)
         built = time.monotonic() - started
         stamp.write_text(f"{built:.1f}\n")
         print(f"vm: guest {guest.name} built in {built:.0f} s", file=log_to)
