@@ -82,7 +82,9 @@ class Mode:
 
     @classmethod
     def of(cls, request: HandshakeRequest) -> "Mode":
-        return cls(Role.of(request.message_type), Auth.of(request.auth_mode))
+        """A table lookup for the five modes (asked several times per request); the enums' own checks otherwise."""
+        mode = _MODE_OF.get((request.message_type, request.auth_mode))
+        return mode if mode is not None else cls(Role.of(request.message_type), Auth.of(request.auth_mode))
 
     @property
     def key(self) -> str:
@@ -97,6 +99,7 @@ ALL_MODES = (
     Mode("client", "unauth"), Mode("client", "x509"), Mode("client", "psk"),
     Mode("server", "x509"), Mode("server", "psk"),
 )
+_MODE_OF = {(int(mode.role.wire), int(mode.auth.wire)): mode for mode in ALL_MODES}
 
 
 @dataclass(frozen=True)
