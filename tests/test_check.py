@@ -11,6 +11,7 @@ pass with exit 0 and no warning.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -280,44 +281,65 @@ def test_a_private_key_is_parsed_once_while_its_file_is_unchanged_and_a_rewrite_
 # ---------------------------------------------------------------- the configs the VM scenarios use
 
 
+def scenario_heredoc(script: str, target: str) -> str:
+    """The text a scenario writes with `cat > "TARGET" <<EOF` ... `EOF`, its variables not yet expanded."""
+    match = re.search(rf'cat > "{re.escape(target)}" <<EOF\n(.*?\n)EOF\n', (SCENARIOS / script).read_text(), re.S)
+    assert match, f"{script} no longer writes {target} with a here-document: update scenario_configs"
+    return match.group(1)
+
+
 def scenario_configs(directory: Path) -> dict[str, Path]:
-    """The VM scenarios' configs, made by their own _lib.sh functions (make_pki, agent_config) in directory."""
+    """The VM scenarios' configs, made by their own _lib.sh functions (make_pki, agent_config) and
+    here-documents in directory.  nfs-token's (pkcs11: URIs) needs a token: tests/debian/token_mtls.py."""
     pki = directory / "pki"
     script = f"""
 set -eu
 . ./_lib.sh
 PKI={pki}
 make_pki
-agent_config {directory}/tlshd.conf server           # tlshd-nfs, hsd-nfs, bench-nfs, nvme-psk
+agent_config {directory}/tlshd.conf server           # tlshd-nfs, hsd-nfs, bench-*, nvme-psk, the boot's
 agent_config {directory}/rogue.conf rogue-server     # hsd-nfs' reload
 agent_config {directory}/mixed.conf server           # nvme-psk@mixed
 printf '\\n[hsd.backends]\\nclient.psk=%s\\n' tlslite >> {directory}/mixed.conf
+agent_config {directory}/unit-tlslite.conf server    # systemd-service@tlslite: the boot's, [hsd] backend
+printf '\\n[hsd]\\nbackend=%s\\n' tlslite >> {directory}/unit-tlslite.conf
+cat > {directory}/tenant1.conf <<EOF
+{scenario_heredoc("netns-nfs.sh", "$NS_CONF")}EOF
 """
     subprocess.run(["bash", "-c", script], cwd=SCENARIOS, check=True, capture_output=True, timeout=120)
     shipped = directory / "shipped.conf"  # tlshd-config: the file ktls-utils installs as /etc/tlshd.conf
     shipped.write_text(TLSHD_SHIPPED)
     return {"agent": directory / "tlshd.conf", "rogue": directory / "rogue.conf",
-            "mixed": directory / "mixed.conf", "shipped": shipped}
+            "mixed": directory / "mixed.conf", "unit-tlslite": directory / "unit-tlslite.conf",
+            "tenant1": directory / "tenant1.conf", "shipped": shipped}
 
 
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("openssl") is None, reason="needs bash and openssl")
 @pytest.mark.needs("tlslite")  # the "mixed" scenario serves client/psk with tlslite
 def test_every_config_the_vm_scenarios_use_passes_check_without_a_warning(tmp_path: Path) -> None:
     configs = scenario_configs(tmp_path)
-    for name, config in configs.items():
+    # hsd-nfs@tlslite and nvme-psk@tlslite give the agent config with `hsd --backend tlslite`
+    runs = [(name, config, ()) for name, config in configs.items()] + [
+        ("agent --backend tlslite", configs["agent"], ("--backend", "tlslite"))]
+    for name, config, args in runs:
         # the scenarios' throwaway PKI lives 2 days (-days 2): expiring soon by design, so the window is 1 day
         # here; everything else must still draw no warning at all
-        narrowed = tmp_path / f"{name}-narrowed.conf"
+        narrowed = tmp_path / f"{name.split()[0]}-narrowed.conf"
         narrowed.write_text(config.read_text() + "\n[hsd]\nexpiry_warning_days=1\n")
-        result = hsd("check", "--strict", "-c", str(narrowed), cwd=tmp_path)
+        result = hsd(*args, "check", "--strict", "-c", str(narrowed), cwd=tmp_path)
         assert result.returncode == 0, (name, result.stdout, result.stderr)
         assert result.stderr == "" and "warn" not in result.stdout.lower().replace("expiry_warning_days", ""), \
             (name, result.stdout)
         assert result.stdout.rstrip().endswith("configuration OK")
+        if "tlslite" in name:  # the backend really was the one the scenario runs
+            assert "[hsd] backend=tlslite " in result.stdout, (name, result.stdout)
     mixed = hsd("check", "-c", str(configs["mixed"]), cwd=tmp_path).stdout
     assert "[hsd.backends] client.psk=tlslite" in mixed.splitlines()  # nvme-psk@mixed greps this line
     agent = hsd("check", "-c", str(configs["agent"]), cwd=tmp_path).stdout
     assert "[loaded] [authenticate.server] x509.certificate: CN=localhost, 1 certificate(s)" in agent
+    tenant1 = hsd("check", "-c", str(configs["tenant1"]), cwd=tmp_path).stdout  # netns-nfs' hsd@tenant1
+    assert f"[authenticate.client] x509.truststore={tmp_path / 'pki' / 'ca.pem'}" in tenant1.splitlines()
+    assert "[loaded] [authenticate.client] x509.truststore: 1 CA certificate(s)" in tenant1
 
 
 def _crl(path: Path, issuer_name: str, key, *, days_ago: int) -> None:
