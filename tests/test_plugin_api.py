@@ -15,6 +15,7 @@ import logging
 import re
 import socket
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -295,6 +296,21 @@ def test_debug_logs_the_accept_the_choice_the_ktls_parameters_and_the_timings_ne
     assert re.search(r"context [\d.]+ms handshake [\d.]+ms ktls [\d.]+ms identity [\d.]+ms done [\d.]+ms", timing)
     for secret in forbidden:  # neither the traffic secrets nor the derived kTLS keys and IVs, in hex
         assert secret not in text.replace(":", "").lower()
+
+
+def test_the_operators_guide_shows_the_debug_lines_as_they_are_logged() -> None:
+    """The guide's sample of a handshake at debug level: each line has the shape the dispatcher logs (above)."""
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "operators-guide.md").read_text(encoding="utf-8")
+    sample = guide.split("or `--debug` adds, per request,", 1)[1].split("```", 2)[1].strip().splitlines()
+    shapes = [r"ACCEPT fd=\d+ message_type=\w+ auth_mode=\w+ peername='[^']*' timeout=\d+ms peer_identities=\[.*\] "
+              r"certificate=\d+ privkey=\d+ keyring=\d+$",
+              r"fd \d+: (client|server)/(unauth|x509|psk) -> backend \w+; certificate .+, private key .+, trust ",
+              r"kTLS installed on fd \d+: TX CryptoInfo\(\w+, version=0x304, rec_seq=\d+\), RX CryptoInfo\(",
+              r"fd \d+ timings: context [\d.]+ms handshake [\d.]+ms ktls [\d.]+ms identity [\d.]+ms done [\d.]+ms; "
+              r"remote-auth \d+"]
+    assert len(sample) == len(shapes), sample
+    for line, shape in zip(sample, shapes):
+        assert re.match(shape, line), (shape, line)
 
 
 def test_without_debug_a_handshake_logs_only_its_outcome_line(caplog: pytest.LogCaptureFixture) -> None:
