@@ -174,12 +174,35 @@ SUBNQN=nqn.2014-08.org.hsd:vm-subsystem
 HOSTNQN=nqn.2014-08.org.nvmexpress:uuid:9d4a1c52-1a53-4c8e-9a5e-6f1f0a9f2b11
 NVMET=/sys/kernel/config/nvmet
 
-# nvme_psk_insert: the retained PSK both sides find in the .nvme keyring ("NVMe0R01 <hostnqn> <subnqn>")
+# nvme_psk_insert [SUBNQN]: the retained PSK both sides find in the .nvme keyring ("NVMe0R01 <hostnqn>
+# <subnqn>"), for $SUBNQN unless another subsystem is named
 nvme_psk_insert() {
-    nvme gen-tls-key --subsysnqn="$SUBNQN" --hostnqn="$HOSTNQN" --insert > /tmp/nvme-key.out 2>&1 \
-        || { cat /tmp/nvme-key.out; die "nvme gen-tls-key --insert"; }
-    grep -q "NVMe0R01 $HOSTNQN $SUBNQN" /proc/keys || die "the retained PSK is not in a keyring: $(grep -i nvme /proc/keys)"
-    check "PSK inserted: $(grep -o "NVMe0R01 [^ ]* [^ ]*" /proc/keys | head -1 | cut -c1-40)..."
+    local subnqn=${1:-$SUBNQN}
+    nvme gen-tls-key --subsysnqn="$subnqn" --hostnqn="$HOSTNQN" --insert > /tmp/nvme-key.out 2>&1 \
+        || { cat /tmp/nvme-key.out; die "nvme gen-tls-key --insert for $subnqn"; }
+    grep -q "NVMe0R01 $HOSTNQN $subnqn" /proc/keys || die "the retained PSK is not in a keyring: $(grep -i nvme /proc/keys)"
+    check "PSK inserted: $(grep -o "NVMe0R01 [^ ]* $subnqn" /proc/keys | head -1 | cut -c1-40)..."
+}
+
+# nvme_subsystem_add NQN IMAGE SIZE: an nvmet subsystem any host may use, with one namespace backed by
+# the file IMAGE of SIZE (not yet on a port)
+nvme_subsystem_add() {
+    truncate -s "$3" "$2"
+    mkdir "$NVMET/subsystems/$1"
+    echo 1 > "$NVMET/subsystems/$1/attr_allow_any_host"
+    mkdir "$NVMET/subsystems/$1/namespaces/1"
+    echo "$2" > "$NVMET/subsystems/$1/namespaces/1/device_path"
+    echo 1 > "$NVMET/subsystems/$1/namespaces/1/enable"
+}
+
+# nvme_subsystem_remove NQN: the host disconnected from it, off the port, removed (cleanup: never fails)
+nvme_subsystem_remove() {
+    nvme disconnect -n "$1" >/dev/null 2>&1 || true
+    rm -f "$NVMET/ports/1/subsystems/$1" 2>/dev/null || true
+    if [ -d "$NVMET/subsystems/$1" ]; then
+        echo 0 > "$NVMET/subsystems/$1/namespaces/1/enable" 2>/dev/null || true
+        rmdir "$NVMET/subsystems/$1/namespaces/1" "$NVMET/subsystems/$1" 2>/dev/null || true
+    fi
 }
 
 # nvme_target_start: nvmet subsystem with a 64 MiB file-backed namespace on 127.0.0.1:4420,
@@ -188,12 +211,7 @@ nvme_target_start() {
     local m
     for m in tls nvmet nvmet-tcp nvme-tcp nvme-fabrics; do modprobe "$m" || die "modprobe $m"; done
     mountpoint -q /sys/kernel/config || mount -t configfs configfs /sys/kernel/config
-    truncate -s 64M /tmp/nvme-backing.img
-    mkdir "$NVMET/subsystems/$SUBNQN"
-    echo 1 > "$NVMET/subsystems/$SUBNQN/attr_allow_any_host"
-    mkdir "$NVMET/subsystems/$SUBNQN/namespaces/1"
-    echo /tmp/nvme-backing.img > "$NVMET/subsystems/$SUBNQN/namespaces/1/device_path"
-    echo 1 > "$NVMET/subsystems/$SUBNQN/namespaces/1/enable"
+    nvme_subsystem_add "$SUBNQN" /tmp/nvme-backing.img 64M
     mkdir "$NVMET/ports/1"
     echo tcp > "$NVMET/ports/1/addr_trtype"
     echo ipv4 > "$NVMET/ports/1/addr_adrfam"
@@ -207,13 +225,15 @@ nvme_target_start() {
 
 # nvme_target_stop: disconnect the host and remove the target (cleanup: never fails)
 nvme_target_stop() {
-    nvme disconnect -n "$SUBNQN" >/dev/null 2>&1 || true
-    rm -f "$NVMET/ports/1/subsystems/$SUBNQN" 2>/dev/null || true
+    nvme_subsystem_remove "$SUBNQN"
     rmdir "$NVMET/ports/1" 2>/dev/null || true
-    if [ -d "$NVMET/subsystems/$SUBNQN" ]; then
-        echo 0 > "$NVMET/subsystems/$SUBNQN/namespaces/1/enable" 2>/dev/null || true
-        rmdir "$NVMET/subsystems/$SUBNQN/namespaces/1" "$NVMET/subsystems/$SUBNQN" 2>/dev/null || true
-    fi
+}
+
+# hsd_wait_ready LOG: wait (up to 60 s) for the "hsd ready" line of an hsd started in the background
+# with its output in LOG; else print LOG and fail
+hsd_wait_ready() {
+    for _ in $(seq 120); do grep -q "hsd ready" "$1" && return 0; sleep 0.5; done
+    cat "$1"; die "hsd not ready (its log: $1)"
 }
 
 # nvme_tls_connect: the host connects to the target over TLS (PSK from the .nvme keyring)

@@ -22,16 +22,8 @@ subsystems=()
 for i in $(seq "$CONTROLLERS"); do subsystems+=("$SUBNQN-many$i"); done
 
 cleanup() {
-    local rc=$?
-    local s
-    for s in "${subsystems[@]}"; do
-        nvme disconnect -n "$s" >/dev/null 2>&1 || true
-        rm -f "$NVMET/ports/1/subsystems/$s" 2>/dev/null || true
-        if [ -d "$NVMET/subsystems/$s" ]; then
-            echo 0 > "$NVMET/subsystems/$s/namespaces/1/enable" 2>/dev/null || true
-            rmdir "$NVMET/subsystems/$s/namespaces/1" "$NVMET/subsystems/$s" 2>/dev/null || true
-        fi
-    done
+    local rc=$? s
+    for s in "${subsystems[@]}"; do nvme_subsystem_remove "$s"; done  # off the port before the port goes
     nvme_target_stop
     [ -n "$agent" ] && kill "$agent" 2>/dev/null || true
     exit $rc
@@ -43,21 +35,14 @@ agent_config /tmp/bench-many.conf server
 nvme_target_start
 # one more subsystem per controller on the same TLS-only port, each with its own namespace and PSK
 for s in "${subsystems[@]}"; do
-    mkdir "$NVMET/subsystems/$s"
-    echo 1 > "$NVMET/subsystems/$s/attr_allow_any_host"
-    mkdir "$NVMET/subsystems/$s/namespaces/1"
-    truncate -s 16M "/tmp/nvme-$s.img"
-    echo "/tmp/nvme-$s.img" > "$NVMET/subsystems/$s/namespaces/1/device_path"
-    echo 1 > "$NVMET/subsystems/$s/namespaces/1/enable"
+    nvme_subsystem_add "$s" "/tmp/nvme-$s.img" 16M
     ln -s "$NVMET/subsystems/$s" "$NVMET/ports/1/subsystems/$s"
-    nvme gen-tls-key --subsysnqn="$s" --hostnqn="$HOSTNQN" --insert > /tmp/nvme-key.out 2>&1 \
-        || { cat /tmp/nvme-key.out; die "nvme gen-tls-key --insert for $s"; }
-    grep -q "NVMe0R01 $HOSTNQN $s" /proc/keys || die "the retained PSK of $s is not in a keyring"
+    nvme_psk_insert "$s"
 done
 check "$CONTROLLERS subsystems on the TLS port, a retained PSK each; $QUEUES queues per controller ($CPUS CPUs)"
 
 # cycle NAME I: every controller connects at once (each connect returns once all its queues'
-# handshakes are done), every one is checked live with all its queues, then all disconnect; sets
+# handshakes are done), every controller is checked present, then all disconnect; sets
 # CYCLE_MS (not a $(...) subshell: die must end the scenario)
 cycle() {
     local t0 s n pids=() failed=0
@@ -71,7 +56,7 @@ cycle() {
     for n in "${!pids[@]}"; do wait "${pids[$n]}" || { failed=1; cat "/tmp/nvme-connect-$((n + 1)).out"; }; done
     [ "$failed" = 0 ] || { dmesg | tail -20; die "$1: a connect of cycle $2 failed"; }
     for s in "${subsystems[@]}"; do
-        grep -lqx "$s" /sys/class/nvme-subsystem/nvme-subsys*/subsysnqn 2>/dev/null \
+        grep -qx "$s" /sys/class/nvme-subsystem/nvme-subsys*/subsysnqn 2>/dev/null \
             || die "$1: cycle $2: connect returned 0 but no controller of $s is there"
     done
     for s in "${subsystems[@]}"; do
@@ -90,10 +75,7 @@ for name in hsd hsd-workers tlshd; do
         hsd) hsd --backend openssl -s -c /tmp/bench-many.conf > "$log" 2>&1 & agent=$! ;;
         hsd-workers) hsd --backend openssl --workers "$CPUS" -s -c /tmp/bench-many.conf > "$log" 2>&1 & agent=$! ;;
     esac
-    if [ "$name" != tlshd ]; then
-        for _ in $(seq 120); do grep -q "hsd ready" "$log" && break; sleep 0.5; done
-        grep -q "hsd ready" "$log" || { cat "$log"; die "$name not ready"; }
-    fi
+    [ "$name" = tlshd ] || hsd_wait_ready "$log"
     kill -0 "$agent" || die "$name exited: $(cat "$log")"
     cycle "$name" 0; say "$name warm-up cycle: $CYCLE_MS ms"
     agent_times() { if [ "$name" = tlshd ]; then handshake_ms_tlshd "$log"; else handshake_ms_hsd "$log"; fi; }

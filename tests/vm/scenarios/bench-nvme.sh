@@ -48,8 +48,7 @@ for name in hsd tlshd; do
         sleep 1
     else
         hsd --backend openssl -s -c /tmp/bench-nvme.conf > "$log" 2>&1 & agent=$!
-        for _ in $(seq 120); do grep -q "hsd ready" "$log" && break; sleep 0.5; done
-        grep -q "hsd ready" "$log" || { cat "$log"; die "hsd not ready"; }
+        hsd_wait_ready "$log"
     fi
     kill -0 "$agent" || die "$name exited: $(cat "$log")"
     # one warm-up cycle per agent, not counted: first-use costs (imports, context setup) apart

@@ -50,8 +50,7 @@ else
 fi
 
 if [ "$AGENT" = hsd ]; then
-    for _ in $(seq 120); do grep -q "hsd ready" "$LOG" && break; sleep 0.5; done
-    grep -q "hsd ready" "$LOG" || { cat "$LOG"; die "hsd not ready"; }
+    hsd_wait_ready "$LOG"
 else
     sleep 1; kill -0 "$agent" || die "tlshd exited: $(cat "$LOG")"
 fi
