@@ -460,6 +460,42 @@ def _floor_main(argv: list[str]) -> int:
                  max_inflight=args.max_inflight, host=host)
 
 
+def _bare_floor_main(argv: list[str]) -> int:
+    """`python -m hsd_kit.bench _bare_floor --simulator SOCK`: the floor's exchanges with no dispatcher.
+
+    One thread, no handshake threads, no context, no log line, no observers:
+    READY -> ACCEPT -> kTLS install -> DONE -> close, through hsd's own channel and
+    kTLS code.  What the pipeline floor costs above this is the dispatcher's share;
+    this loop's own cost is the Python floor of the simulator's wire exchanges."""
+    import signal
+
+    from hsd.ktls import install_session
+    from hsd.protocol import Done
+    from hsd.session import Session
+    from hsd.sim_channel import SimChannel, SimKtls
+
+    parser = argparse.ArgumentParser(prog="hsd_kit.bench _bare_floor")
+    parser.add_argument("--simulator", required=True)
+    args, _rest = parser.parse_known_args(argv)  # the daemon's own options (-c, --max-inflight, -s) mean nothing here
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    channel = SimChannel.connect(args.simulator)
+    ktls = SimKtls(channel)
+    while True:
+        if not channel.wait_ready(None):
+            continue
+        while (request := channel.accept()) is not None:
+            sock = socket.socket(fileno=request.sockfd)
+            session = Session(cipher="TLS_AES_128_GCM_SHA256", tx_secret=bytearray(32 * b"\1"),
+                              rx_secret=bytearray(32 * b"\2"), group="none")
+            try:
+                install_session(ktls, sock, session)
+                status = 0
+            except OSError as exc:
+                status = exc.errno or errno.EIO
+            channel.done(Done(request.sockfd, status))
+            sock.close()
+
+
 # ================================================================ orchestration in the bench process
 
 
@@ -1049,16 +1085,20 @@ def _hsd_runs(sim: Any, st: Setup, plan: Plan, row: Row, peers: PeerServers | No
     row.peak_rss_mb = daemon.status_mb("VmHWM")
 
 
-def measure_floor(sim: Any, st: Setup, plan: Plan, say: Callable[[str], None]) -> dict[int, RunFigures]:
-    """READY -> DONE with a backend that does no TLS: the simulator + dispatcher + kTLS-install cost."""
+def measure_floor(sim: Any, st: Setup, plan: Plan, say: Callable[[str], None],
+                  bare: bool = False) -> dict[int, RunFigures]:
+    """READY -> DONE with a backend that does no TLS: the simulator + dispatcher + kTLS-install cost.
+
+    bare: the same exchanges from one loop with no dispatcher (`_bare_floor`)."""
     out: dict[int, RunFigures] = {}
     mute = MuteListener()
     daemon = hsd_processes(sim, st.config_path(plan.key_types[0], plan.max_inflight), plan.max_inflight,
-                    module="hsd_kit.bench _floor")
+                           module="hsd_kit.bench _bare_floor" if bare else "hsd_kit.bench _floor")
+    what = "no dispatcher" if bare else "pipeline floor (no TLS)"
     try:
         run_hsd_client(sim, st, "client-unauth", mute, 1, 3, daemon)  # type: ignore[arg-type]
         for conc, count in plan.counts.items():
-            say(f"pipeline floor (no TLS), concurrency {conc}")
+            say(f"{what}, concurrency {conc}")
             out[conc] = run_hsd_client(sim, st, "client-unauth", mute, conc, count, daemon)  # type: ignore[arg-type]
     finally:
         daemon.stop()
@@ -1113,6 +1153,7 @@ def measure_backends(sim: Any, st: Setup, plan: Plan, say: Callable[[str], None]
 class Results:
     rows: list[Row] = field(default_factory=list)
     floor: dict[int, RunFigures] = field(default_factory=dict)  # no-TLS pipeline, by concurrency
+    bare_floor: dict[int, RunFigures] = field(default_factory=dict)  # the same with no dispatcher
     models: list[ModelFigures] = field(default_factory=list)
     backends: list[BackendFigures] = field(default_factory=list)
 
@@ -1125,6 +1166,7 @@ def run_bench(plan: Plan, say: Callable[[str], None] = lambda _: None) -> Result
     # the kernel caps its queue at 50; the burst is meant to sit queued, so this simulator holds it all
     with setup(plan.key_types) as st, Simulator(pending_max=max(plan.burst, 50) + 64) as sim:
         results.floor = measure_floor(sim, st, plan, say)
+        results.bare_floor = measure_floor(sim, st, plan, say, bare=True)
         for workload in plan.workloads:
             for key_type in plan.key_types:
                 for group in plan.groups:
@@ -1224,10 +1266,18 @@ def report(results: Results, plan: Plan) -> str:
     parts.append("Resources (daemon process; CPU = user+system from /proc/PID/stat)\n" + _table(head, lines))
 
     if results.floor:
-        head = ["concurrency", "hs/s", "p50/p99 ms", "daemon CPU ms/hs"]
-        lines = [[str(c), _num(f.rate), f"{_ms(f.pct(0.5))}/{_ms(f.pct(0.99))}",
-                  _num(f.cpu_per_handshake_ms, "{:.2f}")] for c, f in results.floor.items()]
-        parts.append("Pipeline floor: READY -> ACCEPT -> (no TLS) -> kTLS install -> DONE through the simulator\n"
+        head = ["concurrency", "hs/s", "p50/p99 ms", "daemon CPU ms/hs", "no dispatcher: p50 ms", "CPU ms/hs",
+                "dispatcher's CPU ms/hs"]
+        lines = []
+        for c, f in results.floor.items():
+            b = results.bare_floor.get(c)
+            share = (f.cpu_per_handshake_ms - b.cpu_per_handshake_ms
+                     if b and f.cpu_per_handshake_ms is not None and b.cpu_per_handshake_ms is not None else None)
+            lines.append([str(c), _num(f.rate), f"{_ms(f.pct(0.5))}/{_ms(f.pct(0.99))}",
+                          _num(f.cpu_per_handshake_ms, "{:.2f}"), _ms(b.pct(0.5)) if b else "-",
+                          _num(b.cpu_per_handshake_ms, "{:.2f}") if b else "-", _num(share, "{:.2f}")])
+        parts.append("Pipeline floor: READY -> ACCEPT -> (no TLS) -> kTLS install -> DONE through the simulator;\n"
+                     "'no dispatcher' is the same exchanges from one loop with hsd's channel and kTLS code only\n"
                      + _table(head, lines))
     silent = [row for row in rows if row.silent]
     for row in silent:
@@ -1302,8 +1352,8 @@ def targets(rows: list[Row], plan: Plan) -> list[str]:
 
 def all_handshakes_ok(results: Results) -> bool:
     """Correctness of a run: every hsd and bare handshake (and every floor request) ended with status 0."""
-    runs_everywhere = (list(results.floor.values()) + [m.figures for m in results.models]
-                       + [b.figures for b in results.backends])
+    runs_everywhere = (list(results.floor.values()) + list(results.bare_floor.values())
+                       + [m.figures for m in results.models] + [b.figures for b in results.backends])
     if any(f.ok != f.count for f in runs_everywhere):
         return False
     for row in results.rows:
@@ -1348,6 +1398,8 @@ def run_cli(args: argparse.Namespace) -> int:
                        "rows": [_row_json(row) for row in rows],
                        "floor": {c: {"rate": f.rate, "p50": f.pct(0.5), "p99": f.pct(0.99),
                                      "cpu_ms": f.cpu_per_handshake_ms} for c, f in results.floor.items()},
+                       "bare_floor": {c: {"rate": f.rate, "p50": f.pct(0.5), "p99": f.pct(0.99),
+                                          "cpu_ms": f.cpu_per_handshake_ms} for c, f in results.bare_floor.items()},
                        "models": [{"name": m.name, "processes": m.processes, "max_inflight": m.max_inflight,
                                    "concurrency": m.concurrency, "rate": m.figures.rate,
                                    "p50": m.figures.pct(0.5), "p99": m.figures.pct(0.99),
@@ -1374,4 +1426,6 @@ if __name__ == "__main__":
         sys.exit(_helper_main(sys.argv[1:]))
     if len(sys.argv) > 1 and sys.argv[1] == "_floor":
         sys.exit(_floor_main(sys.argv[2:]))
+    if len(sys.argv) > 1 and sys.argv[1] == "_bare_floor":
+        sys.exit(_bare_floor_main(sys.argv[2:]))
     sys.exit(main())

@@ -43,6 +43,10 @@ def test_quick_bench_from_the_command_line(tmp_path):
         if not row["label"].startswith("client-psk"):  # openssl s_server (the PSK peer) does not report it
             assert row["negotiated"] == "x25519", row["label"]
     assert all(f["rate"] > 0 for f in figures["floor"].values())
+    # the floor's split: the same exchanges with no dispatcher, at every concurrency the floor ran
+    assert set(figures["bare_floor"]) == set(figures["floor"])
+    assert all(f["rate"] > 0 for f in figures["bare_floor"].values())
+    assert "no dispatcher" in run.stdout
 
 
 def test_hybrid_group_is_really_negotiated_and_nothing_leaks_here():
