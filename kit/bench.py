@@ -430,10 +430,15 @@ class NullBackend:
 
     @hookimpl
     def hsd_handshake(self, ctx: Any) -> Any:
-        from hsd.session import Session
+        return null_session()
 
-        return Session(cipher="TLS_AES_128_GCM_SHA256", tx_secret=bytearray(32 * b"\1"),
-                       rx_secret=bytearray(32 * b"\2"), group="none")
+
+def null_session() -> Any:
+    """The fixed session the floor installs: a real cipher suite and key schedule, no handshake."""
+    from hsd.session import Session
+
+    return Session(cipher="TLS_AES_128_GCM_SHA256", tx_secret=bytearray(32 * b"\1"),
+                   rx_secret=bytearray(32 * b"\2"), group="none")
 
 
 def _floor_main(argv: list[str]) -> int:
@@ -471,7 +476,6 @@ def _bare_floor_main(argv: list[str]) -> int:
 
     from hsd.ktls import install_session
     from hsd.protocol import Done
-    from hsd.session import Session
     from hsd.sim_channel import SimChannel, SimKtls
 
     parser = argparse.ArgumentParser(prog="hsd_kit.bench _bare_floor")
@@ -485,10 +489,8 @@ def _bare_floor_main(argv: list[str]) -> int:
             continue
         while (request := channel.accept()) is not None:
             sock = socket.socket(fileno=request.sockfd)
-            session = Session(cipher="TLS_AES_128_GCM_SHA256", tx_secret=bytearray(32 * b"\1"),
-                              rx_secret=bytearray(32 * b"\2"), group="none")
             try:
-                install_session(ktls, sock, session)
+                install_session(ktls, sock, null_session())
                 status = 0
             except OSError as exc:
                 status = exc.errno or errno.EIO
@@ -1396,15 +1398,18 @@ def run_cli(args: argparse.Namespace) -> int:
         with open(args.json, "w") as handle:
             json.dump({"plan": {"counts": plan.counts, "burst": plan.burst},
                        "rows": [_row_json(row) for row in rows],
-                       "floor": {c: {"rate": f.rate, "p50": f.pct(0.5), "p99": f.pct(0.99),
-                                     "cpu_ms": f.cpu_per_handshake_ms} for c, f in results.floor.items()},
-                       "bare_floor": {c: {"rate": f.rate, "p50": f.pct(0.5), "p99": f.pct(0.99),
-                                          "cpu_ms": f.cpu_per_handshake_ms} for c, f in results.bare_floor.items()},
+                       "floor": _floor_json(results.floor),
+                       "bare_floor": _floor_json(results.bare_floor),
                        "models": [{"name": m.name, "processes": m.processes, "max_inflight": m.max_inflight,
                                    "concurrency": m.concurrency, "rate": m.figures.rate,
                                    "p50": m.figures.pct(0.5), "p99": m.figures.pct(0.99),
                                    "rss_mb": m.rss_mb} for m in models]}, handle, indent=1)
     return 0 if all_handshakes_ok(results) else 1
+
+
+def _floor_json(floor: dict[int, RunFigures]) -> dict[int, dict[str, float | None]]:
+    return {c: {"rate": f.rate, "p50": f.pct(0.5), "p99": f.pct(0.99), "cpu_ms": f.cpu_per_handshake_ms}
+            for c, f in floor.items()}
 
 
 def _row_json(row: Row) -> dict[str, Any]:
